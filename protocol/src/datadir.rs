@@ -1,0 +1,287 @@
+//! The data directory of a node: its config, key, store, lock and the
+//! address of its local HTTP API.
+//!
+//! ```text
+//! DIR/config.toml    what `init` decided (see docs/config.example.toml)
+//! DIR/identity.key   the node's ed25519 key (0600)
+//! DIR/store/         the sled store
+//! DIR/lock           held by the running daemon
+//! DIR/api.addr       where the running daemon's HTTP API listens
+//! ```
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::{Identity, IdentityError};
+use crate::ids::QuarterSlug;
+
+const CONFIG: &str = "config.toml";
+const IDENTITY: &str = "identity.key";
+const LOCK: &str = "lock";
+const API_ADDR: &str = "api.addr";
+const STORE: &str = "store";
+
+/// Why the data directory could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DataDirError {
+    #[error("no iq data directory at {0}: run `init --data {0}` first")]
+    Missing(String),
+    #[error("{0} is not an initialised iq data directory (no config.toml): run `init --data {0}` first")]
+    Uninitialised(String),
+    #[error("{0} is already initialised (config.toml exists); use another --data directory or remove this one")]
+    AlreadyInitialised(String),
+    #[error("data directory {0} is in use by another iq process (it holds {0}/lock); stop it first or use another --data directory")]
+    InUse(String),
+    #[error("this data directory belongs to {found}, not {expected}")]
+    WrongRole { expected: Role, found: Role },
+    #[error("config {path} is invalid: {reason}")]
+    BadConfig { path: String, reason: String },
+    #[error("the daemon for {0} is not running (no api.addr): start it with `run --data {0}`")]
+    NotRunning(String),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("i/o error on {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataDirError + '_ {
+    move |source| DataDirError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Which daemon a data directory belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Quarter,
+    Center,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Quarter => "a quarter node (iq-node)",
+            Role::Center => "the centre node (iq-center)",
+        })
+    }
+}
+
+/// The quarter a quarter node serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarterConfig {
+    pub slug: QuarterSlug,
+    pub name: String,
+}
+
+/// What a node runs with; written by `init`, read by `run`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Config {
+    pub role: Role,
+    /// libp2p listen multiaddr.
+    pub listen: String,
+    /// Local HTTP API address.
+    pub api: SocketAddr,
+    /// Quarter nodes: which quarter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarter: Option<QuarterConfig>,
+    /// Quarter nodes: the centre's multiaddr ending in `/p2p/<PeerId>`,
+    /// the node's trust anchor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub center: Option<String>,
+}
+
+/// A node's data directory.
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    path: PathBuf,
+}
+
+/// Held while a daemon runs; released on drop (or by the OS when the
+/// process dies, so a SIGKILL leaves no stale lock behind).
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
+}
+
+impl DataDir {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn show(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    /// Checks that the directory exists and was initialised.
+    pub fn check_initialised(&self) -> Result<(), DataDirError> {
+        if !self.path.is_dir() {
+            return Err(DataDirError::Missing(self.show()));
+        }
+        if !self.path.join(CONFIG).is_file() {
+            return Err(DataDirError::Uninitialised(self.show()));
+        }
+        Ok(())
+    }
+
+    /// Initialises a new data directory: key first, config last, so a
+    /// directory counts as initialised only once everything is in place.
+    /// A key left by an interrupted `init` is reused.
+    pub fn init(&self, config: &Config) -> Result<Identity, DataDirError> {
+        if self.path.join(CONFIG).exists() {
+            return Err(DataDirError::AlreadyInitialised(self.show()));
+        }
+        fs::create_dir_all(&self.path).map_err(io_err(&self.path))?;
+        let _lock = self.lock()?;
+        let key = self.path.join(IDENTITY);
+        let identity = if key.exists() {
+            Identity::load(&key)?
+        } else {
+            let id = Identity::generate();
+            id.save_new(&key)?;
+            id
+        };
+        let text = toml::to_string_pretty(config).map_err(|e| DataDirError::BadConfig {
+            path: self.path.join(CONFIG).display().to_string(),
+            reason: e.to_string(),
+        })?;
+        write_atomic(&self.path.join(CONFIG), text.as_bytes())?;
+        Ok(identity)
+    }
+
+    /// Reads the config and checks it belongs to `role`.
+    pub fn config(&self, role: Role) -> Result<Config, DataDirError> {
+        self.check_initialised()?;
+        let path = self.path.join(CONFIG);
+        let text = fs::read_to_string(&path).map_err(io_err(&path))?;
+        let config: Config = toml::from_str(&text).map_err(|e| DataDirError::BadConfig {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        if config.role != role {
+            return Err(DataDirError::WrongRole {
+                expected: role,
+                found: config.role,
+            });
+        }
+        Ok(config)
+    }
+
+    pub fn identity(&self) -> Result<Identity, DataDirError> {
+        self.check_initialised()?;
+        Ok(Identity::load(&self.path.join(IDENTITY))?)
+    }
+
+    pub fn store_path(&self) -> PathBuf {
+        self.path.join(STORE)
+    }
+
+    /// Takes the directory's exclusive lock, or says who holds it.
+    pub fn lock(&self) -> Result<DirLock, DataDirError> {
+        let path = self.path.join(LOCK);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        match file.try_lock() {
+            Ok(()) => Ok(DirLock { _file: file }),
+            Err(fs::TryLockError::WouldBlock) => Err(DataDirError::InUse(self.show())),
+            Err(fs::TryLockError::Error(e)) => Err(io_err(&path)(e)),
+        }
+    }
+
+    /// Records where the running daemon's API listens.
+    pub fn write_api_addr(&self, addr: SocketAddr) -> Result<(), DataDirError> {
+        write_atomic(&self.path.join(API_ADDR), addr.to_string().as_bytes())
+    }
+
+    pub fn remove_api_addr(&self) {
+        let _ = fs::remove_file(self.path.join(API_ADDR));
+    }
+
+    /// Where the running daemon's API listens.
+    pub fn api_addr(&self) -> Result<SocketAddr, DataDirError> {
+        self.check_initialised()?;
+        let path = self.path.join(API_ADDR);
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(DataDirError::NotRunning(self.show()));
+            }
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        text.trim().parse().map_err(|_| DataDirError::BadConfig {
+            path: path.display().to_string(),
+            reason: format!("{:?} is not a socket address", text.trim()),
+        })
+    }
+}
+
+/// Writes `bytes` to `path` so that a crash leaves either the old or the new
+/// file, never a torn one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DataDirError> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+    f.write_all(bytes).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    fs::rename(&tmp, path).map_err(io_err(path))?;
+    if let Some(dir) = path.parent() {
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
+    }
+    Ok(())
+}
+
+/// A free TCP port on `ip`, chosen by the OS. `init` records it so the node
+/// keeps its address across restarts.
+pub fn free_port(ip: std::net::IpAddr) -> Result<u16, std::io::Error> {
+    Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config {
+            role: Role::Center,
+            listen: "/ip4/127.0.0.1/tcp/1".into(),
+            api: "127.0.0.1:2".parse().expect("addr"),
+            quarter: None,
+            center: None,
+        }
+    }
+
+    #[test]
+    fn missing_and_uninitialised_dirs_are_clear_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = DataDir::new(dir.path().join("nope"));
+        assert!(matches!(missing.config(Role::Center), Err(DataDirError::Missing(_))));
+        let empty = DataDir::new(dir.path());
+        assert!(matches!(empty.config(Role::Center), Err(DataDirError::Uninitialised(_))));
+    }
+
+    #[test]
+    fn init_then_lock_is_exclusive() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dd = DataDir::new(dir.path());
+        dd.init(&config()).expect("init");
+        assert!(matches!(dd.init(&config()), Err(DataDirError::AlreadyInitialised(_))));
+        assert_eq!(dd.config(Role::Center).expect("config"), config());
+        assert!(matches!(dd.config(Role::Quarter), Err(DataDirError::WrongRole { .. })));
+        let held = dd.lock().expect("lock");
+        assert!(matches!(dd.lock(), Err(DataDirError::InUse(_))));
+        drop(held);
+        dd.lock().expect("lock after release");
+    }
+}

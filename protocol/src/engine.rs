@@ -1,0 +1,669 @@
+//! The sans-IO sync engine: automerge documents and one `automerge::sync::State`
+//! per (peer, document), driven by explicit inputs with the time passed in.
+//!
+//! No tokio, no libp2p, no disk: the daemon (see `replicator`) feeds it
+//! network events and local writes and carries out the [`Effects`] it returns,
+//! and the tests below wire several engines together in memory.
+//!
+//! Per (peer, document) at most one message is outstanding: the next one is
+//! generated only when the previous was acknowledged or failed. That keeps
+//! messages of one session in order over a transport that does not promise
+//! order between requests, and bounds what a slow peer makes us buffer.
+//!
+//! Every message has an outcome the transport reports: acknowledged (the
+//! peer applied it and made it durable) or failed (lost, refused, timed
+//! out). A failed message is regenerated as if it had never been sent —
+//! including the heads it announced — so no session waits forever for an
+//! answer that will not come, and no timer has to guess that it might.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use automerge::sync::{self, SyncDoc};
+use automerge::transaction::Transaction;
+use automerge::{ActorId, Automerge, ChangeHash};
+
+use crate::ids::{DocId, QuarterSlug};
+use crate::schema;
+
+/// After a failed send, wait this long before trying again.
+pub const RETRY_MS: u64 = 1_000;
+
+/// What the caller must do, in this order: persist changes, persist sync
+/// states, then send. Sending before persisting could hand a peer a change
+/// this node then forgets in a crash, and reuse its sequence number after.
+#[derive(Debug)]
+pub struct Effects<P> {
+    /// New changes per document, to be made durable.
+    pub changes: Vec<(DocId, Vec<Vec<u8>>)>,
+    /// Sync states to persist per (peer, document), encoded.
+    pub sync_states: Vec<(P, DocId, Vec<u8>)>,
+    /// Sync messages to send.
+    pub sends: Vec<(P, DocId, Vec<u8>)>,
+    /// Documents whose content changed.
+    pub changed: BTreeSet<DocId>,
+}
+
+impl<P> Default for Effects<P> {
+    fn default() -> Self {
+        Self {
+            changes: Vec::new(),
+            sync_states: Vec::new(),
+            sends: Vec::new(),
+            changed: BTreeSet::new(),
+        }
+    }
+}
+
+impl<P> Effects<P> {
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty() && self.sync_states.is_empty() && self.sends.is_empty()
+    }
+
+    /// Appends `other`, keeping the persist-before-send order.
+    pub fn extend(&mut self, other: Effects<P>) {
+        self.changes.extend(other.changes);
+        self.sync_states.extend(other.sync_states);
+        self.sends.extend(other.sends);
+        self.changed.extend(other.changed);
+    }
+}
+
+/// Why a remote message was not applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SyncError {
+    #[error("peer is not a sync partner of this node")]
+    UnknownPeer,
+    #[error("document {0} is not replicated by this node")]
+    NotAccepted(DocId),
+    #[error("malformed sync message: {0}")]
+    Decode(String),
+    #[error("sync message could not be applied: {0}")]
+    Apply(String),
+}
+
+/// Why a local write failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError<E> {
+    #[error("document {0} is not held by this node")]
+    UnknownDoc(DocId),
+    #[error(transparent)]
+    Rejected(E),
+}
+
+/// Traffic counters of one peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PeerStats {
+    /// Bytes of sync messages sent since the peer last came up.
+    pub session_bytes_sent: u64,
+    /// Bytes of sync messages received since the peer last came up.
+    pub session_bytes_received: u64,
+    pub session_messages_sent: u64,
+    pub session_messages_received: u64,
+    /// Totals since this process started.
+    pub total_bytes_sent: u64,
+    pub total_bytes_received: u64,
+    /// Engine time of the last message received.
+    pub last_received_ms: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Session {
+    state: sync::State,
+    /// A message was handed to the transport and is not yet acknowledged.
+    outstanding: bool,
+    /// Something changed while a message was outstanding.
+    dirty: bool,
+    /// Engine time of the last send or receive.
+    last_activity_ms: u64,
+    /// Do not send before this time (set after a failed send).
+    retry_at_ms: Option<u64>,
+    /// The shared heads last handed out for persistence.
+    persisted_shared: Vec<ChangeHash>,
+}
+
+impl Session {
+    fn new(state: sync::State, now: u64) -> Self {
+        let persisted_shared = state.shared_heads.clone();
+        Self {
+            state,
+            outstanding: false,
+            dirty: false,
+            last_activity_ms: now,
+            retry_at_ms: None,
+            persisted_shared,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Peer {
+    sessions: BTreeMap<DocId, Session>,
+    /// Persisted sync states handed in at `peer_up`, used when a session for
+    /// a document is first opened.
+    persisted: BTreeMap<DocId, Vec<u8>>,
+    stats: PeerStats,
+}
+
+/// The sync engine of one node. `P` names peers (a libp2p `PeerId` in the
+/// daemon, a small integer in simulations).
+#[derive(Debug)]
+pub struct Engine<P: Ord + Clone> {
+    actor: ActorId,
+    docs: BTreeMap<DocId, Automerge>,
+    /// Quarter documents this node replicates (besides `city`).
+    quarters: BTreeSet<QuarterSlug>,
+    peers: BTreeMap<P, Peer>,
+}
+
+impl<P: Ord + Clone> Engine<P> {
+    /// An engine writing as `actor`, replicating `city` and the given quarters.
+    pub fn new(actor: ActorId, quarters: impl IntoIterator<Item = QuarterSlug>) -> Self {
+        let mut engine = Self {
+            actor,
+            docs: BTreeMap::new(),
+            quarters: BTreeSet::new(),
+            peers: BTreeMap::new(),
+        };
+        engine.ensure_doc(&DocId::City);
+        for q in quarters {
+            engine.ensure_doc(&DocId::quarter(&q));
+            engine.quarters.insert(q);
+        }
+        engine
+    }
+
+    fn ensure_doc(&mut self, doc: &DocId) -> &mut Automerge {
+        let actor = &self.actor;
+        self.docs.entry(doc.clone()).or_insert_with(|| {
+            let mut am = schema::genesis(doc);
+            am.set_actor(actor.clone());
+            am
+        })
+    }
+
+    /// Whether this node replicates `doc`.
+    pub fn accepts(&self, doc: &DocId) -> bool {
+        match doc {
+            DocId::City => true,
+            DocId::Quarter(q) => self.quarters.contains(q),
+        }
+    }
+
+    /// Loads persisted chunks (snapshots or changes, in order) into `doc`.
+    pub fn load_doc<'a>(
+        &mut self,
+        doc: &DocId,
+        chunks: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<(), automerge::AutomergeError> {
+        if let DocId::Quarter(q) = doc {
+            self.quarters.insert(q.clone());
+        }
+        let am = self.ensure_doc(doc);
+        for chunk in chunks {
+            am.load_incremental(chunk)?;
+        }
+        Ok(())
+    }
+
+    pub fn doc(&self, doc: &DocId) -> Option<&Automerge> {
+        self.docs.get(doc)
+    }
+
+    pub fn docs(&self) -> impl Iterator<Item = (&DocId, &Automerge)> {
+        self.docs.iter()
+    }
+
+    pub fn peers(&self) -> impl Iterator<Item = (&P, &PeerStats)> {
+        self.peers.iter().map(|(p, peer)| (p, &peer.stats))
+    }
+
+    pub fn is_up(&self, peer: &P) -> bool {
+        self.peers.contains_key(peer)
+    }
+
+    /// Replicates exactly `city` plus these quarters from now on. Newly added
+    /// quarters are opened with every peer so their content is pulled in.
+    pub fn set_quarters(
+        &mut self,
+        quarters: impl IntoIterator<Item = QuarterSlug>,
+        now: u64,
+    ) -> Effects<P> {
+        let mut fx = Effects::default();
+        let new: BTreeSet<_> = quarters.into_iter().collect();
+        let added: Vec<_> = new.difference(&self.quarters).cloned().collect();
+        // Documents of removed quarters are kept (history is not thrown away)
+        // but no longer synced.
+        let removed: Vec<_> = self.quarters.difference(&new).cloned().collect();
+        for q in removed {
+            let doc = DocId::quarter(&q);
+            for peer in self.peers.values_mut() {
+                peer.sessions.remove(&doc);
+            }
+        }
+        self.quarters = new;
+        for q in added {
+            let doc = DocId::quarter(&q);
+            self.ensure_doc(&doc);
+            let peers: Vec<P> = self.peers.keys().cloned().collect();
+            for p in peers {
+                self.generate(&p, &doc, now, &mut fx);
+            }
+        }
+        fx
+    }
+
+    /// A peer connected. `persisted` holds the sync states saved for it.
+    pub fn peer_up(&mut self, peer: P, persisted: Vec<(DocId, Vec<u8>)>, now: u64) -> Effects<P> {
+        let mut fx = Effects::default();
+        let entry = self.peers.entry(peer.clone()).or_default();
+        entry.sessions.clear();
+        entry.persisted = persisted.into_iter().collect();
+        entry.stats.session_bytes_sent = 0;
+        entry.stats.session_bytes_received = 0;
+        entry.stats.session_messages_sent = 0;
+        entry.stats.session_messages_received = 0;
+        let docs: Vec<DocId> = self
+            .docs
+            .keys()
+            .filter(|d| self.accepts(d))
+            .cloned()
+            .collect();
+        for doc in docs {
+            self.generate(&peer, &doc, now, &mut fx);
+        }
+        fx
+    }
+
+    /// A peer disconnected: its in-memory sessions end (persisted states stay).
+    pub fn peer_down(&mut self, peer: &P) {
+        self.peers.remove(peer);
+    }
+
+    /// Makes sure a session exists and returns it.
+    fn session<'a>(peers: &'a mut BTreeMap<P, Peer>, peer: &P, doc: &DocId, now: u64) -> Option<&'a mut Session> {
+        let p = peers.get_mut(peer)?;
+        if !p.sessions.contains_key(doc) {
+            let state = p
+                .persisted
+                .get(doc)
+                .and_then(|bytes| sync::State::decode(bytes).ok())
+                .unwrap_or_default();
+            p.sessions.insert(doc.clone(), Session::new(state, now));
+        }
+        p.sessions.get_mut(doc)
+    }
+
+    /// Generates the next message for (peer, doc) unless one is outstanding.
+    fn generate(&mut self, peer: &P, doc: &DocId, now: u64, fx: &mut Effects<P>) {
+        let Some(am) = self.docs.get(doc) else { return };
+        let Some(session) = Self::session(&mut self.peers, peer, doc, now) else {
+            return;
+        };
+        if session.outstanding || session.retry_at_ms.is_some_and(|t| now < t) {
+            session.dirty = true;
+            return;
+        }
+        session.retry_at_ms = None;
+        session.dirty = false;
+        if let Some(msg) = am.generate_sync_message(&mut session.state) {
+            let data = msg.encode();
+            session.outstanding = true;
+            session.last_activity_ms = now;
+            if let Some(p) = self.peers.get_mut(peer) {
+                let n = data.len() as u64;
+                p.stats.session_bytes_sent += n;
+                p.stats.total_bytes_sent += n;
+                p.stats.session_messages_sent += 1;
+            }
+            fx.sends.push((peer.clone(), doc.clone(), data));
+        }
+    }
+
+    /// A sync message from `peer` for `doc` arrived.
+    pub fn receive(&mut self, peer: &P, doc: &DocId, data: &[u8], now: u64) -> Result<Effects<P>, SyncError> {
+        if !self.peers.contains_key(peer) {
+            return Err(SyncError::UnknownPeer);
+        }
+        if !self.accepts(doc) {
+            return Err(SyncError::NotAccepted(doc.clone()));
+        }
+        let msg = sync::Message::decode(data).map_err(|e| SyncError::Decode(e.to_string()))?;
+        self.ensure_doc(doc);
+        let mut fx = Effects::default();
+        let (Some(am), Some(session)) = (self.docs.get_mut(doc), Self::session(&mut self.peers, peer, doc, now)) else {
+            return Err(SyncError::UnknownPeer);
+        };
+        let before = am.get_heads();
+        am.receive_sync_message(&mut session.state, msg)
+            .map_err(|e| SyncError::Apply(e.to_string()))?;
+        session.last_activity_ms = now;
+        let after = am.get_heads();
+        if session.state.shared_heads != session.persisted_shared {
+            session.persisted_shared = session.state.shared_heads.clone();
+            fx.sync_states.push((peer.clone(), doc.clone(), session.state.encode()));
+        }
+        let changed = before != after;
+        if changed {
+            let changes = am.get_changes(&before).iter().map(|c| c.raw_bytes().to_vec()).collect();
+            fx.changes.push((doc.clone(), changes));
+            fx.changed.insert(doc.clone());
+        }
+        if let Some(p) = self.peers.get_mut(peer) {
+            let n = data.len() as u64;
+            p.stats.session_bytes_received += n;
+            p.stats.total_bytes_received += n;
+            p.stats.session_messages_received += 1;
+            p.stats.last_received_ms = Some(now);
+        }
+        if changed {
+            // Relay: every other peer hears of the new heads at once.
+            let others: Vec<P> = self.peers.keys().filter(|p| *p != peer).cloned().collect();
+            for other in others {
+                self.generate(&other, doc, now, &mut fx);
+            }
+        }
+        self.generate(peer, doc, now, &mut fx);
+        Ok(fx)
+    }
+
+    /// The last message to (peer, doc) was acknowledged.
+    pub fn delivered(&mut self, peer: &P, doc: &DocId, now: u64) -> Effects<P> {
+        let mut fx = Effects::default();
+        let dirty = match self.peers.get_mut(peer).and_then(|p| p.sessions.get_mut(doc)) {
+            Some(s) => {
+                s.outstanding = false;
+                s.last_activity_ms = now;
+                s.dirty
+            }
+            None => false,
+        };
+        if dirty {
+            self.generate(peer, doc, now, &mut fx);
+        }
+        fx
+    }
+
+    /// The last message to (peer, doc) was lost: it will be regenerated,
+    /// including changes it carried, after [`RETRY_MS`].
+    pub fn send_failed(&mut self, peer: &P, doc: &DocId, now: u64) {
+        if let Some(s) = self.peers.get_mut(peer).and_then(|p| p.sessions.get_mut(doc)) {
+            s.outstanding = false;
+            s.state.in_flight = false;
+            s.state.sent_hashes.clear();
+            // The peer never saw the heads we announced: announce them again.
+            s.state.last_sent_heads.clear();
+            s.retry_at_ms = Some(now + RETRY_MS);
+            s.dirty = true;
+        }
+    }
+
+    /// The peer refused (peer, doc): the session is dropped until either side
+    /// changes the document again.
+    pub fn refused(&mut self, peer: &P, doc: &DocId) {
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.sessions.remove(doc);
+        }
+    }
+
+    /// Time passed: retries failed sends whose back-off is over.
+    pub fn tick(&mut self, now: u64) -> Effects<P> {
+        let mut fx = Effects::default();
+        let mut due = Vec::new();
+        for (peer_id, peer) in &self.peers {
+            for (doc, s) in &peer.sessions {
+                let retry_due = s.retry_at_ms.is_some_and(|t| now >= t);
+                if !s.outstanding && (retry_due || (s.dirty && s.retry_at_ms.is_none())) {
+                    due.push((peer_id.clone(), doc.clone()));
+                }
+            }
+        }
+        for (peer, doc) in due {
+            self.generate(&peer, &doc, now, &mut fx);
+        }
+        fx
+    }
+
+    /// Applies a local write to a document this node owns and announces the
+    /// new heads to every peer.
+    pub fn change<T, E>(
+        &mut self,
+        doc: &DocId,
+        now: u64,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<T, E>,
+    ) -> Result<(T, Effects<P>), ChangeError<E>> {
+        let am = self.docs.get_mut(doc).ok_or_else(|| ChangeError::UnknownDoc(doc.clone()))?;
+        let before = am.get_heads();
+        let value = am
+            .transact(|tx| f(tx))
+            .map_err(|failure| ChangeError::Rejected(failure.error))?
+            .result;
+        let mut fx = Effects::default();
+        let changes: Vec<Vec<u8>> = am.get_changes(&before).iter().map(|c| c.raw_bytes().to_vec()).collect();
+        if !changes.is_empty() {
+            fx.changes.push((doc.clone(), changes));
+            fx.changed.insert(doc.clone());
+            let peers: Vec<P> = self.peers.keys().cloned().collect();
+            for p in peers {
+                self.generate(&p, doc, now, &mut fx);
+            }
+        }
+        Ok((value, fx))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::{self, Concern};
+
+    /// A tiny deterministic PRNG so simulations are reproducible by seed.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    fn slug(s: &str) -> QuarterSlug {
+        QuarterSlug::new(s).expect("slug")
+    }
+
+    fn concern(id: String) -> Concern {
+        Concern {
+            id,
+            category: "litter".into(),
+            description: "bins overflowing".into(),
+            lat: None,
+            long: None,
+            status: "open".into(),
+            created_ms: 0,
+        }
+    }
+
+    /// In-memory network of engines with a seeded fault schedule.
+    struct Sim {
+        nodes: Vec<Engine<usize>>,
+        /// Messages in transit: (from, to, doc, data).
+        wire: Vec<(usize, usize, DocId, Vec<u8>)>,
+        links: Vec<(usize, usize)>,
+        rng: Rng,
+        now: u64,
+        drop_per_mille: u64,
+        dropped: usize,
+    }
+
+    impl Sim {
+        fn new(n: usize, links: Vec<(usize, usize)>, quarters: &[QuarterSlug], seed: u64, drop_per_mille: u64) -> Self {
+            let nodes = (0..n)
+                .map(|i| Engine::new(ActorId::from(vec![i as u8 + 1; 16]), quarters.iter().cloned()))
+                .collect();
+            let mut sim = Self { nodes, wire: Vec::new(), links, rng: Rng(seed | 1), now: 0, drop_per_mille, dropped: 0 };
+            for (a, b) in sim.links.clone() {
+                let fx = sim.nodes[a].peer_up(b, vec![], 0);
+                sim.enqueue(a, fx);
+                let fx = sim.nodes[b].peer_up(a, vec![], 0);
+                sim.enqueue(b, fx);
+            }
+            sim
+        }
+
+        fn enqueue(&mut self, from: usize, fx: Effects<usize>) {
+            for (to, doc, data) in fx.sends {
+                self.wire.push((from, to, doc, data));
+            }
+        }
+
+        fn write(&mut self, node: usize, doc: &DocId, id: String) {
+            let (_, fx) = self.nodes[node]
+                .change(doc, self.now, |tx| schema::put_concern(tx, &concern(id)))
+                .expect("local write");
+            self.enqueue(node, fx);
+        }
+
+        /// Delivers messages in random order, dropping some, until the wire
+        /// is empty; then lets time pass so retries fire. Bounded.
+        fn run(&mut self, max_steps: usize) {
+            for _ in 0..max_steps {
+                if self.wire.is_empty() {
+                    self.now += RETRY_MS;
+                    let mut any = false;
+                    for i in 0..self.nodes.len() {
+                        let fx = self.nodes[i].tick(self.now);
+                        any |= !fx.sends.is_empty();
+                        self.enqueue(i, fx);
+                    }
+                    if !any {
+                        return;
+                    }
+                    continue;
+                }
+                self.now += 1;
+                let k = self.rng.below(self.wire.len() as u64) as usize;
+                let (from, to, doc, data) = self.wire.swap_remove(k);
+                if self.rng.below(1000) < self.drop_per_mille {
+                    self.dropped += 1;
+                    self.nodes[from].send_failed(&to, &doc, self.now);
+                    continue;
+                }
+                let fx = self.nodes[to].receive(&from, &doc, &data, self.now).expect("receive");
+                self.enqueue(to, fx);
+                let fx = self.nodes[from].delivered(&to, &doc, self.now);
+                self.enqueue(from, fx);
+            }
+            panic!("simulation did not quiesce within {max_steps} steps");
+        }
+
+        fn assert_converged(&self) {
+            for (doc, am) in self.nodes[0].docs() {
+                for (i, other) in self.nodes.iter().enumerate().skip(1) {
+                    let theirs = other.doc(doc).map(|d| d.get_heads());
+                    assert_eq!(Some(am.get_heads()), theirs, "node {i} differs on {doc}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn two_engines_converge() {
+        let q = [slug("a"), slug("b")];
+        let mut sim = Sim::new(2, vec![(0, 1)], &q, 7, 0);
+        for i in 0..20 {
+            sim.write(0, &DocId::quarter(&q[0]), format!("a{i}"));
+            sim.write(1, &DocId::quarter(&q[1]), format!("b{i}"));
+        }
+        sim.run(100_000);
+        sim.assert_converged();
+        let am = sim.nodes[1].doc(&DocId::quarter(&q[0])).expect("replica");
+        assert_eq!(schema::concern_count(am), 20);
+    }
+
+    #[test]
+    fn three_engines_converge_through_a_relay_with_drops_and_reordering() {
+        let q = [slug("a"), slug("b")];
+        let mut dropped = 0;
+        for seed in 1..=20u64 {
+            // Node 0 is the centre; 1 and 2 are quarters that only talk to it.
+            let mut sim = Sim::new(3, vec![(0, 1), (0, 2)], &q, seed, 200);
+            let mut rng = Rng(seed * 7919);
+            for i in 0..30 {
+                let node = 1 + rng.below(2) as usize;
+                sim.write(node, &DocId::quarter(&q[node - 1]), format!("c{seed}-{i}"));
+                if rng.below(3) == 0 {
+                    // Interleave delivery with writes.
+                    for _ in 0..rng.below(10) {
+                        if sim.wire.is_empty() {
+                            break;
+                        }
+                        let k = sim.rng.below(sim.wire.len() as u64) as usize;
+                        let (from, to, doc, data) = sim.wire.swap_remove(k);
+                        let fx = sim.nodes[to].receive(&from, &doc, &data, sim.now).expect("receive");
+                        sim.enqueue(to, fx);
+                        let fx = sim.nodes[from].delivered(&to, &doc, sim.now);
+                        sim.enqueue(from, fx);
+                    }
+                }
+            }
+            sim.run(200_000);
+            sim.assert_converged();
+            for node in &sim.nodes {
+                for (_, s) in node.peers.values().flat_map(|p| p.sessions.iter()) {
+                    assert!(!s.outstanding && !s.dirty, "seed {seed}: a session did not settle");
+                }
+            }
+            let total: usize = q.iter().map(|s| schema::concern_count(sim.nodes[2].doc(&DocId::quarter(s)).expect("doc"))).sum();
+            assert_eq!(total, 30, "seed {seed}: concerns missing");
+            dropped += sim.dropped;
+        }
+        assert!(dropped > 20, "the fault schedule dropped only {dropped} messages");
+    }
+
+    #[test]
+    fn persisted_sync_state_makes_reconnect_cheap() {
+        let q = [slug("a")];
+        let doc = DocId::quarter(&q[0]);
+        let mut sim = Sim::new(2, vec![(0, 1)], &q, 3, 0);
+        for i in 0..200 {
+            sim.write(0, &doc, format!("a{i}"));
+        }
+        sim.run(100_000);
+        sim.assert_converged();
+        // Keep what each side would have persisted, then reconnect.
+        let saved: Vec<Vec<(DocId, Vec<u8>)>> = (0..2)
+            .map(|i| {
+                let other = 1 - i;
+                sim.nodes[i].peers.get(&other).expect("peer").sessions.iter().map(|(d, s)| (d.clone(), s.state.encode())).collect()
+            })
+            .collect();
+        for i in 0..2 {
+            sim.nodes[i].peer_down(&(1 - i));
+        }
+        for (i, states) in saved.into_iter().enumerate() {
+            let fx = sim.nodes[i].peer_up(1 - i, states, sim.now);
+            sim.enqueue(i, fx);
+        }
+        sim.run(100_000);
+        for i in 0..2 {
+            let stats = &sim.nodes[i].peers[&(1 - i)].stats;
+            // Two documents (city + quarter a): a few hundred bytes at most.
+            assert!(stats.session_bytes_sent < 600, "node {i} sent {} bytes on reconnect", stats.session_bytes_sent);
+        }
+    }
+
+    #[test]
+    fn messages_for_unreplicated_documents_are_refused() {
+        let mut a: Engine<usize> = Engine::new(ActorId::random(), [slug("a")]);
+        let _ = a.peer_up(1, vec![], 0);
+        let err = a.receive(&1, &DocId::quarter(&slug("zzz")), b"", 0).expect_err("accepted");
+        assert!(matches!(err, SyncError::NotAccepted(_)));
+        let err = a.receive(&2, &DocId::City, b"", 0).expect_err("accepted");
+        assert_eq!(err, SyncError::UnknownPeer);
+        let err = a.receive(&1, &DocId::City, b"\x42garbage", 0).expect_err("accepted");
+        assert!(matches!(err, SyncError::Decode(_)));
+    }
+}

@@ -1,0 +1,24 @@
+//! iq-protocol: what quarter nodes and the centre node share.
+//!
+//! # Layout
+//! - [`ids`]: document ids and quarter slugs.
+//! - [`identity`]: the node's ed25519 key, its PeerId and automerge actor id.
+//! - [`schema`]: document schemas (genesis, concerns, roster) over automerge.
+//! - [`wire`]: versioned wire messages of the sync protocol.
+//! - [`engine`]: the sans-IO sync engine, one automerge sync state per (peer, document).
+//! - [`store`]: the durable sled store behind one narrow interface.
+//! - [`transport`]: the libp2p swarm (TCP + Noise + Yamux) that carries sync messages.
+//! - [`datadir`]: the data directory: lock, config, identity and API address files.
+//! - [`replicator`]: the daemon core that drives engine, store and transport.
+
+pub mod datadir;
+pub mod engine;
+pub mod identity;
+pub mod ids;
+pub mod replicator;
+pub mod schema;
+pub mod store;
+pub mod transport;
+pub mod wire;
+
+pub use ids::{DocId, QuarterSlug};

@@ -1,0 +1,577 @@
+//! The daemon core both node kinds run: one actor task that owns the sync
+//! engine, the store and the libp2p swarm, and a cloneable [`Handle`] through
+//! which the HTTP API reads and writes.
+//!
+//! Order of effects is the durability contract: a batch of changes is
+//! committed (fsynced) before any message that carries it is sent, before an
+//! incoming message is acknowledged, and before a local write is reported
+//! back to its caller. A store that cannot write stops the node (fail-stop):
+//! carrying on would acknowledge what is not on disk.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use automerge::transaction::Transaction;
+use futures::StreamExt;
+use libp2p::request_response::{self, OutboundRequestId};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, PeerId, Swarm};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::datadir::Role;
+use crate::engine::{ChangeError, Effects, Engine, PeerStats};
+use crate::identity::Identity;
+use crate::ids::{DocId, QuarterSlug};
+use crate::schema::{self, SchemaError};
+use crate::store::{Batch, Store, StoreError};
+use crate::transport::{self, Behaviour, BehaviourEvent, TransportError};
+use crate::wire::{Request, RequestV1, Response, ResponseV1};
+
+/// Interval of the engine's timer (retries, stalled sessions, redial, compaction).
+const TICK: Duration = Duration::from_millis(250);
+
+/// A quarter node redials the centre this often while disconnected.
+const REDIAL: Duration = Duration::from_secs(1);
+
+/// Compact a document once this many change chunks have piled up.
+const COMPACT_AFTER_CHUNKS: usize = 512;
+
+/// Capacity of the command channel: callers wait when the actor is busy.
+const COMMAND_QUEUE: usize = 256;
+
+/// What the replicator is started with.
+#[derive(Debug)]
+pub struct ReplicatorConfig {
+    pub identity: Identity,
+    pub role: Role,
+    /// The document this node writes (`city` or its quarter's).
+    pub own_doc: DocId,
+    pub listen: Multiaddr,
+    /// Quarter nodes: the centre's PeerId and address.
+    pub center: Option<(PeerId, Multiaddr)>,
+    pub store: Store,
+}
+
+/// Why the replicator could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicatorError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: String, reason: String },
+    #[error("stored document {doc} cannot be loaded: {reason}")]
+    Load { doc: DocId, reason: String },
+    #[error("the node has stopped")]
+    Stopped,
+}
+
+/// Why a local write was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("this node does not own {0}; only its owner may write it")]
+    NotOwner(DocId),
+    #[error(transparent)]
+    Invalid(#[from] SchemaError),
+    #[error("the node has stopped")]
+    Stopped,
+}
+
+type Job = Box<dyn FnOnce(&mut Actor) + Send>;
+
+enum Command {
+    Job(Job),
+    Shutdown,
+}
+
+/// A cloneable handle to the running replicator.
+#[derive(Clone, Debug)]
+pub struct Handle {
+    tx: mpsc::Sender<Command>,
+    peer_id: PeerId,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Command::Job(_) => "Job",
+            Command::Shutdown => "Shutdown",
+        })
+    }
+}
+
+impl Handle {
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    async fn run<R: Send + 'static>(&self, f: impl FnOnce(&mut Actor) -> R + Send + 'static) -> Result<R, ReplicatorError> {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |actor| {
+            let _ = tx.send(f(actor));
+        });
+        self.tx.send(Command::Job(job)).await.map_err(|_| ReplicatorError::Stopped)?;
+        rx.await.map_err(|_| ReplicatorError::Stopped)
+    }
+
+    /// Runs `f` on a read-only view of the node's state.
+    pub async fn read<R: Send + 'static>(&self, f: impl FnOnce(View<'_>) -> R + Send + 'static) -> Result<R, ReplicatorError> {
+        self.run(move |actor| f(actor.view())).await
+    }
+
+    /// Writes `doc` (which this node must own) and returns once the change
+    /// is durable on disk; it is then pushed to every connected peer.
+    pub async fn write<R: Send + 'static>(
+        &self,
+        doc: DocId,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<R, SchemaError> + Send + 'static,
+    ) -> Result<R, WriteError> {
+        self.run(move |actor| actor.local_write(&doc, f))
+            .await
+            .map_err(|_| WriteError::Stopped)?
+    }
+}
+
+/// A read-only look at the node's state, valid inside [`Handle::read`].
+#[derive(Debug)]
+pub struct View<'a> {
+    pub engine: &'a Engine<PeerId>,
+    pub role: Role,
+    pub peer_id: PeerId,
+    pub own_doc: &'a DocId,
+    connected: &'a BTreeSet<PeerId>,
+    listen: Vec<String>,
+    started: (Instant, SystemTime),
+    store_bytes: u64,
+}
+
+/// The node's status as the API reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub peer_id: String,
+    pub role: Role,
+    pub own_doc: String,
+    pub listen: Vec<String>,
+    pub store_bytes: u64,
+    pub documents: Vec<DocStatus>,
+    pub peers: Vec<PeerStatus>,
+}
+
+/// One document in [`Status`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DocStatus {
+    pub id: String,
+    pub heads: Vec<String>,
+    pub changes: usize,
+    pub schema_version: Option<u64>,
+}
+
+/// One peer in [`Status`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub peer_id: String,
+    pub connected: bool,
+    /// Unix time (ms) of the last sync message received from it.
+    pub last_sync_ms: Option<u64>,
+    #[serde(flatten)]
+    pub stats: PeerStats,
+}
+
+impl View<'_> {
+    /// Converts engine time to unix milliseconds.
+    pub fn wall_ms(&self, engine_ms: u64) -> u64 {
+        let started = self.started.1.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        started + engine_ms
+    }
+
+    pub fn is_connected(&self, peer: &PeerId) -> bool {
+        self.connected.contains(peer)
+    }
+
+    pub fn status(&self) -> Status {
+        let documents = self
+            .engine
+            .docs()
+            .filter(|(id, _)| self.engine.accepts(id))
+            .map(|(id, am)| DocStatus {
+                id: id.to_string(),
+                heads: am.get_heads().iter().map(|h| h.to_string()).collect(),
+                changes: am.get_changes(&[]).len(),
+                schema_version: schema::schema_version(am),
+            })
+            .collect();
+        let peers = self
+            .engine
+            .peers()
+            .map(|(p, stats)| PeerStatus {
+                peer_id: p.to_string(),
+                connected: self.connected.contains(p),
+                last_sync_ms: stats.last_received_ms.map(|t| self.wall_ms(t)),
+                stats: stats.clone(),
+            })
+            .collect();
+        Status {
+            peer_id: self.peer_id.to_string(),
+            role: self.role,
+            own_doc: self.own_doc.to_string(),
+            listen: self.listen.clone(),
+            store_bytes: self.store_bytes,
+            documents,
+            peers,
+        }
+    }
+}
+
+/// The running replicator: its handle and the task that owns its state.
+#[derive(Debug)]
+pub struct Replicator {
+    handle: Handle,
+    task: JoinHandle<Result<(), ReplicatorError>>,
+}
+
+impl Replicator {
+    /// Loads the store, starts listening and runs the actor.
+    pub async fn spawn(config: ReplicatorConfig) -> Result<Self, ReplicatorError> {
+        let peer_id = config.identity.peer_id();
+        let mut actor = Actor::new(config)?;
+        actor.start()?;
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        let task = tokio::spawn(actor.run(rx));
+        Ok(Self {
+            handle: Handle { tx, peer_id },
+            task,
+        })
+    }
+
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
+    /// Stops the actor and waits for it; returns the error it stopped with.
+    pub async fn shutdown(self) -> Result<(), ReplicatorError> {
+        let _ = self.handle.tx.send(Command::Shutdown).await;
+        self.wait().await
+    }
+
+    /// Waits until the actor stops by itself (a fatal error).
+    pub async fn wait(self) -> Result<(), ReplicatorError> {
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(ReplicatorError::Load { doc: DocId::City, reason: format!("replicator task failed: {e}") }),
+        }
+    }
+
+    /// Resolves if the actor stopped on its own.
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+/// The state the replicator task owns.
+pub struct Actor {
+    engine: Engine<PeerId>,
+    store: Store,
+    swarm: Swarm<Behaviour>,
+    role: Role,
+    peer_id: PeerId,
+    own_doc: DocId,
+    listen: Multiaddr,
+    center: Option<(PeerId, Multiaddr)>,
+    /// Peers this node syncs with (centre: roster writers; quarter: the centre).
+    allowed: BTreeSet<PeerId>,
+    connected: BTreeSet<PeerId>,
+    pending: HashMap<OutboundRequestId, (PeerId, DocId)>,
+    chunks: HashMap<DocId, usize>,
+    started: (Instant, SystemTime),
+    next_dial: Instant,
+    fatal: Option<ReplicatorError>,
+}
+
+impl std::fmt::Debug for Actor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Actor").field("peer_id", &self.peer_id).finish_non_exhaustive()
+    }
+}
+
+impl Actor {
+    fn new(config: ReplicatorConfig) -> Result<Self, ReplicatorError> {
+        let own_quarter: Vec<QuarterSlug> = config.own_doc.quarter_slug().cloned().into_iter().collect();
+        let mut engine = Engine::new(config.identity.actor_id(), own_quarter);
+        let mut chunks = HashMap::new();
+        for stored in config.store.load_docs()? {
+            chunks.insert(stored.id.clone(), stored.chunks.len());
+            engine
+                .load_doc(&stored.id, stored.chunks.iter().map(|c| c.as_slice()))
+                .map_err(|e| ReplicatorError::Load { doc: stored.id.clone(), reason: e.to_string() })?;
+        }
+        let swarm = transport::build_swarm(&config.identity)?;
+        let mut actor = Self {
+            engine,
+            store: config.store,
+            swarm,
+            role: config.role,
+            peer_id: config.identity.peer_id(),
+            own_doc: config.own_doc,
+            listen: config.listen,
+            center: config.center,
+            allowed: BTreeSet::new(),
+            connected: BTreeSet::new(),
+            pending: HashMap::new(),
+            chunks,
+            started: (Instant::now(), SystemTime::now()),
+            next_dial: Instant::now(),
+            fatal: None,
+        };
+        let _ = actor.refresh_roster();
+        Ok(actor)
+    }
+
+    fn start(&mut self) -> Result<(), ReplicatorError> {
+        self.swarm.listen_on(self.listen.clone()).map_err(|e| ReplicatorError::Listen {
+            addr: self.listen.to_string(),
+            reason: e.to_string(),
+        })?;
+        if let Some((peer, addr)) = &self.center {
+            self.swarm.add_peer_address(*peer, addr.clone());
+        }
+        Ok(())
+    }
+
+    fn now(&self) -> u64 {
+        self.started.0.elapsed().as_millis() as u64
+    }
+
+    fn view(&self) -> View<'_> {
+        View {
+            engine: &self.engine,
+            role: self.role,
+            peer_id: self.peer_id,
+            own_doc: &self.own_doc,
+            connected: &self.connected,
+            listen: self.swarm.listeners().map(|a| format!("{a}/p2p/{}", self.peer_id)).collect(),
+            started: self.started,
+            store_bytes: self.store.size_on_disk(),
+        }
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) -> Result<(), ReplicatorError> {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.handle_event(event),
+                cmd = rx.recv() => match cmd {
+                    Some(Command::Job(job)) => job(&mut self),
+                    Some(Command::Shutdown) | None => break,
+                },
+                _ = tick.tick() => self.handle_tick(),
+            }
+            if let Some(err) = self.fatal.take() {
+                tracing::error!(error = %err, "stopping: the store cannot make data durable");
+                return Err(err);
+            }
+        }
+        tracing::info!("replicator stopped");
+        Ok(())
+    }
+
+    /// Persists, then sends. On a store failure nothing is sent and the node stops.
+    fn apply(&mut self, fx: Effects<PeerId>) -> Result<(), ()> {
+        let batch = Batch {
+            changes: fx.changes,
+            sync_states: fx.sync_states.into_iter().map(|(p, d, s)| (p.to_string(), d, s)).collect(),
+        };
+        if let Err(e) = self.store.commit(&batch) {
+            self.fatal = Some(e.into());
+            return Err(());
+        }
+        for (doc, chunks) in &batch.changes {
+            *self.chunks.entry(doc.clone()).or_default() += chunks.len();
+        }
+        for (peer, doc, data) in fx.sends {
+            let id = self.swarm.behaviour_mut().sync.send_request(&peer, Request::V1(RequestV1::Sync { doc: doc.clone(), data }));
+            self.pending.insert(id, (peer, doc));
+        }
+        if fx.changed.contains(&DocId::City) {
+            self.refresh_roster()?;
+        }
+        Ok(())
+    }
+
+    /// Re-reads the roster after the city document changed: which quarters
+    /// are replicated and which peers this node syncs with.
+    fn refresh_roster(&mut self) -> Result<(), ()> {
+        let roster = self.engine.doc(&DocId::City).map(schema::roster).transpose().ok().flatten().unwrap_or_default();
+        let mut quarters: BTreeSet<QuarterSlug> = roster.iter().map(|(s, _)| s.clone()).collect();
+        if let Some(own) = self.own_doc.quarter_slug() {
+            quarters.insert(own.clone());
+        }
+        let allowed: BTreeSet<PeerId> = match self.role {
+            Role::Center => roster
+                .iter()
+                .flat_map(|(_, e)| e.writers.iter())
+                .filter_map(|w| w.parse::<PeerId>().ok())
+                .collect(),
+            Role::Quarter => self.center.iter().map(|(p, _)| *p).collect(),
+        };
+        let now = self.now();
+        let fx = self.engine.set_quarters(quarters, now);
+        let removed: Vec<PeerId> = self.allowed.difference(&allowed).copied().collect();
+        let added: Vec<PeerId> = allowed.difference(&self.allowed).copied().collect();
+        self.allowed = allowed;
+        for p in removed {
+            self.engine.peer_down(&p);
+            let _ = self.swarm.disconnect_peer_id(p);
+        }
+        let mut fx = fx;
+        for p in added {
+            if self.connected.contains(&p) {
+                fx.extend(self.peer_up(p));
+            }
+        }
+        if fx.is_empty() { Ok(()) } else { self.apply(fx) }
+    }
+
+    fn peer_up(&mut self, peer: PeerId) -> Effects<PeerId> {
+        let persisted = self.store.sync_states(&peer.to_string()).unwrap_or_else(|e| {
+            tracing::warn!(%peer, error = %e, "cannot read sync states; syncing from scratch");
+            Vec::new()
+        });
+        tracing::info!(%peer, "peer up");
+        let now = self.now();
+        self.engine.peer_up(peer, persisted, now)
+    }
+
+    fn local_write<R>(
+        &mut self,
+        doc: &DocId,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<R, SchemaError>,
+    ) -> Result<R, WriteError> {
+        if *doc != self.own_doc {
+            return Err(WriteError::NotOwner(doc.clone()));
+        }
+        let now = self.now();
+        let (value, fx) = self.engine.change(doc, now, f).map_err(|e| match e {
+            ChangeError::UnknownDoc(d) => WriteError::NotOwner(d),
+            ChangeError::Rejected(e) => WriteError::Invalid(e),
+        })?;
+        self.apply(fx).map_err(|()| WriteError::Stopped)?;
+        Ok(value)
+    }
+
+    fn handle_tick(&mut self) {
+        let now = self.now();
+        let fx = self.engine.tick(now);
+        if !fx.is_empty() && self.apply(fx).is_err() {
+            return;
+        }
+        if let Some((peer, addr)) = self.center.clone()
+            && !self.connected.contains(&peer)
+            && Instant::now() >= self.next_dial
+        {
+            self.next_dial = Instant::now() + REDIAL;
+            let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer).addresses(vec![addr]).build();
+            if let Err(e) = self.swarm.dial(opts) {
+                tracing::debug!(%peer, error = %e, "dial failed");
+            }
+        }
+        let due: Vec<DocId> = self.chunks.iter().filter(|(_, n)| **n >= COMPACT_AFTER_CHUNKS).map(|(d, _)| d.clone()).collect();
+        for doc in due {
+            let Some(snapshot) = self.engine.doc(&doc).map(|am| am.save()) else { continue };
+            match self.store.compact(&doc, &snapshot) {
+                Ok(()) => {
+                    self.chunks.insert(doc.clone(), 0);
+                    tracing::debug!(%doc, bytes = snapshot.len(), "compacted");
+                }
+                Err(e) => {
+                    self.fatal = Some(e.into());
+                    return;
+                }
+            }
+        }
+    }
+
+    fn handle_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "listening");
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                let first = self.connected.insert(peer_id);
+                if first && self.allowed.contains(&peer_id) {
+                    let fx = self.peer_up(peer_id);
+                    let _ = self.apply(fx);
+                } else if first {
+                    tracing::debug!(peer = %peer_id, "connected peer is not a sync partner (yet)");
+                }
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                self.connected.remove(&peer_id);
+                if self.engine.is_up(&peer_id) {
+                    tracing::info!(peer = %peer_id, "peer down");
+                    self.engine.peer_down(&peer_id);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Sync(event)) => self.handle_sync(event),
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(peer = ?peer_id, %error, "outgoing connection failed");
+            }
+            _ => {}
+        }
+    }
+
+    fn handle_sync(&mut self, event: request_response::Event<Request, Response>) {
+        use request_response::{Event, Message};
+        match event {
+            Event::Message { peer, message: Message::Request { request, channel, .. }, .. } => {
+                let Request::V1(RequestV1::Sync { doc, data }) = request;
+                let now = self.now();
+                let response = if !self.allowed.contains(&peer) {
+                    ResponseV1::Refused { reason: "not a sync partner of this node (not on the roster)".into() }
+                } else {
+                    match self.engine.receive(&peer, &doc, &data, now) {
+                        Ok(fx) => {
+                            if self.apply(fx).is_err() {
+                                return; // no ack for what is not durable
+                            }
+                            ResponseV1::Ack
+                        }
+                        Err(e) => {
+                            tracing::warn!(%peer, %doc, error = %e, "refused sync message");
+                            ResponseV1::Refused { reason: e.to_string() }
+                        }
+                    }
+                };
+                let _ = self.swarm.behaviour_mut().sync.send_response(channel, Response::V1(response));
+            }
+            Event::Message { peer, message: Message::Response { request_id, response }, .. } => {
+                let Some((_, doc)) = self.pending.remove(&request_id) else { return };
+                let now = self.now();
+                match response {
+                    Response::V1(ResponseV1::Ack) => {
+                        let fx = self.engine.delivered(&peer, &doc, now);
+                        let _ = self.apply(fx);
+                    }
+                    Response::V1(ResponseV1::Refused { reason }) => {
+                        tracing::debug!(%peer, %doc, %reason, "peer refused sync message");
+                        self.engine.refused(&peer, &doc);
+                    }
+                }
+            }
+            Event::OutboundFailure { peer, request_id, error, .. } => {
+                if let Some((_, doc)) = self.pending.remove(&request_id) {
+                    tracing::debug!(%peer, %doc, %error, "sync message not delivered");
+                    let now = self.now();
+                    self.engine.send_failed(&peer, &doc, now);
+                }
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "inbound sync request failed");
+            }
+            Event::ResponseSent { .. } => {}
+        }
+    }
+}

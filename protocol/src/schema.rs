@@ -1,0 +1,284 @@
+//! Document schemas: typed Rust structs mapped onto automerge with autosurgeon.
+//!
+//! Every document starts from a *genesis* change that is byte-for-byte the same
+//! on every node (fixed actor, time 0, fixed content), so all replicas of a
+//! document share one root and the containers (`concerns`, `roster`) it
+//! creates. Without it, two writers that each created `concerns` would produce
+//! two conflicting maps and one would hide the other's entries.
+//!
+//! Growing the schema: new optional fields need nothing (an absent key reads
+//! as `None`, unknown keys are ignored by older nodes). A new top-level
+//! container is added by a further deterministic change in the same way as
+//! genesis, and `schema_version` is raised. Writes are targeted (`put` one
+//! concern, one roster entry), never a rewrite of the whole document.
+
+use automerge::transaction::{CommitOptions, Transactable, Transaction};
+use automerge::{ActorId, Automerge, AutomergeError, ObjType, ReadDoc, ROOT};
+use autosurgeon::{Hydrate, Reconcile};
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{DocId, QuarterSlug};
+
+/// The schema version written by this build into every document it creates.
+pub const SCHEMA_VERSION: u64 = 1;
+
+/// Longest accepted concern description, in characters.
+pub const MAX_DESCRIPTION_CHARS: usize = 4_000;
+
+/// Why a document could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    #[error("document is malformed: {0}")]
+    Hydrate(#[from] autosurgeon::HydrateError),
+    #[error("cannot write document: {0}")]
+    Reconcile(#[from] autosurgeon::ReconcileError),
+    #[error("automerge: {0}")]
+    Automerge(#[from] AutomergeError),
+    #[error("document has no '{0}' container; it was not created from iq's genesis")]
+    MissingContainer(&'static str),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A concern (Anliegen): something a citizen or the quarter office reported.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Reconcile, Hydrate)]
+pub struct Concern {
+    pub id: String,
+    /// Service code, e.g. `road-damage`.
+    pub category: String,
+    pub description: String,
+    pub lat: Option<f64>,
+    pub long: Option<f64>,
+    /// `open` or `closed`.
+    pub status: String,
+    /// Unix time in milliseconds.
+    pub created_ms: i64,
+}
+
+impl Concern {
+    /// Checks what a user typed before it is written.
+    pub fn validate(&self) -> Result<(), SchemaError> {
+        let bad = |m: &str| Err(SchemaError::Invalid(m.to_owned()));
+        if self.category.trim().is_empty() {
+            return bad("category is empty: give a service code such as 'road-damage'");
+        }
+        if self.category.len() > 64
+            || !self
+                .category
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return bad("category must be a service code of up to 64 letters, digits, '-' or '_'");
+        }
+        if self.description.trim().is_empty() {
+            return bad("description is empty: say what the concern is about");
+        }
+        if self.description.chars().count() > MAX_DESCRIPTION_CHARS {
+            return bad("description is longer than 4000 characters");
+        }
+        match (self.lat, self.long) {
+            (None, None) => {}
+            (Some(lat), Some(long)) => {
+                if !(-90.0..=90.0).contains(&lat) || !(-180.0..=180.0).contains(&long) {
+                    return bad("lat must be within -90..90 and long within -180..180");
+                }
+            }
+            _ => return bad("give both lat and long, or neither"),
+        }
+        if self.status != "open" && self.status != "closed" {
+            return bad("status must be 'open' or 'closed'");
+        }
+        Ok(())
+    }
+}
+
+/// A quarter on the federation roster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Reconcile, Hydrate)]
+pub struct RosterEntry {
+    pub name: String,
+    /// PeerIds (base58) of the nodes that may write this quarter's document.
+    pub writers: Vec<String>,
+}
+
+/// The actor of the genesis change: the same on every node, never a real key.
+fn genesis_actor(doc: &DocId) -> ActorId {
+    ActorId::from(format!("iq-genesis:{doc}").as_bytes())
+}
+
+/// The document as every node first creates it. Deterministic: every call for
+/// the same id yields the same change hash.
+pub fn genesis(doc: &DocId) -> Automerge {
+    let mut am = Automerge::new().with_actor(genesis_actor(doc));
+    let result = am.transact_with::<_, _, AutomergeError, _>(
+        |_| CommitOptions::default().with_time(0),
+        |tx| {
+            tx.put(ROOT, "schema_version", SCHEMA_VERSION)?;
+            match doc {
+                DocId::City => {
+                    tx.put(ROOT, "kind", "city")?;
+                    tx.put_object(ROOT, "roster", ObjType::Map)?;
+                }
+                DocId::Quarter(slug) => {
+                    tx.put(ROOT, "kind", "quarter")?;
+                    tx.put(ROOT, "quarter", slug.as_str())?;
+                    tx.put_object(ROOT, "concerns", ObjType::Map)?;
+                }
+            }
+            Ok(())
+        },
+    );
+    // The genesis transaction puts constants into an empty document; it
+    // cannot fail, and if it ever did the caller still gets an empty doc.
+    if let Err(e) = result {
+        tracing::error!(%doc, error = ?e.error, "genesis failed");
+    }
+    am
+}
+
+fn container(doc: &impl ReadDoc, name: &'static str) -> Result<automerge::ObjId, SchemaError> {
+    match doc.get(ROOT, name)? {
+        Some((automerge::Value::Object(ObjType::Map), id)) => Ok(id),
+        _ => Err(SchemaError::MissingContainer(name)),
+    }
+}
+
+/// All concerns of a quarter document, newest first.
+pub fn concerns(doc: &Automerge) -> Result<Vec<Concern>, SchemaError> {
+    let obj = container(doc, "concerns")?;
+    let mut out = Vec::new();
+    for item in doc.map_range(&obj, ..) {
+        match autosurgeon::hydrate_prop::<_, Concern, _, _>(doc, &obj, item.key.as_ref()) {
+            Ok(c) => out.push(c),
+            // One malformed entry must not hide the others.
+            Err(e) => tracing::warn!(key = %item.key, error = %e, "skipping malformed concern"),
+        }
+    }
+    out.sort_by(|a, b| b.created_ms.cmp(&a.created_ms).then(a.id.cmp(&b.id)));
+    Ok(out)
+}
+
+/// Number of concerns in a quarter document.
+pub fn concern_count(doc: &Automerge) -> usize {
+    container(doc, "concerns")
+        .map(|obj| doc.length(&obj))
+        .unwrap_or(0)
+}
+
+/// Writes one concern into a quarter document.
+pub fn put_concern(doc: &mut Transaction<'_>, concern: &Concern) -> Result<(), SchemaError> {
+    concern.validate()?;
+    let obj = container(doc, "concerns")?;
+    autosurgeon::reconcile_prop(doc, &obj, concern.id.as_str(), concern)?;
+    Ok(())
+}
+
+/// The roster in a city document, by slug.
+pub fn roster(doc: &Automerge) -> Result<Vec<(QuarterSlug, RosterEntry)>, SchemaError> {
+    let obj = container(doc, "roster")?;
+    let mut out = Vec::new();
+    for item in doc.map_range(&obj, ..) {
+        let Ok(slug) = QuarterSlug::new(&item.key) else {
+            tracing::warn!(key = %item.key, "skipping roster entry with invalid slug");
+            continue;
+        };
+        match autosurgeon::hydrate_prop::<_, RosterEntry, _, _>(doc, &obj, item.key.as_ref()) {
+            Ok(e) => out.push((slug, e)),
+            Err(e) => tracing::warn!(key = %item.key, error = %e, "skipping malformed roster entry"),
+        }
+    }
+    Ok(out)
+}
+
+/// Adds or replaces a roster entry in the city document.
+pub fn put_roster_entry(
+    doc: &mut Transaction<'_>,
+    slug: &QuarterSlug,
+    entry: &RosterEntry,
+) -> Result<(), SchemaError> {
+    if entry.name.trim().is_empty() {
+        return Err(SchemaError::Invalid("quarter name is empty".into()));
+    }
+    let obj = container(doc, "roster")?;
+    autosurgeon::reconcile_prop(doc, &obj, slug.as_str(), entry)?;
+    Ok(())
+}
+
+/// The schema version recorded in a document, if any.
+pub fn schema_version(doc: &Automerge) -> Option<u64> {
+    match doc.get(ROOT, "schema_version").ok()?? {
+        (automerge::Value::Scalar(s), _) => match s.as_ref() {
+            automerge::ScalarValue::Uint(v) => Some(*v),
+            automerge::ScalarValue::Int(v) => u64::try_from(*v).ok(),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slug(s: &str) -> QuarterSlug {
+        QuarterSlug::new(s).expect("slug")
+    }
+
+    fn concern(id: &str) -> Concern {
+        Concern {
+            id: id.into(),
+            category: "road-damage".into(),
+            description: "pothole".into(),
+            lat: Some(51.05),
+            long: Some(13.74),
+            status: "open".into(),
+            created_ms: 1,
+        }
+    }
+
+    #[test]
+    fn genesis_is_deterministic() {
+        let q = DocId::quarter(&slug("prohlis"));
+        assert_eq!(genesis(&q).get_heads(), genesis(&q).get_heads());
+        assert_ne!(genesis(&q).get_heads(), genesis(&DocId::City).get_heads());
+        assert_eq!(schema_version(&genesis(&q)), Some(SCHEMA_VERSION));
+    }
+
+    #[test]
+    fn two_writers_from_genesis_merge_without_hiding_entries() {
+        let q = DocId::quarter(&slug("prohlis"));
+        let mut a = genesis(&q).with_actor(ActorId::random());
+        let mut b = genesis(&q).with_actor(ActorId::random());
+        a.transact::<_, _, SchemaError>(|tx| put_concern(tx, &concern("a")))
+            .expect("write a");
+        b.transact::<_, _, SchemaError>(|tx| put_concern(tx, &concern("b")))
+            .expect("write b");
+        a.merge(&mut b).expect("merge");
+        let ids: Vec<_> = concerns(&a).expect("read").into_iter().map(|c| c.id).collect();
+        assert_eq!(ids, vec!["a".to_string(), "b".to_string()]);
+    }
+
+    #[test]
+    fn invalid_concerns_are_refused() {
+        let mut c = concern("x");
+        c.description = "  ".into();
+        assert!(c.validate().is_err());
+        let mut c = concern("x");
+        c.lat = None;
+        assert!(c.validate().is_err());
+        let mut c = concern("x");
+        c.description = "x".repeat(MAX_DESCRIPTION_CHARS + 1);
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn roster_round_trips() {
+        let mut city = genesis(&DocId::City).with_actor(ActorId::random());
+        let entry = RosterEntry {
+            name: "Prohlis".into(),
+            writers: vec!["12D3Koo".into()],
+        };
+        city.transact::<_, _, SchemaError>(|tx| put_roster_entry(tx, &slug("prohlis"), &entry))
+            .expect("write");
+        assert_eq!(roster(&city).expect("read"), vec![(slug("prohlis"), entry)]);
+    }
+}

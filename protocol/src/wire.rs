@@ -1,0 +1,51 @@
+//! Wire messages between nodes, versioned so old and new nodes can tell each
+//! other apart instead of misreading each other.
+//!
+//! Every request carries one automerge sync message for one document. The
+//! response only acknowledges it (or says why it was refused); the peer's own
+//! sync message travels as its own request, so both directions are symmetric.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::DocId;
+
+/// The libp2p protocol name of iq sync, v1.
+pub const SYNC_PROTOCOL: &str = "/iq/sync/1";
+
+/// Largest sync request a node accepts (a whole document on first sync).
+pub const MAX_REQUEST_BYTES: u64 = 32 * 1024 * 1024;
+
+/// Largest response a node accepts: responses only acknowledge.
+pub const MAX_RESPONSE_BYTES: u64 = 64 * 1024;
+
+/// A request on the sync protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    V1(RequestV1),
+}
+
+/// Version 1 requests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RequestV1 {
+    /// One automerge sync message for `doc`.
+    Sync {
+        doc: DocId,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+}
+
+/// The answer to a [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    V1(ResponseV1),
+}
+
+/// Version 1 responses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ResponseV1 {
+    /// The message was applied.
+    Ack,
+    /// The message was not applied; the sender should not resend it as is.
+    Refused { reason: String },
+}
