@@ -1,1 +1,16 @@
-//! stub
+//! iq-node: the quarter node. A quarter office runs it; it holds the
+//! quarter's own document, replicas of the city and the other quarters, and
+//! keeps working offline, syncing with the centre whenever it can.
+//!
+//! # Layout
+//! - [`daemon`]: start/stop a node daemon (shared with `iq-center`).
+//! - [`api`]: the local HTTP API under `/api/v1` and its errors.
+//! - [`client`]: the CLIs' client for a running daemon's API.
+//! - [`cli`]: the `iq-node` command line.
+//! - [`output`]: human-readable tables for the CLIs.
+
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod daemon;
+pub mod output;

@@ -22,3 +22,8 @@ pub mod transport;
 pub mod wire;
 
 pub use ids::{DocId, QuarterSlug};
+pub use libp2p::{Multiaddr, PeerId};
+/// Multiaddr protocol parts, for code that inspects addresses.
+pub mod transport_addr {
+    pub use libp2p::multiaddr::{Error, Protocol};
+}

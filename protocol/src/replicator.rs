@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::datadir::Role;
-use crate::engine::{ChangeError, Effects, Engine, PeerStats};
+use crate::engine::{ChangeError, Effects, Engine, PeerStats, SyncError};
 use crate::identity::Identity;
 use crate::ids::{DocId, QuarterSlug};
 use crate::schema::{self, SchemaError};
@@ -538,6 +538,11 @@ impl Actor {
                                 return; // no ack for what is not durable
                             }
                             ResponseV1::Ack
+                        }
+                        Err(e @ SyncError::NotAccepted(_)) => {
+                            // Usual while the roster is still on its way.
+                            tracing::debug!(%peer, %doc, error = %e, "refused sync message");
+                            ResponseV1::Refused { reason: e.to_string() }
                         }
                         Err(e) => {
                             tracing::warn!(%peer, %doc, error = %e, "refused sync message");

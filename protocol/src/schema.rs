@@ -56,6 +56,19 @@ pub struct Concern {
 }
 
 impl Concern {
+    /// A new open concern with a fresh random id.
+    pub fn new(category: String, description: String, lat: Option<f64>, long: Option<f64>, created_ms: i64) -> Self {
+        Self {
+            id: uuid::Uuid::new_v4().to_string(),
+            category,
+            description,
+            lat,
+            long,
+            status: "open".into(),
+            created_ms,
+        }
+    }
+
     /// Checks what a user typed before it is written.
     pub fn validate(&self) -> Result<(), SchemaError> {
         let bad = |m: &str| Err(SchemaError::Invalid(m.to_owned()));
@@ -187,6 +200,15 @@ pub fn roster(doc: &Automerge) -> Result<Vec<(QuarterSlug, RosterEntry)>, Schema
         }
     }
     Ok(out)
+}
+
+/// One roster entry, read inside a write transaction.
+pub fn roster_entry(tx: &Transaction<'_>, slug: &QuarterSlug) -> Result<Option<RosterEntry>, SchemaError> {
+    let obj = container(tx, "roster")?;
+    if tx.get(&obj, slug.as_str())?.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(autosurgeon::hydrate_prop::<_, RosterEntry, _, _>(tx, &obj, slug.as_str())?))
 }
 
 /// Adds or replaces a roster entry in the city document.

@@ -1,0 +1,111 @@
+//! The centre's HTTP API: the common routes plus the roster.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use iq_node::api::{common_routes, ApiError};
+use iq_protocol::replicator::Handle;
+use iq_protocol::schema::{self, RosterEntry};
+use iq_protocol::{DocId, PeerId, QuarterSlug};
+use serde::{Deserialize, Serialize};
+
+/// A roster entry with the centre's view of its sync state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QuarterView {
+    pub slug: String,
+    pub name: String,
+    pub writers: Vec<String>,
+    /// Whether any of its writer nodes is connected now.
+    pub connected: bool,
+    /// Heads of the quarter's document as the centre holds it.
+    pub heads: Vec<String>,
+    pub concerns: usize,
+    /// Unix time (ms) of the last sync message from any of its writers.
+    pub last_sync_ms: Option<u64>,
+}
+
+/// Body of `POST /api/v1/quarters`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AddQuarter {
+    pub slug: String,
+    pub name: String,
+    /// A writer node's PeerId (printed by `iq-node init` / `iq-node id`).
+    pub peer: String,
+}
+
+pub fn router(handle: Handle) -> Router {
+    common_routes()
+        .route("/api/v1/quarters", get(list_quarters).post(add_quarter))
+        .with_state(handle)
+}
+
+async fn list_quarters(State(handle): State<Handle>) -> Result<Json<Vec<QuarterView>>, ApiError> {
+    let list = handle
+        .read(|view| {
+            let roster = view.engine.doc(&DocId::City).and_then(|am| schema::roster(am).ok()).unwrap_or_default();
+            let peers: Vec<_> = view.engine.peers().map(|(p, s)| (*p, s.clone())).collect();
+            roster
+                .into_iter()
+                .map(|(slug, entry)| {
+                    let doc = view.engine.doc(&DocId::quarter(&slug));
+                    let writer_ids: Vec<PeerId> = entry.writers.iter().filter_map(|w| w.parse().ok()).collect();
+                    let last = peers
+                        .iter()
+                        .filter(|(p, _)| writer_ids.contains(p))
+                        .filter_map(|(_, s)| s.last_received_ms)
+                        .max();
+                    QuarterView {
+                        slug: slug.to_string(),
+                        name: entry.name,
+                        writers: entry.writers,
+                        connected: writer_ids.iter().any(|p| view.is_connected(p)),
+                        heads: doc.map(|am| am.get_heads().iter().map(|h| h.to_string()).collect()).unwrap_or_default(),
+                        concerns: doc.map(schema::concern_count).unwrap_or(0),
+                        last_sync_ms: last.map(|t| view.wall_ms(t)),
+                    }
+                })
+                .collect::<Vec<_>>()
+        })
+        .await?;
+    Ok(Json(list))
+}
+
+async fn add_quarter(
+    State(handle): State<Handle>,
+    body: Result<Json<AddQuarter>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<RosterEntry>), ApiError> {
+    let Json(body) = body.map_err(|e| ApiError::bad_request(format!("invalid roster entry: {}", e.body_text())))?;
+    let slug = QuarterSlug::new(&body.slug).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let name = body.name.trim().to_string();
+    if name.is_empty() {
+        return Err(ApiError::bad_request("quarter name is empty: give its display name, e.g. \"Johannstadt\""));
+    }
+    let peer: PeerId = body.peer.trim().parse().map_err(|e| {
+        ApiError::bad_request(format!("{:?} is not a PeerId ({e}); use the id printed by `iq-node init` or `iq-node id`", body.peer))
+    })?;
+    let entry = add_to_roster(&handle, slug, name, peer).await?;
+    Ok((StatusCode::CREATED, Json(entry)))
+}
+
+/// Adds `peer` as a writer of quarter `slug` (creating the entry, or
+/// renaming it) in the city document; returns the entry as written.
+pub async fn add_to_roster(
+    handle: &Handle,
+    slug: QuarterSlug,
+    name: String,
+    peer: PeerId,
+) -> Result<RosterEntry, iq_protocol::replicator::WriteError> {
+    handle
+        .write(DocId::City, move |tx| {
+            let existing = schema::roster_entry(tx, &slug)?;
+            let mut writers = existing.map(|e| e.writers).unwrap_or_default();
+            if !writers.contains(&peer.to_string()) {
+                writers.push(peer.to_string());
+            }
+            let entry = RosterEntry { name, writers };
+            schema::put_roster_entry(tx, &slug, &entry)?;
+            Ok(entry)
+        })
+        .await
+}

@@ -1,0 +1,224 @@
+//! The `iq-center` command line: what the user typed (clap) and what each
+//! command does with it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::bail;
+use clap::{Parser, Subcommand};
+use iq_node::api::ConcernView;
+use iq_node::cli::{check_listen, default_api, default_listen, init_tracing, DataArg, JsonArg, LogFormat};
+use iq_node::client::Client;
+use iq_node::daemon::Daemon;
+use iq_node::output;
+use iq_protocol::datadir::{Config, DataDir, Role};
+use iq_protocol::PeerId;
+use iq_protocol::QuarterSlug;
+
+use crate::api::{self, AddQuarter, QuarterView};
+use crate::demo;
+
+/// iq centre node: the city's node that aggregates every quarter and sets the frame.
+#[derive(Debug, Parser)]
+#[command(name = "iq-center", version, about)]
+pub struct Cli {
+    /// Log format of `run`: human or json.
+    #[arg(long, env = "IQ_LOG_FORMAT", default_value = "human", global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the centre's data directory; prints its PeerId and listen address.
+    Init {
+        #[command(flatten)]
+        data: DataArg,
+        /// libp2p listen address [default: 127.0.0.1 with a free port chosen now].
+        #[arg(long, value_name = "MULTIADDR")]
+        listen: Option<String>,
+        /// HTTP API address [default: 127.0.0.1 with a free port chosen now].
+        #[arg(long, value_name = "HOST:PORT")]
+        api: Option<SocketAddr>,
+    },
+    /// Run the centre until ctrl-c.
+    Run {
+        #[command(flatten)]
+        data: DataArg,
+    },
+    /// Print the centre's PeerId.
+    Id {
+        #[command(flatten)]
+        data: DataArg,
+    },
+    /// Manage the federation roster.
+    #[command(subcommand)]
+    Quarter(QuarterCommand),
+    /// The roster with each quarter's sync state.
+    Quarters {
+        #[command(flatten)]
+        data: DataArg,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Concerns of all quarters, aggregated.
+    Concerns {
+        #[command(flatten)]
+        data: DataArg,
+        /// Only this quarter's concerns.
+        #[arg(long)]
+        quarter: Option<String>,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Peers, documents, heads and last sync of the running centre.
+    Status {
+        #[command(flatten)]
+        data: DataArg,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Start a demo federation (centre + Johannstadt, Friedrichstadt, Prohlis) on loopback.
+    Demo {
+        /// Keep the demo's data here instead of a temporary directory (must not exist yet).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// Exit once the centre holds every concern instead of waiting for ctrl-c.
+        #[arg(long)]
+        once: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QuarterCommand {
+    /// Add a quarter (or another writer node of it) to the roster.
+    Add {
+        /// The quarter's slug, e.g. johannstadt.
+        slug: String,
+        /// Display name, e.g. "Johannstadt".
+        #[arg(long)]
+        name: String,
+        /// The quarter node's PeerId (printed by `iq-node init` / `iq-node id`).
+        #[arg(long)]
+        peer: String,
+        #[command(flatten)]
+        data: DataArg,
+    },
+}
+
+/// Initialises the centre's data directory; returns its config and PeerId.
+pub fn init_center(data: &DataDir, listen: Option<String>, api: Option<SocketAddr>) -> anyhow::Result<(Config, PeerId)> {
+    let listen = match listen {
+        Some(l) => {
+            check_listen(&l)?;
+            l
+        }
+        None => default_listen()?,
+    };
+    let api = match api {
+        Some(a) => a,
+        None => default_api()?,
+    };
+    let config = Config { role: Role::Center, listen, api, quarter: None, center: None };
+    let identity = data.init(&config)?;
+    Ok((config, identity.peer_id()))
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// Prints the roster table.
+pub fn print_quarters(list: &[QuarterView]) {
+    if list.is_empty() {
+        println!("no quarters on the roster yet: add one with `iq-center quarter add SLUG --name NAME --peer PEERID`");
+        return;
+    }
+    println!("{:<16}  {:<20}  {:<9}  {:>8}  {:<14}  WRITERS", "QUARTER", "NAME", "CONNECTED", "CONCERNS", "HEADS");
+    for q in list {
+        let heads: Vec<String> = q.heads.iter().map(|h| output::short(h)).collect();
+        let writers: Vec<String> = q.writers.iter().map(|w| output::short(w)).collect();
+        println!(
+            "{:<16}  {:<20}  {:<9}  {:>8}  {:<14}  {}",
+            q.slug,
+            q.name,
+            if q.connected { "yes" } else { "no" },
+            q.concerns,
+            heads.join(","),
+            writers.join(",")
+        );
+    }
+}
+
+/// Runs one command.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    const BIN: &str = "iq-center";
+    match cli.command {
+        Command::Init { data, listen, api } => {
+            let (config, peer_id) = init_center(&DataDir::new(&data.data), listen, api)?;
+            println!("initialised centre in {}", data.data.display());
+            println!("peer id:  {peer_id}");
+            println!("listen:   {}/p2p/{peer_id}", config.listen);
+            println!("api:      http://{}", config.api);
+            println!();
+            println!("quarter nodes use the listen address as --center:");
+            println!("  iq-node init --data <dir> --quarter <slug> --name <name> --center {}/p2p/{peer_id}", config.listen);
+        }
+        Command::Run { data } => {
+            init_tracing(cli.log_format);
+            let daemon = Daemon::start(DataDir::new(&data.data), Role::Center, api::router).await?;
+            println!("iq-center running");
+            println!("peer id:  {}", daemon.peer_id);
+            println!("libp2p:   {}", daemon.listen);
+            println!("api:      http://{}", daemon.api_addr);
+            println!("stop with ctrl-c");
+            daemon.run_until_signal().await?;
+        }
+        Command::Id { data } => {
+            println!("{}", DataDir::new(&data.data).identity()?.peer_id());
+        }
+        Command::Quarter(QuarterCommand::Add { slug, name, peer, data }) => {
+            // Check locally first so the message names the flag.
+            QuarterSlug::new(&slug).map_err(|e| anyhow::anyhow!("{e}"))?;
+            if peer.trim().parse::<PeerId>().is_err() {
+                bail!("--peer {peer:?} is not a PeerId; use the id printed by `iq-node init` or `iq-node id`");
+            }
+            let client = Client::new(&DataDir::new(&data.data), BIN)?;
+            let entry: iq_protocol::schema::RosterEntry =
+                client.post("/api/v1/quarters", &AddQuarter { slug: slug.clone(), name, peer }).await?;
+            println!("{slug} ({}) is on the roster with {} writer node(s)", entry.name, entry.writers.len());
+        }
+        Command::Quarters { data, json } => {
+            let client = Client::new(&DataDir::new(&data.data), BIN)?;
+            let list: Vec<QuarterView> = client.get("/api/v1/quarters", &[]).await?;
+            if json.json {
+                print_json(&list)?;
+            } else {
+                print_quarters(&list);
+            }
+        }
+        Command::Concerns { data, quarter, json } => {
+            let client = Client::new(&DataDir::new(&data.data), BIN)?;
+            let query: Vec<(&str, &str)> = quarter.as_deref().map(|q| ("quarter", q)).into_iter().collect();
+            let list: Vec<ConcernView> = client.get("/api/v1/concerns", &query).await?;
+            if json.json {
+                print_json(&list)?;
+            } else {
+                output::print_concerns(&list);
+            }
+        }
+        Command::Status { data, json } => {
+            let client = Client::new(&DataDir::new(&data.data), BIN)?;
+            let status: iq_protocol::replicator::Status = client.get("/api/v1/status", &[]).await?;
+            if json.json {
+                print_json(&status)?;
+            } else {
+                output::print_status(&status);
+            }
+        }
+        Command::Demo { dir, once } => demo::run(dir, once).await?,
+    }
+    Ok(())
+}

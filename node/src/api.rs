@@ -1,0 +1,204 @@
+//! The local HTTP API (JSON under `/api/v1`): the routes every node serves
+//! and those only a quarter node serves. Errors go through [`ApiError`],
+//! which says what was wrong and what to do.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use iq_protocol::replicator::{Handle, Status, View, WriteError};
+use iq_protocol::schema::{self, Concern};
+use iq_protocol::{DocId, QuarterSlug};
+use serde::{Deserialize, Serialize};
+
+/// An error answer: HTTP status plus a one-line message.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+/// The JSON body of every error answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+impl ApiError {
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::BAD_REQUEST, message: message.into() }
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::NOT_FOUND, message: message.into() }
+    }
+
+    pub fn unavailable() -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: "the node is shutting down or has stopped; check its log and restart it".into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(ErrorBody { error: self.message })).into_response()
+    }
+}
+
+impl From<WriteError> for ApiError {
+    fn from(e: WriteError) -> Self {
+        match e {
+            WriteError::Invalid(e) => ApiError::bad_request(e.to_string()),
+            WriteError::NotOwner(_) => ApiError { status: StatusCode::FORBIDDEN, message: e.to_string() },
+            WriteError::Stopped => ApiError::unavailable(),
+        }
+    }
+}
+
+impl From<iq_protocol::replicator::ReplicatorError> for ApiError {
+    fn from(_: iq_protocol::replicator::ReplicatorError) -> Self {
+        ApiError::unavailable()
+    }
+}
+
+/// A concern as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ConcernView {
+    pub id: String,
+    pub quarter: String,
+    pub category: String,
+    pub description: String,
+    pub lat: Option<f64>,
+    pub long: Option<f64>,
+    pub status: String,
+    /// RFC 3339, UTC.
+    pub created: String,
+    pub created_ms: i64,
+}
+
+impl ConcernView {
+    pub fn new(quarter: &QuarterSlug, c: Concern) -> Self {
+        let created = u64::try_from(c.created_ms)
+            .ok()
+            .map(|ms| humantime::format_rfc3339_millis(UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string())
+            .unwrap_or_default();
+        Self {
+            id: c.id,
+            quarter: quarter.to_string(),
+            category: c.category,
+            description: c.description,
+            lat: c.lat,
+            long: c.long,
+            status: c.status,
+            created,
+            created_ms: c.created_ms,
+        }
+    }
+}
+
+/// Body of `POST /api/v1/concerns`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NewConcern {
+    pub category: String,
+    pub description: String,
+    #[serde(default)]
+    pub lat: Option<f64>,
+    #[serde(default)]
+    pub long: Option<f64>,
+}
+
+/// Query of `GET /api/v1/concerns`.
+#[derive(Debug, Deserialize)]
+pub struct ConcernQuery {
+    pub quarter: Option<String>,
+}
+
+/// Routes every node serves.
+pub fn common_routes() -> Router<Handle> {
+    Router::new()
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/concerns", get(list_concerns))
+}
+
+/// Routes of a quarter node.
+pub fn quarter_router(handle: Handle) -> Router {
+    common_routes()
+        .route("/api/v1/concerns", post(add_concern))
+        .with_state(handle)
+}
+
+async fn status(State(handle): State<Handle>) -> Result<Json<Status>, ApiError> {
+    Ok(Json(handle.read(|view| view.status()).await?))
+}
+
+/// Concerns of every replicated quarter document, or of one quarter.
+pub fn concerns_in(view: &View<'_>, quarter: Option<&QuarterSlug>) -> Vec<ConcernView> {
+    let mut out = Vec::new();
+    for (id, am) in view.engine.docs() {
+        let DocId::Quarter(slug) = id else { continue };
+        if !view.engine.accepts(id) || quarter.is_some_and(|q| q != slug) {
+            continue;
+        }
+        match schema::concerns(am) {
+            Ok(list) => out.extend(list.into_iter().map(|c| ConcernView::new(slug, c))),
+            Err(e) => tracing::warn!(doc = %id, error = %e, "cannot read concerns"),
+        }
+    }
+    out.sort_by(|a, b| b.created_ms.cmp(&a.created_ms).then_with(|| a.id.cmp(&b.id)));
+    out
+}
+
+async fn list_concerns(
+    State(handle): State<Handle>,
+    Query(q): Query<ConcernQuery>,
+) -> Result<Json<Vec<ConcernView>>, ApiError> {
+    let quarter = match q.quarter.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(QuarterSlug::new(s).map_err(|e| ApiError::bad_request(e.to_string()))?),
+    };
+    let result = handle
+        .read(move |view| {
+            if let Some(q) = &quarter
+                && !view.engine.accepts(&DocId::quarter(q))
+            {
+                let known: Vec<String> = view
+                    .engine
+                    .docs()
+                    .filter(|(id, _)| view.engine.accepts(id))
+                    .filter_map(|(id, _)| id.quarter_slug().map(|s| s.to_string()))
+                    .collect();
+                return Err(ApiError::not_found(format!(
+                    "unknown quarter '{q}': known quarters are {}",
+                    if known.is_empty() { "none yet".to_string() } else { known.join(", ") }
+                )));
+            }
+            Ok(concerns_in(&view, quarter.as_ref()))
+        })
+        .await??;
+    Ok(Json(result))
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+async fn add_concern(
+    State(handle): State<Handle>,
+    body: Result<Json<NewConcern>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<ConcernView>), ApiError> {
+    let Json(body) = body.map_err(|e| ApiError::bad_request(format!("invalid concern: {}", e.body_text())))?;
+    let own = handle.read(|view| view.own_doc.clone()).await?;
+    let DocId::Quarter(slug) = own.clone() else {
+        return Err(ApiError::bad_request("only quarter nodes record concerns"));
+    };
+    let concern = Concern::new(body.category.trim().to_string(), body.description, body.lat, body.long, now_ms());
+    concern.validate().map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let written = concern.clone();
+    handle.write(own, move |tx| schema::put_concern(tx, &written)).await?;
+    Ok((StatusCode::CREATED, Json(ConcernView::new(&slug, concern))))
+}

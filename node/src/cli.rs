@@ -1,0 +1,268 @@
+//! The `iq-node` command line: what the user typed (clap) and what each
+//! command does with it.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use iq_protocol::datadir::{self, Config, DataDir, QuarterConfig, Role};
+use iq_protocol::replicator::Status;
+use iq_protocol::{Multiaddr, QuarterSlug};
+
+use crate::api::{self, ConcernView, NewConcern};
+use crate::client::Client;
+use crate::daemon::{self, Daemon};
+use crate::output;
+
+/// iq quarter node: a quarter office's own node in the city federation.
+#[derive(Debug, Parser)]
+#[command(name = "iq-node", version, about)]
+pub struct Cli {
+    /// Log format of `run`: human or json.
+    #[arg(long, env = "IQ_LOG_FORMAT", default_value = "human", global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// The data directory argument every command takes.
+#[derive(Debug, Args)]
+pub struct DataArg {
+    /// The node's data directory.
+    #[arg(long, env = "IQ_DATA", value_name = "DIR")]
+    pub data: PathBuf,
+}
+
+/// `--json` for scripts.
+#[derive(Debug, Args)]
+pub struct JsonArg {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a data directory for a quarter node; prints its PeerId.
+    Init {
+        #[command(flatten)]
+        data: DataArg,
+        /// The quarter's slug, e.g. johannstadt.
+        #[arg(long)]
+        quarter: String,
+        /// The quarter's display name, e.g. "Johannstadt".
+        #[arg(long)]
+        name: String,
+        /// The centre's address ending in /p2p/<PeerId> (printed by `iq-center init`).
+        #[arg(long, value_name = "MULTIADDR")]
+        center: String,
+        /// libp2p listen address [default: 127.0.0.1 with a free port chosen now].
+        #[arg(long, value_name = "MULTIADDR")]
+        listen: Option<String>,
+        /// HTTP API address [default: 127.0.0.1 with a free port chosen now].
+        #[arg(long, value_name = "HOST:PORT")]
+        api: Option<SocketAddr>,
+    },
+    /// Run the node until ctrl-c.
+    Run {
+        #[command(flatten)]
+        data: DataArg,
+    },
+    /// Print this node's PeerId.
+    Id {
+        #[command(flatten)]
+        data: DataArg,
+    },
+    /// Record and list concerns (Anliegen).
+    #[command(subcommand)]
+    Concern(ConcernCommand),
+    /// Peers, documents, heads and last sync of the running node.
+    Status {
+        #[command(flatten)]
+        data: DataArg,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConcernCommand {
+    /// Record a concern in this quarter; prints its id.
+    Add {
+        #[command(flatten)]
+        data: DataArg,
+        /// Service code, e.g. road-damage, lighting, litter.
+        #[arg(long)]
+        category: String,
+        /// What the concern is about.
+        #[arg(long)]
+        description: String,
+        #[arg(long, allow_negative_numbers = true)]
+        lat: Option<f64>,
+        #[arg(long, allow_negative_numbers = true)]
+        long: Option<f64>,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// List concerns of this quarter and the replicas it holds.
+    List {
+        #[command(flatten)]
+        data: DataArg,
+        /// Only this quarter's concerns.
+        #[arg(long)]
+        quarter: Option<String>,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+}
+
+/// Sets up `tracing` on stderr; `IQ_LOG` (or `RUST_LOG`) sets the filter.
+pub fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("IQ_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// What `init` of a quarter node needs.
+#[derive(Debug, Clone)]
+pub struct QuarterInit {
+    pub slug: String,
+    pub name: String,
+    pub center: String,
+    pub listen: Option<String>,
+    pub api: Option<SocketAddr>,
+}
+
+/// Default libp2p listen address: loopback with a port chosen now, so the
+/// node keeps its address across restarts.
+pub fn default_listen() -> anyhow::Result<String> {
+    let port = datadir::free_port(IpAddr::V4(Ipv4Addr::LOCALHOST)).context("cannot find a free TCP port")?;
+    Ok(format!("/ip4/127.0.0.1/tcp/{port}"))
+}
+
+/// Default API address: loopback with a port chosen now.
+pub fn default_api() -> anyhow::Result<SocketAddr> {
+    let port = datadir::free_port(IpAddr::V4(Ipv4Addr::LOCALHOST)).context("cannot find a free TCP port")?;
+    Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+}
+
+/// Checks a listen multiaddr typed by the user.
+pub fn check_listen(s: &str) -> anyhow::Result<()> {
+    let _: Multiaddr = s
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--listen {s:?} is not a multiaddr ({e}); expected e.g. /ip4/127.0.0.1/tcp/4001"))?;
+    Ok(())
+}
+
+/// Initialises a quarter node's data directory; returns its config and PeerId.
+pub fn init_quarter(data: &DataDir, init: QuarterInit) -> anyhow::Result<(Config, String)> {
+    let slug = QuarterSlug::new(&init.slug).map_err(|e| anyhow::anyhow!("--quarter: {e}"))?;
+    if init.name.trim().is_empty() {
+        bail!("--name is empty: give the quarter's display name, e.g. \"Johannstadt\"");
+    }
+    daemon::parse_peer_addr(&init.center).map_err(|e| anyhow::anyhow!("--center: {e}"))?;
+    let listen = match init.listen {
+        Some(l) => {
+            check_listen(&l)?;
+            l
+        }
+        None => default_listen()?,
+    };
+    let api = match init.api {
+        Some(a) => a,
+        None => default_api()?,
+    };
+    let config = Config {
+        role: Role::Quarter,
+        listen,
+        api,
+        quarter: Some(QuarterConfig { slug, name: init.name.trim().to_string() }),
+        center: Some(init.center),
+    };
+    let identity = data.init(&config)?;
+    Ok((config, identity.peer_id().to_string()))
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// Runs one command.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    const BIN: &str = "iq-node";
+    match cli.command {
+        Command::Init { data, quarter, name, center, listen, api } => {
+            let dir = DataDir::new(&data.data);
+            let (config, peer_id) = init_quarter(&dir, QuarterInit { slug: quarter, name, center, listen, api })?;
+            println!("initialised quarter node in {}", data.data.display());
+            println!("peer id:  {peer_id}");
+            println!("listen:   {}/p2p/{peer_id}", config.listen);
+            println!("api:      http://{}", config.api);
+            println!();
+            println!("next: add it to the roster at the centre:");
+            if let Some(q) = &config.quarter {
+                println!("  iq-center quarter add {} --name {:?} --peer {peer_id} --data <centre dir>", q.slug, q.name);
+            }
+            println!("then start it: iq-node run --data {}", data.data.display());
+        }
+        Command::Run { data } => {
+            init_tracing(cli.log_format);
+            let dir = DataDir::new(&data.data);
+            let daemon = Daemon::start(dir, Role::Quarter, api::quarter_router).await?;
+            println!("iq-node running");
+            println!("peer id:  {}", daemon.peer_id);
+            println!("libp2p:   {}", daemon.listen);
+            println!("api:      http://{}", daemon.api_addr);
+            println!("stop with ctrl-c");
+            daemon.run_until_signal().await?;
+        }
+        Command::Id { data } => {
+            let dir = DataDir::new(&data.data);
+            println!("{}", dir.identity()?.peer_id());
+        }
+        Command::Concern(ConcernCommand::Add { data, category, description, lat, long, json }) => {
+            let client = Client::new(&DataDir::new(&data.data), BIN)?;
+            let body = NewConcern { category, description, lat, long };
+            let created: ConcernView = client.post("/api/v1/concerns", &body).await?;
+            if json.json {
+                print_json(&created)?;
+            } else {
+                println!("{}", created.id);
+            }
+        }
+        Command::Concern(ConcernCommand::List { data, quarter, json }) => {
+            let client = Client::new(&DataDir::new(&data.data), BIN)?;
+            let query: Vec<(&str, &str)> = quarter.as_deref().map(|q| ("quarter", q)).into_iter().collect();
+            let list: Vec<ConcernView> = client.get("/api/v1/concerns", &query).await?;
+            if json.json {
+                print_json(&list)?;
+            } else {
+                output::print_concerns(&list);
+            }
+        }
+        Command::Status { data, json } => {
+            let client = Client::new(&DataDir::new(&data.data), BIN)?;
+            let status: Status = client.get("/api/v1/status", &[]).await?;
+            if json.json {
+                print_json(&status)?;
+            } else {
+                output::print_status(&status);
+            }
+        }
+    }
+    Ok(())
+}
