@@ -154,7 +154,7 @@ pub fn print_quarters(list: &[QuarterView]) {
 
 /// Runs one command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    const BIN: &str = "iq-center";
+    const ROLE: Role = Role::Center;
     match cli.command {
         Command::Init { data, listen, api } => {
             let (config, peer_id) = init_center(&DataDir::new(&data.data), listen, api)?;
@@ -185,13 +185,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if peer.trim().parse::<PeerId>().is_err() {
                 bail!("--peer {peer:?} is not a PeerId; use the id printed by `iq-node init` or `iq-node id`");
             }
-            let client = Client::new(&DataDir::new(&data.data), BIN)?;
+            let client = Client::new(&DataDir::new(&data.data), ROLE)?;
             let entry: iq_protocol::schema::RosterEntry =
                 client.post("/api/v1/quarters", &AddQuarter { slug: slug.clone(), name, peer }).await?;
             println!("{slug} ({}) is on the roster with {} writer node(s)", entry.name, entry.writers.len());
         }
         Command::Quarters { data, json } => {
-            let client = Client::new(&DataDir::new(&data.data), BIN)?;
+            let client = Client::new(&DataDir::new(&data.data), ROLE)?;
             let list: Vec<QuarterView> = client.get("/api/v1/quarters", &[]).await?;
             if json.json {
                 print_json(&list)?;
@@ -200,7 +200,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Concerns { data, quarter, json } => {
-            let client = Client::new(&DataDir::new(&data.data), BIN)?;
+            let client = Client::new(&DataDir::new(&data.data), ROLE)?;
             let query: Vec<(&str, &str)> = quarter.as_deref().map(|q| ("quarter", q)).into_iter().collect();
             let list: Vec<ConcernView> = client.get("/api/v1/concerns", &query).await?;
             if json.json {
@@ -210,7 +210,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Status { data, json } => {
-            let client = Client::new(&DataDir::new(&data.data), BIN)?;
+            let client = Client::new(&DataDir::new(&data.data), ROLE)?;
             let status: iq_protocol::replicator::Status = client.get("/api/v1/status", &[]).await?;
             if json.json {
                 print_json(&status)?;

@@ -88,14 +88,14 @@ pub async fn run(dir: Option<PathBuf>, once: bool) -> anyhow::Result<()> {
 
     for (slug, category, description, lat, long) in CONCERNS {
         let dir = DataDir::new(root.join(slug));
-        let client = Client::new(&dir, "iq-node")?;
+        let client = Client::new(&dir, Role::Quarter)?;
         let body = NewConcern { category: category.into(), description: description.into(), lat: Some(lat), long: Some(long) };
         let c: ConcernView = client.post("/api/v1/concerns", &body).await?;
         println!("recorded at {slug:<14} {} {category}", c.id);
     }
     println!();
 
-    let center_client = Client::new(&center_dir, "iq-center")?;
+    let center_client = Client::new(&center_dir, Role::Center)?;
     let started = Instant::now();
     let deadline = Duration::from_secs(30);
     let arrived = loop {
@@ -112,7 +112,7 @@ pub async fn run(dir: Option<PathBuf>, once: bool) -> anyhow::Result<()> {
     output::print_concerns(&arrived);
     println!();
     for (slug, _) in QUARTERS {
-        let client = Client::new(&DataDir::new(root.join(slug)), "iq-node")?;
+        let client = Client::new(&DataDir::new(root.join(slug)), Role::Quarter)?;
         loop {
             let list: Vec<ConcernView> = client.get("/api/v1/concerns", &[]).await?;
             if list.len() >= CONCERNS.len() {

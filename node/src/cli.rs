@@ -203,7 +203,7 @@ fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
 
 /// Runs one command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    const BIN: &str = "iq-node";
+    const ROLE: Role = Role::Quarter;
     match cli.command {
         Command::Init { data, quarter, name, center, listen, api } => {
             let dir = DataDir::new(&data.data);
@@ -235,7 +235,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", dir.identity()?.peer_id());
         }
         Command::Concern(ConcernCommand::Add { data, category, description, lat, long, json }) => {
-            let client = Client::new(&DataDir::new(&data.data), BIN)?;
+            let client = Client::new(&DataDir::new(&data.data), ROLE)?;
             let body = NewConcern { category, description, lat, long };
             let created: ConcernView = client.post("/api/v1/concerns", &body).await?;
             if json.json {
@@ -245,7 +245,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Concern(ConcernCommand::List { data, quarter, json }) => {
-            let client = Client::new(&DataDir::new(&data.data), BIN)?;
+            let client = Client::new(&DataDir::new(&data.data), ROLE)?;
             let query: Vec<(&str, &str)> = quarter.as_deref().map(|q| ("quarter", q)).into_iter().collect();
             let list: Vec<ConcernView> = client.get("/api/v1/concerns", &query).await?;
             if json.json {
@@ -255,7 +255,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Status { data, json } => {
-            let client = Client::new(&DataDir::new(&data.data), BIN)?;
+            let client = Client::new(&DataDir::new(&data.data), ROLE)?;
             let status: Status = client.get("/api/v1/status", &[]).await?;
             if json.json {
                 print_json(&status)?;

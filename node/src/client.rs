@@ -1,7 +1,7 @@
 //! The CLIs' client for a running daemon's local HTTP API, found through the
 //! `api.addr` file in the data directory.
 
-use iq_protocol::datadir::DataDir;
+use iq_protocol::datadir::{DataDir, Role};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -31,8 +31,13 @@ pub struct Client {
 }
 
 impl Client {
-    /// Finds the daemon of `data`; `bin` names the CLI for hints.
-    pub fn new(data: &DataDir, bin: &'static str) -> Result<Self, ClientError> {
+    /// Finds the daemon of `data`, which must belong to `role`.
+    pub fn new(data: &DataDir, role: Role) -> Result<Self, ClientError> {
+        data.config(role)?;
+        let bin = match role {
+            Role::Quarter => "iq-node",
+            Role::Center => "iq-center",
+        };
         let addr = data.api_addr()?;
         let http = reqwest::Client::builder()
             .no_proxy()

@@ -1,1 +1,359 @@
-//! stub
+//! The multi-node harness: starts real `iq-center` and `iq-node` processes on
+//! loopback, each with its own data directory, and speaks in faults (`kill`,
+//! `restart`, `stop`) and bounded waits (`wait_until`).
+//!
+//! The binaries are built once per test run (`cargo build --bins` for the
+//! same profile) so `cargo test` alone is enough.
+//!
+//! # Layout
+//! - [`Cluster`]: a centre plus quarter nodes, created through the CLIs.
+//! - [`Node`]: one node process: CLI calls, HTTP API calls, kill/restart.
+//! - [`wait_until`]: the only way tests wait.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A test failure with a readable message.
+pub type Result<T> = std::result::Result<T, String>;
+
+/// Which binary a node runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Center,
+    Quarter,
+}
+
+/// Directory holding the built binaries (built once per test process).
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let workspace = manifest.parent().map(Path::to_path_buf).unwrap_or(manifest);
+        let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace.join("target"));
+        let release = cfg!(not(debug_assertions));
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(&workspace).args(["build", "--quiet", "-p", "iq-node", "-p", "iq-center", "--bins"]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status();
+        assert!(matches!(status, Ok(s) if s.success()), "building iq-node and iq-center failed: {status:?}");
+        target.join(if release { "release" } else { "debug" })
+    })
+}
+
+/// Waits until `pred` returns `Ok(Some(value))`, polling every 50 ms, for at
+/// most `timeout`. The last error or `None` is reported on timeout.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut pred: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let start = Instant::now();
+    let mut last = String::from("condition not met");
+    loop {
+        match pred() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last = e,
+        }
+        if start.elapsed() >= timeout {
+            return Err(format!("timed out after {timeout:?} waiting for {what}: {last}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One node: its data directory and, while running, its process.
+#[derive(Debug)]
+pub struct Node {
+    pub name: String,
+    pub kind: Kind,
+    pub dir: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Node {
+    fn bin(&self) -> PathBuf {
+        bin_dir().join(match self.kind {
+            Kind::Center => "iq-center",
+            Kind::Quarter => "iq-node",
+        })
+    }
+
+    /// Runs a CLI command of this node's binary with `--data` appended.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(self.bin());
+        cmd.args(args).arg("--data").arg(&self.dir).env_remove("IQ_DATA").stdin(Stdio::null());
+        cmd.output().unwrap_or_else(|e| panic!("cannot run {}: {e}", self.bin().display()))
+    }
+
+    /// Runs a CLI command that must succeed; returns its stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.cli(args);
+        if !out.status.success() {
+            return Err(format!(
+                "{} {:?} failed: {}",
+                self.name,
+                args,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs a `--json` CLI command and parses its output.
+    pub fn cli_json(&self, args: &[&str]) -> Result<Value> {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let text = self.cli_ok(&all)?;
+        serde_json::from_str(&text).map_err(|e| format!("{} {:?}: bad JSON ({e}): {text}", self.name, args))
+    }
+
+    /// Starts `run` and waits until its API answers.
+    pub fn start(&mut self) -> Result<()> {
+        assert!(self.child.is_none(), "{} is already running", self.name);
+        let log = File::options().create(true).append(true).open(&self.log).map_err(|e| e.to_string())?;
+        let err = log.try_clone().map_err(|e| e.to_string())?;
+        let child = Command::new(self.bin())
+            .args(["run", "--data"])
+            .arg(&self.dir)
+            .env("IQ_LOG", "info,libp2p=warn")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", self.name))?;
+        self.child = Some(child);
+        wait_until(&format!("{} to serve its API", self.name), Duration::from_secs(20), || {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                return Err(format!("{} exited with {status}; log:\n{}", self.name, self.log_tail()));
+            }
+            Ok(self.api_get("/api/v1/status").ok().map(|_| ()))
+        })
+    }
+
+    /// The last lines of the node's log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    fn api_base(&self) -> Result<String> {
+        let addr = std::fs::read_to_string(self.dir.join("api.addr")).map_err(|e| format!("{}: no api.addr ({e})", self.name))?;
+        Ok(format!("http://{}", addr.trim()))
+    }
+
+    fn agent() -> ureq::Agent {
+        ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(20)))
+            .http_status_as_error(false)
+            .build()
+            .into()
+    }
+
+    /// `GET` on the node's HTTP API; non-2xx answers are errors.
+    pub fn api_get(&self, path: &str) -> Result<Value> {
+        let url = format!("{}{path}", self.api_base()?);
+        let mut resp = Self::agent().get(&url).call().map_err(|e| format!("GET {url}: {e}"))?;
+        let status = resp.status();
+        let body: Value = resp.body_mut().read_json().map_err(|e| format!("GET {url}: {e}"))?;
+        if !status.is_success() {
+            return Err(format!("GET {url}: {status}: {body}"));
+        }
+        Ok(body)
+    }
+
+    /// `POST` JSON to the node's HTTP API; returns (status, body).
+    pub fn api_post(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
+        let url = format!("{}{path}", self.api_base()?);
+        let mut resp = Self::agent().post(&url).send_json(body).map_err(|e| format!("POST {url}: {e}"))?;
+        let status = resp.status().as_u16();
+        let body: Value = resp.body_mut().read_json().map_err(|e| format!("POST {url}: {e}"))?;
+        Ok((status, body))
+    }
+
+    /// Records a concern through the API; returns its id once acknowledged.
+    pub fn add_concern(&self, description: &str) -> Result<String> {
+        let (status, body) = self.api_post(
+            "/api/v1/concerns",
+            &serde_json::json!({"category": "litter", "description": description}),
+        )?;
+        if status != 201 {
+            return Err(format!("{}: adding a concern answered {status}: {body}", self.name));
+        }
+        body["id"].as_str().map(str::to_owned).ok_or_else(|| format!("no id in {body}"))
+    }
+
+    /// Ids of all concerns the node holds, optionally of one quarter.
+    pub fn concern_ids(&self, quarter: Option<&str>) -> Result<Vec<String>> {
+        let path = match quarter {
+            Some(q) => format!("/api/v1/concerns?quarter={q}"),
+            None => "/api/v1/concerns".into(),
+        };
+        let list = self.api_get(&path)?;
+        Ok(list
+            .as_array()
+            .ok_or("concerns is not a list")?
+            .iter()
+            .filter_map(|c| c["id"].as_str().map(str::to_owned))
+            .collect())
+    }
+
+    /// Heads per document id, from `status`.
+    pub fn heads(&self) -> Result<Vec<(String, Vec<String>)>> {
+        let status = self.api_get("/api/v1/status")?;
+        let docs = status["documents"].as_array().ok_or("no documents in status")?;
+        let mut out: Vec<(String, Vec<String>)> = docs
+            .iter()
+            .map(|d| {
+                let id = d["id"].as_str().unwrap_or_default().to_owned();
+                let mut heads: Vec<String> = d["heads"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|h| h.as_str().map(str::to_owned)).collect())
+                    .unwrap_or_default();
+                heads.sort();
+                (id, heads)
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// SIGKILL: the process dies at once, mid-write or not.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else { return Ok(()) };
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let status = wait_until(&format!("{} to exit", self.name), Duration::from_secs(20), || {
+            child.try_wait().map_err(|e| e.to_string())
+        });
+        match status {
+            Ok(s) if s.success() => Ok(()),
+            Ok(s) => Err(format!("{} exited with {s}; log:\n{}", self.name, self.log_tail())),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts the node again after `kill` or `stop`.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.start()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A centre and its quarters, initialised through the CLIs.
+#[derive(Debug)]
+pub struct Cluster {
+    pub center: Node,
+    pub quarters: Vec<Node>,
+    /// Kept so the directory lives as long as the cluster.
+    pub root: tempfile::TempDir,
+}
+
+/// The PeerId printed on the `peer id:` line of `init`.
+fn peer_id_line(out: &str) -> Result<String> {
+    out.lines()
+        .find_map(|l| l.strip_prefix("peer id:").map(|s| s.trim().to_owned()))
+        .ok_or_else(|| format!("no peer id in: {out}"))
+}
+
+fn listen_line(out: &str) -> Result<String> {
+    out.lines()
+        .find_map(|l| l.strip_prefix("listen:").map(|s| s.trim().to_owned()))
+        .ok_or_else(|| format!("no listen address in: {out}"))
+}
+
+impl Cluster {
+    /// Inits and starts a centre and quarters with these slugs, and puts
+    /// them on the roster.
+    pub fn start(slugs: &[&str]) -> Result<Self> {
+        let root = tempfile::Builder::new().prefix("iq-test-").tempdir().map_err(|e| e.to_string())?;
+        let mut center = Node {
+            name: "center".into(),
+            kind: Kind::Center,
+            dir: root.path().join("center"),
+            child: None,
+            log: root.path().join("center.log"),
+        };
+        let out = center.cli_ok(&["init"])?;
+        let center_addr = listen_line(&out)?;
+        center.start()?;
+        let mut quarters = Vec::new();
+        for slug in slugs {
+            let node = Node {
+                name: (*slug).into(),
+                kind: Kind::Quarter,
+                dir: root.path().join(slug),
+                child: None,
+                log: root.path().join(format!("{slug}.log")),
+            };
+            let out = node.cli_ok(&["init", "--quarter", slug, "--name", &slug.to_uppercase(), "--center", &center_addr])?;
+            let peer = peer_id_line(&out)?;
+            center.cli_ok(&["quarter", "add", slug, "--name", &slug.to_uppercase(), "--peer", &peer])?;
+            quarters.push(node);
+        }
+        for q in &mut quarters {
+            q.start()?;
+        }
+        Ok(Self { center, quarters, root })
+    }
+
+    /// All nodes, centre first.
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        std::iter::once(&self.center).chain(self.quarters.iter())
+    }
+
+    pub fn quarter(&mut self, slug: &str) -> &mut Node {
+        self.quarters.iter_mut().find(|q| q.name == slug).unwrap_or_else(|| panic!("no quarter {slug}"))
+    }
+
+    /// Waits until every running node holds the same heads for the same
+    /// documents, and there is a document for each quarter plus `city`.
+    pub fn wait_converged(&self, timeout: Duration) -> Result<Vec<(String, Vec<String>)>> {
+        let expected_docs = self.quarters.len() + 1;
+        wait_until("all nodes to hold identical heads", timeout, || {
+            let mut first: Option<Vec<(String, Vec<String>)>> = None;
+            for node in self.nodes().filter(|n| n.is_running()) {
+                let heads = node.heads()?;
+                if heads.len() != expected_docs {
+                    return Err(format!("{} holds {} documents, expected {expected_docs}", node.name, heads.len()));
+                }
+                match &first {
+                    None => first = Some(heads),
+                    Some(f) if *f == heads => {}
+                    Some(_) => return Err(format!("{} differs", node.name)),
+                }
+            }
+            Ok(first)
+        })
+    }
+}
