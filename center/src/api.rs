@@ -4,7 +4,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
-use iq_node::api::{common_routes, ApiError};
+use iq_node::api::{ApiError, common_routes};
 use iq_protocol::replicator::Handle;
 use iq_protocol::schema::{self, RosterEntry};
 use iq_protocol::{DocId, PeerId, QuarterSlug};
@@ -43,13 +43,21 @@ pub fn router(handle: Handle) -> Router {
 async fn list_quarters(State(handle): State<Handle>) -> Result<Json<Vec<QuarterView>>, ApiError> {
     let list = handle
         .read(|view| {
-            let roster = view.engine.doc(&DocId::City).and_then(|am| schema::roster(am).ok()).unwrap_or_default();
+            let roster = view
+                .engine
+                .doc(&DocId::City)
+                .and_then(|am| schema::roster(am).ok())
+                .unwrap_or_default();
             let peers: Vec<_> = view.engine.peers().map(|(p, s)| (*p, s.clone())).collect();
             roster
                 .into_iter()
                 .map(|(slug, entry)| {
                     let doc = view.engine.doc(&DocId::quarter(&slug));
-                    let writer_ids: Vec<PeerId> = entry.writers.iter().filter_map(|w| w.parse().ok()).collect();
+                    let writer_ids: Vec<PeerId> = entry
+                        .writers
+                        .iter()
+                        .filter_map(|w| w.parse().ok())
+                        .collect();
                     let last = peers
                         .iter()
                         .filter(|(p, _)| writer_ids.contains(p))
@@ -60,7 +68,9 @@ async fn list_quarters(State(handle): State<Handle>) -> Result<Json<Vec<QuarterV
                         name: entry.name,
                         writers: entry.writers,
                         connected: writer_ids.iter().any(|p| view.is_connected(p)),
-                        heads: doc.map(|am| am.get_heads().iter().map(|h| h.to_string()).collect()).unwrap_or_default(),
+                        heads: doc
+                            .map(|am| am.get_heads().iter().map(|h| h.to_string()).collect())
+                            .unwrap_or_default(),
                         concerns: doc.map(schema::concern_count).unwrap_or(0),
                         last_sync_ms: last.map(|t| view.wall_ms(t)),
                     }
@@ -75,14 +85,20 @@ async fn add_quarter(
     State(handle): State<Handle>,
     body: Result<Json<AddQuarter>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<RosterEntry>), ApiError> {
-    let Json(body) = body.map_err(|e| ApiError::bad_request(format!("invalid roster entry: {}", e.body_text())))?;
+    let Json(body) = body
+        .map_err(|e| ApiError::bad_request(format!("invalid roster entry: {}", e.body_text())))?;
     let slug = QuarterSlug::new(&body.slug).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let name = body.name.trim().to_string();
     if name.is_empty() {
-        return Err(ApiError::bad_request("quarter name is empty: give its display name, e.g. \"Johannstadt\""));
+        return Err(ApiError::bad_request(
+            "quarter name is empty: give its display name, e.g. \"Johannstadt\"",
+        ));
     }
     let peer: PeerId = body.peer.trim().parse().map_err(|e| {
-        ApiError::bad_request(format!("{:?} is not a PeerId ({e}); use the id printed by `iq-node init` or `iq-node id`", body.peer))
+        ApiError::bad_request(format!(
+            "{:?} is not a PeerId ({e}); use the id printed by `iq-node init` or `iq-node id`",
+            body.peer
+        ))
     })?;
     let entry = add_to_roster(&handle, slug, name, peer).await?;
     Ok((StatusCode::CREATED, Json(entry)))

@@ -7,13 +7,15 @@ use std::path::PathBuf;
 use anyhow::bail;
 use clap::{Parser, Subcommand};
 use iq_node::api::ConcernView;
-use iq_node::cli::{check_listen, default_api, default_listen, init_tracing, DataArg, JsonArg, LogFormat};
+use iq_node::cli::{
+    DataArg, JsonArg, LogFormat, check_listen, default_api, default_listen, init_tracing,
+};
 use iq_node::client::Client;
 use iq_node::daemon::Daemon;
 use iq_node::output;
-use iq_protocol::datadir::{Config, DataDir, Role};
 use iq_protocol::PeerId;
 use iq_protocol::QuarterSlug;
+use iq_protocol::datadir::{Config, DataDir, Role};
 
 use crate::api::{self, AddQuarter, QuarterView};
 use crate::demo;
@@ -108,7 +110,11 @@ pub enum QuarterCommand {
 }
 
 /// Initialises the centre's data directory; returns its config and PeerId.
-pub fn init_center(data: &DataDir, listen: Option<String>, api: Option<SocketAddr>) -> anyhow::Result<(Config, PeerId)> {
+pub fn init_center(
+    data: &DataDir,
+    listen: Option<String>,
+    api: Option<SocketAddr>,
+) -> anyhow::Result<(Config, PeerId)> {
     let listen = match listen {
         Some(l) => {
             check_listen(&l)?;
@@ -120,7 +126,13 @@ pub fn init_center(data: &DataDir, listen: Option<String>, api: Option<SocketAdd
         Some(a) => a,
         None => default_api()?,
     };
-    let config = Config { role: Role::Center, listen, api, quarter: None, center: None };
+    let config = Config {
+        role: Role::Center,
+        listen,
+        api,
+        quarter: None,
+        center: None,
+    };
     let identity = data.init(&config)?;
     Ok((config, identity.peer_id()))
 }
@@ -133,10 +145,15 @@ fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
 /// Prints the roster table.
 pub fn print_quarters(list: &[QuarterView]) {
     if list.is_empty() {
-        println!("no quarters on the roster yet: add one with `iq-center quarter add SLUG --name NAME --peer PEERID`");
+        println!(
+            "no quarters on the roster yet: add one with `iq-center quarter add SLUG --name NAME --peer PEERID`"
+        );
         return;
     }
-    println!("{:<16}  {:<20}  {:<9}  {:>8}  {:<14}  WRITERS", "QUARTER", "NAME", "CONNECTED", "CONCERNS", "HEADS");
+    println!(
+        "{:<16}  {:<20}  {:<9}  {:>8}  {:<14}  WRITERS",
+        "QUARTER", "NAME", "CONNECTED", "CONCERNS", "HEADS"
+    );
     for q in list {
         let heads: Vec<String> = q.heads.iter().map(|h| output::short(h)).collect();
         let writers: Vec<String> = q.writers.iter().map(|w| output::short(w)).collect();
@@ -164,7 +181,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("api:      http://{}", config.api);
             println!();
             println!("quarter nodes use the listen address as --center:");
-            println!("  iq-node init --data <dir> --quarter <slug> --name <name> --center {}/p2p/{peer_id}", config.listen);
+            println!(
+                "  iq-node init --data <dir> --quarter <slug> --name <name> --center {}/p2p/{peer_id}",
+                config.listen
+            );
         }
         Command::Run { data } => {
             init_tracing(cli.log_format);
@@ -179,16 +199,35 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Id { data } => {
             println!("{}", DataDir::new(&data.data).identity()?.peer_id());
         }
-        Command::Quarter(QuarterCommand::Add { slug, name, peer, data }) => {
+        Command::Quarter(QuarterCommand::Add {
+            slug,
+            name,
+            peer,
+            data,
+        }) => {
             // Check locally first so the message names the flag.
             QuarterSlug::new(&slug).map_err(|e| anyhow::anyhow!("{e}"))?;
             if peer.trim().parse::<PeerId>().is_err() {
-                bail!("--peer {peer:?} is not a PeerId; use the id printed by `iq-node init` or `iq-node id`");
+                bail!(
+                    "--peer {peer:?} is not a PeerId; use the id printed by `iq-node init` or `iq-node id`"
+                );
             }
             let client = Client::new(&DataDir::new(&data.data), ROLE)?;
-            let entry: iq_protocol::schema::RosterEntry =
-                client.post("/api/v1/quarters", &AddQuarter { slug: slug.clone(), name, peer }).await?;
-            println!("{slug} ({}) is on the roster with {} writer node(s)", entry.name, entry.writers.len());
+            let entry: iq_protocol::schema::RosterEntry = client
+                .post(
+                    "/api/v1/quarters",
+                    &AddQuarter {
+                        slug: slug.clone(),
+                        name,
+                        peer,
+                    },
+                )
+                .await?;
+            println!(
+                "{slug} ({}) is on the roster with {} writer node(s)",
+                entry.name,
+                entry.writers.len()
+            );
         }
         Command::Quarters { data, json } => {
             let client = Client::new(&DataDir::new(&data.data), ROLE)?;
@@ -199,9 +238,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 print_quarters(&list);
             }
         }
-        Command::Concerns { data, quarter, json } => {
+        Command::Concerns {
+            data,
+            quarter,
+            json,
+        } => {
             let client = Client::new(&DataDir::new(&data.data), ROLE)?;
-            let query: Vec<(&str, &str)> = quarter.as_deref().map(|q| ("quarter", q)).into_iter().collect();
+            let query: Vec<(&str, &str)> = quarter
+                .as_deref()
+                .map(|q| ("quarter", q))
+                .into_iter()
+                .collect();
             let list: Vec<ConcernView> = client.get("/api/v1/concerns", &query).await?;
             if json.json {
                 print_json(&list)?;

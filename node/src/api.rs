@@ -29,24 +29,37 @@ pub struct ErrorBody {
 
 impl ApiError {
     pub fn bad_request(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::BAD_REQUEST, message: message.into() }
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+        }
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::NOT_FOUND, message: message.into() }
+        Self {
+            status: StatusCode::NOT_FOUND,
+            message: message.into(),
+        }
     }
 
     pub fn unavailable() -> Self {
         Self {
             status: StatusCode::SERVICE_UNAVAILABLE,
-            message: "the node is shutting down or has stopped; check its log and restart it".into(),
+            message: "the node is shutting down or has stopped; check its log and restart it"
+                .into(),
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(ErrorBody { error: self.message })).into_response()
+        (
+            self.status,
+            Json(ErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response()
     }
 }
 
@@ -54,7 +67,10 @@ impl From<WriteError> for ApiError {
     fn from(e: WriteError) -> Self {
         match e {
             WriteError::Invalid(e) => ApiError::bad_request(e.to_string()),
-            WriteError::NotOwner(_) => ApiError { status: StatusCode::FORBIDDEN, message: e.to_string() },
+            WriteError::NotOwner(_) => ApiError {
+                status: StatusCode::FORBIDDEN,
+                message: e.to_string(),
+            },
             WriteError::Stopped => ApiError::unavailable(),
         }
     }
@@ -85,7 +101,10 @@ impl ConcernView {
     pub fn new(quarter: &QuarterSlug, c: Concern) -> Self {
         let created = u64::try_from(c.created_ms)
             .ok()
-            .map(|ms| humantime::format_rfc3339_millis(UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string())
+            .map(|ms| {
+                humantime::format_rfc3339_millis(UNIX_EPOCH + std::time::Duration::from_millis(ms))
+                    .to_string()
+            })
             .unwrap_or_default();
         Self {
             id: c.id,
@@ -149,7 +168,11 @@ pub fn concerns_in(view: &View<'_>, quarter: Option<&QuarterSlug>) -> Vec<Concer
             Err(e) => tracing::warn!(doc = %id, error = %e, "cannot read concerns"),
         }
     }
-    out.sort_by(|a, b| b.created_ms.cmp(&a.created_ms).then_with(|| a.id.cmp(&b.id)));
+    out.sort_by(|a, b| {
+        b.created_ms
+            .cmp(&a.created_ms)
+            .then_with(|| a.id.cmp(&b.id))
+    });
     out
 }
 
@@ -174,7 +197,11 @@ async fn list_concerns(
                     .collect();
                 return Err(ApiError::not_found(format!(
                     "unknown quarter '{q}': known quarters are {}",
-                    if known.is_empty() { "none yet".to_string() } else { known.join(", ") }
+                    if known.is_empty() {
+                        "none yet".to_string()
+                    } else {
+                        known.join(", ")
+                    }
                 )));
             }
             Ok(concerns_in(&view, quarter.as_ref()))
@@ -184,21 +211,35 @@ async fn list_concerns(
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 async fn add_concern(
     State(handle): State<Handle>,
     body: Result<Json<NewConcern>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<ConcernView>), ApiError> {
-    let Json(body) = body.map_err(|e| ApiError::bad_request(format!("invalid concern: {}", e.body_text())))?;
+    let Json(body) =
+        body.map_err(|e| ApiError::bad_request(format!("invalid concern: {}", e.body_text())))?;
     let own = handle.read(|view| view.own_doc.clone()).await?;
     let DocId::Quarter(slug) = own.clone() else {
         return Err(ApiError::bad_request("only quarter nodes record concerns"));
     };
-    let concern = Concern::new(body.category.trim().to_string(), body.description, body.lat, body.long, now_ms());
-    concern.validate().map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let concern = Concern::new(
+        body.category.trim().to_string(),
+        body.description,
+        body.lat,
+        body.long,
+        now_ms(),
+    );
+    concern
+        .validate()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let written = concern.clone();
-    handle.write(own, move |tx| schema::put_concern(tx, &written)).await?;
+    handle
+        .write(own, move |tx| schema::put_concern(tx, &written))
+        .await?;
     Ok((StatusCode::CREATED, Json(ConcernView::new(&slug, concern))))
 }

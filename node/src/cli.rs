@@ -4,7 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use iq_protocol::datadir::{self, Config, DataDir, QuarterConfig, Role};
 use iq_protocol::replicator::Status;
@@ -129,7 +129,9 @@ pub fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("IQ_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -149,21 +151,25 @@ pub struct QuarterInit {
 /// Default libp2p listen address: loopback with a port chosen now, so the
 /// node keeps its address across restarts.
 pub fn default_listen() -> anyhow::Result<String> {
-    let port = datadir::free_port(IpAddr::V4(Ipv4Addr::LOCALHOST)).context("cannot find a free TCP port")?;
+    let port = datadir::free_port(IpAddr::V4(Ipv4Addr::LOCALHOST))
+        .context("cannot find a free TCP port")?;
     Ok(format!("/ip4/127.0.0.1/tcp/{port}"))
 }
 
 /// Default API address: loopback with a port chosen now.
 pub fn default_api() -> anyhow::Result<SocketAddr> {
-    let port = datadir::free_port(IpAddr::V4(Ipv4Addr::LOCALHOST)).context("cannot find a free TCP port")?;
+    let port = datadir::free_port(IpAddr::V4(Ipv4Addr::LOCALHOST))
+        .context("cannot find a free TCP port")?;
     Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
 }
 
 /// Checks a listen multiaddr typed by the user.
 pub fn check_listen(s: &str) -> anyhow::Result<()> {
-    let _: Multiaddr = s
-        .parse()
-        .map_err(|e| anyhow::anyhow!("--listen {s:?} is not a multiaddr ({e}); expected e.g. /ip4/127.0.0.1/tcp/4001"))?;
+    let _: Multiaddr = s.parse().map_err(|e| {
+        anyhow::anyhow!(
+            "--listen {s:?} is not a multiaddr ({e}); expected e.g. /ip4/127.0.0.1/tcp/4001"
+        )
+    })?;
     Ok(())
 }
 
@@ -189,7 +195,10 @@ pub fn init_quarter(data: &DataDir, init: QuarterInit) -> anyhow::Result<(Config
         role: Role::Quarter,
         listen,
         api,
-        quarter: Some(QuarterConfig { slug, name: init.name.trim().to_string() }),
+        quarter: Some(QuarterConfig {
+            slug,
+            name: init.name.trim().to_string(),
+        }),
         center: Some(init.center),
     };
     let identity = data.init(&config)?;
@@ -205,9 +214,25 @@ fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     const ROLE: Role = Role::Quarter;
     match cli.command {
-        Command::Init { data, quarter, name, center, listen, api } => {
+        Command::Init {
+            data,
+            quarter,
+            name,
+            center,
+            listen,
+            api,
+        } => {
             let dir = DataDir::new(&data.data);
-            let (config, peer_id) = init_quarter(&dir, QuarterInit { slug: quarter, name, center, listen, api })?;
+            let (config, peer_id) = init_quarter(
+                &dir,
+                QuarterInit {
+                    slug: quarter,
+                    name,
+                    center,
+                    listen,
+                    api,
+                },
+            )?;
             println!("initialised quarter node in {}", data.data.display());
             println!("peer id:  {peer_id}");
             println!("listen:   {}/p2p/{peer_id}", config.listen);
@@ -215,7 +240,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!();
             println!("next: add it to the roster at the centre:");
             if let Some(q) = &config.quarter {
-                println!("  iq-center quarter add {} --name {:?} --peer {peer_id} --data <centre dir>", q.slug, q.name);
+                println!(
+                    "  iq-center quarter add {} --name {:?} --peer {peer_id} --data <centre dir>",
+                    q.slug, q.name
+                );
             }
             println!("then start it: iq-node run --data {}", data.data.display());
         }
@@ -234,9 +262,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let dir = DataDir::new(&data.data);
             println!("{}", dir.identity()?.peer_id());
         }
-        Command::Concern(ConcernCommand::Add { data, category, description, lat, long, json }) => {
+        Command::Concern(ConcernCommand::Add {
+            data,
+            category,
+            description,
+            lat,
+            long,
+            json,
+        }) => {
             let client = Client::new(&DataDir::new(&data.data), ROLE)?;
-            let body = NewConcern { category, description, lat, long };
+            let body = NewConcern {
+                category,
+                description,
+                lat,
+                long,
+            };
             let created: ConcernView = client.post("/api/v1/concerns", &body).await?;
             if json.json {
                 print_json(&created)?;
@@ -244,9 +284,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", created.id);
             }
         }
-        Command::Concern(ConcernCommand::List { data, quarter, json }) => {
+        Command::Concern(ConcernCommand::List {
+            data,
+            quarter,
+            json,
+        }) => {
             let client = Client::new(&DataDir::new(&data.data), ROLE)?;
-            let query: Vec<(&str, &str)> = quarter.as_deref().map(|q| ("quarter", q)).into_iter().collect();
+            let query: Vec<(&str, &str)> = quarter
+                .as_deref()
+                .map(|q| ("quarter", q))
+                .into_iter()
+                .collect();
             let list: Vec<ConcernView> = client.get("/api/v1/concerns", &query).await?;
             if json.json {
                 print_json(&list)?;

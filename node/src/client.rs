@@ -2,8 +2,8 @@
 //! `api.addr` file in the data directory.
 
 use iq_protocol::datadir::{DataDir, Role};
-use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 use crate::api::ErrorBody;
 
@@ -12,13 +12,22 @@ use crate::api::ErrorBody;
 pub enum ClientError {
     #[error(transparent)]
     DataDir(#[from] iq_protocol::datadir::DataDirError),
-    #[error("the daemon for {dir} is not running (nothing answers at {addr}): start it with `{bin} run --data {dir}`")]
-    NotRunning { dir: String, addr: String, bin: &'static str },
+    #[error(
+        "the daemon for {dir} is not running (nothing answers at {addr}): start it with `{bin} run --data {dir}`"
+    )]
+    NotRunning {
+        dir: String,
+        addr: String,
+        bin: &'static str,
+    },
     /// The daemon answered with an error; the message is its explanation.
     #[error("{0}")]
     Api(String),
     #[error("talking to the daemon at {addr} failed: {source}")]
-    Http { addr: String, source: reqwest::Error },
+    Http {
+        addr: String,
+        source: reqwest::Error,
+    },
 }
 
 /// A client bound to one data directory's daemon.
@@ -43,7 +52,10 @@ impl Client {
             .no_proxy()
             .timeout(std::time::Duration::from_secs(30))
             .build()
-            .map_err(|source| ClientError::Http { addr: addr.to_string(), source })?;
+            .map_err(|source| ClientError::Http {
+                addr: addr.to_string(),
+                source,
+            })?;
         Ok(Self {
             base: format!("http://{addr}"),
             dir: data.path().display().to_string(),
@@ -54,9 +66,16 @@ impl Client {
 
     fn map_err(&self, source: reqwest::Error) -> ClientError {
         if source.is_connect() {
-            ClientError::NotRunning { dir: self.dir.clone(), addr: self.base.clone(), bin: self.bin }
+            ClientError::NotRunning {
+                dir: self.dir.clone(),
+                addr: self.base.clone(),
+                bin: self.bin,
+            }
         } else {
-            ClientError::Http { addr: self.base.clone(), source }
+            ClientError::Http {
+                addr: self.base.clone(),
+                source,
+            }
         }
     }
 
@@ -71,7 +90,11 @@ impl Client {
         }
     }
 
-    pub async fn get<T: DeserializeOwned>(&self, path: &str, query: &[(&str, &str)]) -> Result<T, ClientError> {
+    pub async fn get<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> Result<T, ClientError> {
         let resp = self
             .http
             .get(format!("{}{path}", self.base))
@@ -82,7 +105,11 @@ impl Client {
         self.decode(resp).await
     }
 
-    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
         let resp = self
             .http
             .post(format!("{}{path}", self.base))

@@ -23,9 +23,16 @@ pub enum DaemonError {
     #[error(transparent)]
     Replicator(#[from] ReplicatorError),
     #[error("invalid {what} {value:?} in config.toml: {reason}")]
-    Config { what: &'static str, value: String, reason: String },
+    Config {
+        what: &'static str,
+        value: String,
+        reason: String,
+    },
     #[error("cannot serve the HTTP API on {addr}: {source} (is another program using that port?)")]
-    Api { addr: SocketAddr, source: std::io::Error },
+    Api {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// A running daemon.
@@ -44,25 +51,41 @@ pub struct Daemon {
 
 /// Parses a multiaddr ending in `/p2p/<PeerId>`.
 pub fn parse_peer_addr(s: &str) -> Result<(PeerId, Multiaddr), String> {
-    let addr: Multiaddr = s.parse().map_err(|e| format!("{s:?} is not a multiaddr ({e}); expected e.g. /ip4/127.0.0.1/tcp/4001/p2p/12D3KooW..."))?;
+    let addr: Multiaddr = s.parse().map_err(|e| {
+        format!(
+            "{s:?} is not a multiaddr ({e}); expected e.g. /ip4/127.0.0.1/tcp/4001/p2p/12D3KooW..."
+        )
+    })?;
     match addr.iter().last() {
         Some(Protocol::P2p(peer)) => Ok((peer, addr)),
-        _ => Err(format!("{s:?} does not end in /p2p/<PeerId>; append the centre's PeerId printed by `iq-center init`")),
+        _ => Err(format!(
+            "{s:?} does not end in /p2p/<PeerId>; append the centre's PeerId printed by `iq-center init`"
+        )),
     }
 }
 
 impl Daemon {
     /// Starts the daemon for `data`, serving `routes` on the API.
-    pub async fn start(data: DataDir, role: Role, routes: impl FnOnce(Handle) -> Router) -> Result<Self, DaemonError> {
+    pub async fn start(
+        data: DataDir,
+        role: Role,
+        routes: impl FnOnce(Handle) -> Router,
+    ) -> Result<Self, DaemonError> {
         let config = data.config(role)?;
         let lock = data.lock()?;
         let identity = data.identity()?;
         let peer_id = identity.peer_id();
-        let listen: Multiaddr = config.listen.parse().map_err(|e: iq_protocol::transport_addr::Error| DaemonError::Config {
-            what: "listen address",
-            value: config.listen.clone(),
-            reason: e.to_string(),
-        })?;
+        let listen: Multiaddr =
+            config
+                .listen
+                .parse()
+                .map_err(
+                    |e: iq_protocol::transport_addr::Error| DaemonError::Config {
+                        what: "listen address",
+                        value: config.listen.clone(),
+                        reason: e.to_string(),
+                    },
+                )?;
         let (own_doc, center) = match role {
             Role::Center => (DocId::City, None),
             Role::Quarter => {
@@ -72,7 +95,11 @@ impl Daemon {
                     reason: "a quarter node needs a [quarter] section".into(),
                 })?;
                 let center_s = config.center.clone().unwrap_or_default();
-                let center = parse_peer_addr(&center_s).map_err(|reason| DaemonError::Config { what: "center", value: center_s, reason })?;
+                let center = parse_peer_addr(&center_s).map_err(|reason| DaemonError::Config {
+                    what: "center",
+                    value: center_s,
+                    reason,
+                })?;
                 (DocId::quarter(&quarter.slug), Some(center))
             }
         };
@@ -88,8 +115,14 @@ impl Daemon {
         .await?;
         let listener = tokio::net::TcpListener::bind(config.api)
             .await
-            .map_err(|source| DaemonError::Api { addr: config.api, source })?;
-        let api_addr = listener.local_addr().map_err(|source| DaemonError::Api { addr: config.api, source })?;
+            .map_err(|source| DaemonError::Api {
+                addr: config.api,
+                source,
+            })?;
+        let api_addr = listener.local_addr().map_err(|source| DaemonError::Api {
+            addr: config.api,
+            source,
+        })?;
         let app = routes(replicator.handle());
         let (stop_http, stopped) = oneshot::channel::<()>();
         let http = tokio::spawn(async move {
@@ -145,13 +178,14 @@ impl Daemon {
 pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}

@@ -6,7 +6,11 @@ use crate::api::ConcernView;
 
 /// Shortens a hash or PeerId for tables.
 pub fn short(s: &str) -> String {
-    if s.len() > 12 { format!("{}…", &s[..12]) } else { s.to_string() }
+    if s.len() > 12 {
+        format!("{}…", &s[..12])
+    } else {
+        s.to_string()
+    }
 }
 
 fn ago(ms: Option<u64>) -> String {
@@ -23,14 +27,25 @@ pub fn print_concerns(list: &[ConcernView]) {
         println!("no concerns");
         return;
     }
-    println!("{:<36}  {:<16}  {:<14}  {:<6}  {:<20}  DESCRIPTION", "ID", "QUARTER", "CATEGORY", "STATUS", "CREATED");
+    println!(
+        "{:<36}  {:<16}  {:<14}  {:<6}  {:<20}  DESCRIPTION",
+        "ID", "QUARTER", "CATEGORY", "STATUS", "CREATED"
+    );
     for c in list {
         let mut desc: String = c.description.chars().take(60).collect();
         if c.description.chars().count() > 60 {
             desc.push('…');
         }
         let created: String = c.created.chars().take(19).collect();
-        println!("{:<36}  {:<16}  {:<14}  {:<6}  {:<20}  {}", c.id, c.quarter, c.category, c.status, created, desc.replace('\n', " "));
+        println!(
+            "{:<36}  {:<16}  {:<14}  {:<6}  {:<20}  {}",
+            c.id,
+            c.quarter,
+            c.category,
+            c.status,
+            created,
+            desc.replace('\n', " ")
+        );
     }
     println!("{} concern(s)", list.len());
 }
@@ -43,17 +58,32 @@ pub fn print_status(s: &Status) {
     }
     println!("store:     {} bytes on disk", s.store_bytes);
     println!();
-    println!("{:<24}  {:>7}  {:>7}  HEADS", "DOCUMENT", "SCHEMA", "CHANGES");
+    println!(
+        "{:<24}  {:>7}  {:>7}  HEADS",
+        "DOCUMENT", "SCHEMA", "CHANGES"
+    );
     for d in &s.documents {
         let heads: Vec<String> = d.heads.iter().map(|h| short(h)).collect();
-        let schema = d.schema_version.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
-        println!("{:<24}  {:>7}  {:>7}  {}", d.id, schema, d.changes, heads.join(","));
+        let schema = d
+            .schema_version
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<24}  {:>7}  {:>7}  {}",
+            d.id,
+            schema,
+            d.changes,
+            heads.join(",")
+        );
     }
     println!();
     if s.peers.is_empty() {
         println!("no peers up");
     } else {
-        println!("{:<54}  {:<9}  {:>12}  {:>12}  LAST SYNC", "PEER", "CONNECTED", "SENT (SESS)", "RECV (SESS)");
+        println!(
+            "{:<54}  {:<9}  {:>12}  {:>12}  LAST SYNC",
+            "PEER", "CONNECTED", "SENT (SESS)", "RECV (SESS)"
+        );
         for p in &s.peers {
             println!(
                 "{:<54}  {:<9}  {:>12}  {:>12}  {}",

@@ -30,11 +30,17 @@ const STORE: &str = "store";
 pub enum DataDirError {
     #[error("no iq data directory at {0}: run `init --data {0}` first")]
     Missing(String),
-    #[error("{0} is not an initialised iq data directory (no config.toml): run `init --data {0}` first")]
+    #[error(
+        "{0} is not an initialised iq data directory (no config.toml): run `init --data {0}` first"
+    )]
     Uninitialised(String),
-    #[error("{0} is already initialised (config.toml exists); use another --data directory or remove this one")]
+    #[error(
+        "{0} is already initialised (config.toml exists); use another --data directory or remove this one"
+    )]
     AlreadyInitialised(String),
-    #[error("data directory {0} is in use by another iq process (it holds {0}/lock); stop it first or use another --data directory")]
+    #[error(
+        "data directory {0} is in use by another iq process (it holds {0}/lock); stop it first or use another --data directory"
+    )]
     InUse(String),
     #[error("this data directory belongs to {found}, not {expected}")]
     WrongRole { expected: Role, found: Role },
@@ -45,7 +51,10 @@ pub enum DataDirError {
     #[error(transparent)]
     Identity(#[from] IdentityError),
     #[error("i/o error on {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataDirError + '_ {
@@ -237,7 +246,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DataDirError> {
     f.sync_all().map_err(io_err(&tmp))?;
     fs::rename(&tmp, path).map_err(io_err(path))?;
     if let Some(dir) = path.parent() {
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(dir))?;
     }
     Ok(())
 }
@@ -266,9 +277,15 @@ mod tests {
     fn missing_and_uninitialised_dirs_are_clear_errors() {
         let dir = tempfile::tempdir().expect("tempdir");
         let missing = DataDir::new(dir.path().join("nope"));
-        assert!(matches!(missing.config(Role::Center), Err(DataDirError::Missing(_))));
+        assert!(matches!(
+            missing.config(Role::Center),
+            Err(DataDirError::Missing(_))
+        ));
         let empty = DataDir::new(dir.path());
-        assert!(matches!(empty.config(Role::Center), Err(DataDirError::Uninitialised(_))));
+        assert!(matches!(
+            empty.config(Role::Center),
+            Err(DataDirError::Uninitialised(_))
+        ));
     }
 
     #[test]
@@ -276,9 +293,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let dd = DataDir::new(dir.path());
         dd.init(&config()).expect("init");
-        assert!(matches!(dd.init(&config()), Err(DataDirError::AlreadyInitialised(_))));
+        assert!(matches!(
+            dd.init(&config()),
+            Err(DataDirError::AlreadyInitialised(_))
+        ));
         assert_eq!(dd.config(Role::Center).expect("config"), config());
-        assert!(matches!(dd.config(Role::Quarter), Err(DataDirError::WrongRole { .. })));
+        assert!(matches!(
+            dd.config(Role::Quarter),
+            Err(DataDirError::WrongRole { .. })
+        ));
         let held = dd.lock().expect("lock");
         assert!(matches!(dd.lock(), Err(DataDirError::InUse(_))));
         drop(held);

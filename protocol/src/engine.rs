@@ -280,7 +280,12 @@ impl<P: Ord + Clone> Engine<P> {
     }
 
     /// Makes sure a session exists and returns it.
-    fn session<'a>(peers: &'a mut BTreeMap<P, Peer>, peer: &P, doc: &DocId, now: u64) -> Option<&'a mut Session> {
+    fn session<'a>(
+        peers: &'a mut BTreeMap<P, Peer>,
+        peer: &P,
+        doc: &DocId,
+        now: u64,
+    ) -> Option<&'a mut Session> {
         let p = peers.get_mut(peer)?;
         if !p.sessions.contains_key(doc) {
             let state = p
@@ -320,7 +325,13 @@ impl<P: Ord + Clone> Engine<P> {
     }
 
     /// A sync message from `peer` for `doc` arrived.
-    pub fn receive(&mut self, peer: &P, doc: &DocId, data: &[u8], now: u64) -> Result<Effects<P>, SyncError> {
+    pub fn receive(
+        &mut self,
+        peer: &P,
+        doc: &DocId,
+        data: &[u8],
+        now: u64,
+    ) -> Result<Effects<P>, SyncError> {
         if !self.peers.contains_key(peer) {
             return Err(SyncError::UnknownPeer);
         }
@@ -330,7 +341,10 @@ impl<P: Ord + Clone> Engine<P> {
         let msg = sync::Message::decode(data).map_err(|e| SyncError::Decode(e.to_string()))?;
         self.ensure_doc(doc);
         let mut fx = Effects::default();
-        let (Some(am), Some(session)) = (self.docs.get_mut(doc), Self::session(&mut self.peers, peer, doc, now)) else {
+        let (Some(am), Some(session)) = (
+            self.docs.get_mut(doc),
+            Self::session(&mut self.peers, peer, doc, now),
+        ) else {
             return Err(SyncError::UnknownPeer);
         };
         let before = am.get_heads();
@@ -340,11 +354,16 @@ impl<P: Ord + Clone> Engine<P> {
         let after = am.get_heads();
         if session.state.shared_heads != session.persisted_shared {
             session.persisted_shared = session.state.shared_heads.clone();
-            fx.sync_states.push((peer.clone(), doc.clone(), session.state.encode()));
+            fx.sync_states
+                .push((peer.clone(), doc.clone(), session.state.encode()));
         }
         let changed = before != after;
         if changed {
-            let changes = am.get_changes(&before).iter().map(|c| c.raw_bytes().to_vec()).collect();
+            let changes = am
+                .get_changes(&before)
+                .iter()
+                .map(|c| c.raw_bytes().to_vec())
+                .collect();
             fx.changes.push((doc.clone(), changes));
             fx.changed.insert(doc.clone());
         }
@@ -369,7 +388,11 @@ impl<P: Ord + Clone> Engine<P> {
     /// The last message to (peer, doc) was acknowledged.
     pub fn delivered(&mut self, peer: &P, doc: &DocId, now: u64) -> Effects<P> {
         let mut fx = Effects::default();
-        let dirty = match self.peers.get_mut(peer).and_then(|p| p.sessions.get_mut(doc)) {
+        let dirty = match self
+            .peers
+            .get_mut(peer)
+            .and_then(|p| p.sessions.get_mut(doc))
+        {
             Some(s) => {
                 s.outstanding = false;
                 s.last_activity_ms = now;
@@ -386,7 +409,11 @@ impl<P: Ord + Clone> Engine<P> {
     /// The last message to (peer, doc) was lost: it will be regenerated,
     /// including changes it carried, after [`RETRY_MS`].
     pub fn send_failed(&mut self, peer: &P, doc: &DocId, now: u64) {
-        if let Some(s) = self.peers.get_mut(peer).and_then(|p| p.sessions.get_mut(doc)) {
+        if let Some(s) = self
+            .peers
+            .get_mut(peer)
+            .and_then(|p| p.sessions.get_mut(doc))
+        {
             s.outstanding = false;
             s.state.in_flight = false;
             s.state.sent_hashes.clear();
@@ -431,14 +458,21 @@ impl<P: Ord + Clone> Engine<P> {
         now: u64,
         f: impl FnOnce(&mut Transaction<'_>) -> Result<T, E>,
     ) -> Result<(T, Effects<P>), ChangeError<E>> {
-        let am = self.docs.get_mut(doc).ok_or_else(|| ChangeError::UnknownDoc(doc.clone()))?;
+        let am = self
+            .docs
+            .get_mut(doc)
+            .ok_or_else(|| ChangeError::UnknownDoc(doc.clone()))?;
         let before = am.get_heads();
         let value = am
             .transact(|tx| f(tx))
             .map_err(|failure| ChangeError::Rejected(failure.error))?
             .result;
         let mut fx = Effects::default();
-        let changes: Vec<Vec<u8>> = am.get_changes(&before).iter().map(|c| c.raw_bytes().to_vec()).collect();
+        let changes: Vec<Vec<u8>> = am
+            .get_changes(&before)
+            .iter()
+            .map(|c| c.raw_bytes().to_vec())
+            .collect();
         if !changes.is_empty() {
             fx.changes.push((doc.clone(), changes));
             fx.changed.insert(doc.clone());
@@ -499,11 +533,30 @@ mod tests {
     }
 
     impl Sim {
-        fn new(n: usize, links: Vec<(usize, usize)>, quarters: &[QuarterSlug], seed: u64, drop_per_mille: u64) -> Self {
+        fn new(
+            n: usize,
+            links: Vec<(usize, usize)>,
+            quarters: &[QuarterSlug],
+            seed: u64,
+            drop_per_mille: u64,
+        ) -> Self {
             let nodes = (0..n)
-                .map(|i| Engine::new(ActorId::from(vec![i as u8 + 1; 16]), quarters.iter().cloned()))
+                .map(|i| {
+                    Engine::new(
+                        ActorId::from(vec![i as u8 + 1; 16]),
+                        quarters.iter().cloned(),
+                    )
+                })
                 .collect();
-            let mut sim = Self { nodes, wire: Vec::new(), links, rng: Rng(seed | 1), now: 0, drop_per_mille, dropped: 0 };
+            let mut sim = Self {
+                nodes,
+                wire: Vec::new(),
+                links,
+                rng: Rng(seed | 1),
+                now: 0,
+                drop_per_mille,
+                dropped: 0,
+            };
             for (a, b) in sim.links.clone() {
                 let fx = sim.nodes[a].peer_up(b, vec![], 0);
                 sim.enqueue(a, fx);
@@ -551,7 +604,9 @@ mod tests {
                     self.nodes[from].send_failed(&to, &doc, self.now);
                     continue;
                 }
-                let fx = self.nodes[to].receive(&from, &doc, &data, self.now).expect("receive");
+                let fx = self.nodes[to]
+                    .receive(&from, &doc, &data, self.now)
+                    .expect("receive");
                 self.enqueue(to, fx);
                 let fx = self.nodes[from].delivered(&to, &doc, self.now);
                 self.enqueue(from, fx);
@@ -602,7 +657,9 @@ mod tests {
                         }
                         let k = sim.rng.below(sim.wire.len() as u64) as usize;
                         let (from, to, doc, data) = sim.wire.swap_remove(k);
-                        let fx = sim.nodes[to].receive(&from, &doc, &data, sim.now).expect("receive");
+                        let fx = sim.nodes[to]
+                            .receive(&from, &doc, &data, sim.now)
+                            .expect("receive");
                         sim.enqueue(to, fx);
                         let fx = sim.nodes[from].delivered(&to, &doc, sim.now);
                         sim.enqueue(from, fx);
@@ -613,14 +670,23 @@ mod tests {
             sim.assert_converged();
             for node in &sim.nodes {
                 for (_, s) in node.peers.values().flat_map(|p| p.sessions.iter()) {
-                    assert!(!s.outstanding && !s.dirty, "seed {seed}: a session did not settle");
+                    assert!(
+                        !s.outstanding && !s.dirty,
+                        "seed {seed}: a session did not settle"
+                    );
                 }
             }
-            let total: usize = q.iter().map(|s| schema::concern_count(sim.nodes[2].doc(&DocId::quarter(s)).expect("doc"))).sum();
+            let total: usize = q
+                .iter()
+                .map(|s| schema::concern_count(sim.nodes[2].doc(&DocId::quarter(s)).expect("doc")))
+                .sum();
             assert_eq!(total, 30, "seed {seed}: concerns missing");
             dropped += sim.dropped;
         }
-        assert!(dropped > 20, "the fault schedule dropped only {dropped} messages");
+        assert!(
+            dropped > 20,
+            "the fault schedule dropped only {dropped} messages"
+        );
     }
 
     #[test]
@@ -637,7 +703,14 @@ mod tests {
         let saved: Vec<Vec<(DocId, Vec<u8>)>> = (0..2)
             .map(|i| {
                 let other = 1 - i;
-                sim.nodes[i].peers.get(&other).expect("peer").sessions.iter().map(|(d, s)| (d.clone(), s.state.encode())).collect()
+                sim.nodes[i]
+                    .peers
+                    .get(&other)
+                    .expect("peer")
+                    .sessions
+                    .iter()
+                    .map(|(d, s)| (d.clone(), s.state.encode()))
+                    .collect()
             })
             .collect();
         for i in 0..2 {
@@ -651,7 +724,11 @@ mod tests {
         for i in 0..2 {
             let stats = &sim.nodes[i].peers[&(1 - i)].stats;
             // Two documents (city + quarter a): a few hundred bytes at most.
-            assert!(stats.session_bytes_sent < 600, "node {i} sent {} bytes on reconnect", stats.session_bytes_sent);
+            assert!(
+                stats.session_bytes_sent < 600,
+                "node {i} sent {} bytes on reconnect",
+                stats.session_bytes_sent
+            );
         }
     }
 
@@ -659,11 +736,15 @@ mod tests {
     fn messages_for_unreplicated_documents_are_refused() {
         let mut a: Engine<usize> = Engine::new(ActorId::random(), [slug("a")]);
         let _ = a.peer_up(1, vec![], 0);
-        let err = a.receive(&1, &DocId::quarter(&slug("zzz")), b"", 0).expect_err("accepted");
+        let err = a
+            .receive(&1, &DocId::quarter(&slug("zzz")), b"", 0)
+            .expect_err("accepted");
         assert!(matches!(err, SyncError::NotAccepted(_)));
         let err = a.receive(&2, &DocId::City, b"", 0).expect_err("accepted");
         assert_eq!(err, SyncError::UnknownPeer);
-        let err = a.receive(&1, &DocId::City, b"\x42garbage", 0).expect_err("accepted");
+        let err = a
+            .receive(&1, &DocId::City, b"\x42garbage", 0)
+            .expect_err("accepted");
         assert!(matches!(err, SyncError::Decode(_)));
     }
 }

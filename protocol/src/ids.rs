@@ -142,7 +142,15 @@ mod tests {
     fn slugs_are_checked() {
         assert!(QuarterSlug::new("johannstadt").is_ok());
         assert!(QuarterSlug::new("neustadt-2").is_ok());
-        for bad in ["", "Prohlis", "1st", "a b", "ä", "quarter/x", &"x".repeat(49)] {
+        for bad in [
+            "",
+            "Prohlis",
+            "1st",
+            "a b",
+            "ä",
+            "quarter/x",
+            &"x".repeat(49),
+        ] {
             assert!(QuarterSlug::new(bad).is_err(), "{bad:?} accepted");
         }
     }

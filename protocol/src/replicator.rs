@@ -108,17 +108,26 @@ impl Handle {
         self.peer_id
     }
 
-    async fn run<R: Send + 'static>(&self, f: impl FnOnce(&mut Actor) -> R + Send + 'static) -> Result<R, ReplicatorError> {
+    async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Actor) -> R + Send + 'static,
+    ) -> Result<R, ReplicatorError> {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |actor| {
             let _ = tx.send(f(actor));
         });
-        self.tx.send(Command::Job(job)).await.map_err(|_| ReplicatorError::Stopped)?;
+        self.tx
+            .send(Command::Job(job))
+            .await
+            .map_err(|_| ReplicatorError::Stopped)?;
         rx.await.map_err(|_| ReplicatorError::Stopped)
     }
 
     /// Runs `f` on a read-only view of the node's state.
-    pub async fn read<R: Send + 'static>(&self, f: impl FnOnce(View<'_>) -> R + Send + 'static) -> Result<R, ReplicatorError> {
+    pub async fn read<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(View<'_>) -> R + Send + 'static,
+    ) -> Result<R, ReplicatorError> {
         self.run(move |actor| f(actor.view())).await
     }
 
@@ -183,7 +192,12 @@ pub struct PeerStatus {
 impl View<'_> {
     /// Converts engine time to unix milliseconds.
     pub fn wall_ms(&self, engine_ms: u64) -> u64 {
-        let started = self.started.1.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let started = self
+            .started
+            .1
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
         started + engine_ms
     }
 
@@ -260,7 +274,10 @@ impl Replicator {
     pub async fn wait(self) -> Result<(), ReplicatorError> {
         match self.task.await {
             Ok(r) => r,
-            Err(e) => Err(ReplicatorError::Load { doc: DocId::City, reason: format!("replicator task failed: {e}") }),
+            Err(e) => Err(ReplicatorError::Load {
+                doc: DocId::City,
+                reason: format!("replicator task failed: {e}"),
+            }),
         }
     }
 
@@ -292,20 +309,26 @@ pub struct Actor {
 
 impl std::fmt::Debug for Actor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Actor").field("peer_id", &self.peer_id).finish_non_exhaustive()
+        f.debug_struct("Actor")
+            .field("peer_id", &self.peer_id)
+            .finish_non_exhaustive()
     }
 }
 
 impl Actor {
     fn new(config: ReplicatorConfig) -> Result<Self, ReplicatorError> {
-        let own_quarter: Vec<QuarterSlug> = config.own_doc.quarter_slug().cloned().into_iter().collect();
+        let own_quarter: Vec<QuarterSlug> =
+            config.own_doc.quarter_slug().cloned().into_iter().collect();
         let mut engine = Engine::new(config.identity.actor_id(), own_quarter);
         let mut chunks = HashMap::new();
         for stored in config.store.load_docs()? {
             chunks.insert(stored.id.clone(), stored.chunks.len());
             engine
                 .load_doc(&stored.id, stored.chunks.iter().map(|c| c.as_slice()))
-                .map_err(|e| ReplicatorError::Load { doc: stored.id.clone(), reason: e.to_string() })?;
+                .map_err(|e| ReplicatorError::Load {
+                    doc: stored.id.clone(),
+                    reason: e.to_string(),
+                })?;
         }
         let swarm = transport::build_swarm(&config.identity)?;
         let mut actor = Self {
@@ -330,10 +353,12 @@ impl Actor {
     }
 
     fn start(&mut self) -> Result<(), ReplicatorError> {
-        self.swarm.listen_on(self.listen.clone()).map_err(|e| ReplicatorError::Listen {
-            addr: self.listen.to_string(),
-            reason: e.to_string(),
-        })?;
+        self.swarm
+            .listen_on(self.listen.clone())
+            .map_err(|e| ReplicatorError::Listen {
+                addr: self.listen.to_string(),
+                reason: e.to_string(),
+            })?;
         if let Some((peer, addr)) = &self.center {
             self.swarm.add_peer_address(*peer, addr.clone());
         }
@@ -351,7 +376,11 @@ impl Actor {
             peer_id: self.peer_id,
             own_doc: &self.own_doc,
             connected: &self.connected,
-            listen: self.swarm.listeners().map(|a| format!("{a}/p2p/{}", self.peer_id)).collect(),
+            listen: self
+                .swarm
+                .listeners()
+                .map(|a| format!("{a}/p2p/{}", self.peer_id))
+                .collect(),
             started: self.started,
             store_bytes: self.store.size_on_disk(),
         }
@@ -382,7 +411,11 @@ impl Actor {
     fn apply(&mut self, fx: Effects<PeerId>) -> Result<(), ()> {
         let batch = Batch {
             changes: fx.changes,
-            sync_states: fx.sync_states.into_iter().map(|(p, d, s)| (p.to_string(), d, s)).collect(),
+            sync_states: fx
+                .sync_states
+                .into_iter()
+                .map(|(p, d, s)| (p.to_string(), d, s))
+                .collect(),
         };
         if let Err(e) = self.store.commit(&batch) {
             self.fatal = Some(e.into());
@@ -392,7 +425,13 @@ impl Actor {
             *self.chunks.entry(doc.clone()).or_default() += chunks.len();
         }
         for (peer, doc, data) in fx.sends {
-            let id = self.swarm.behaviour_mut().sync.send_request(&peer, Request::V1(RequestV1::Sync { doc: doc.clone(), data }));
+            let id = self.swarm.behaviour_mut().sync.send_request(
+                &peer,
+                Request::V1(RequestV1::Sync {
+                    doc: doc.clone(),
+                    data,
+                }),
+            );
             self.pending.insert(id, (peer, doc));
         }
         if fx.changed.contains(&DocId::City) {
@@ -404,7 +443,14 @@ impl Actor {
     /// Re-reads the roster after the city document changed: which quarters
     /// are replicated and which peers this node syncs with.
     fn refresh_roster(&mut self) -> Result<(), ()> {
-        let roster = self.engine.doc(&DocId::City).map(schema::roster).transpose().ok().flatten().unwrap_or_default();
+        let roster = self
+            .engine
+            .doc(&DocId::City)
+            .map(schema::roster)
+            .transpose()
+            .ok()
+            .flatten()
+            .unwrap_or_default();
         let mut quarters: BTreeSet<QuarterSlug> = roster.iter().map(|(s, _)| s.clone()).collect();
         if let Some(own) = self.own_doc.quarter_slug() {
             quarters.insert(own.clone());
@@ -432,14 +478,21 @@ impl Actor {
                 fx.extend(self.peer_up(p));
             }
         }
-        if fx.is_empty() { Ok(()) } else { self.apply(fx) }
+        if fx.is_empty() {
+            Ok(())
+        } else {
+            self.apply(fx)
+        }
     }
 
     fn peer_up(&mut self, peer: PeerId) -> Effects<PeerId> {
-        let persisted = self.store.sync_states(&peer.to_string()).unwrap_or_else(|e| {
-            tracing::warn!(%peer, error = %e, "cannot read sync states; syncing from scratch");
-            Vec::new()
-        });
+        let persisted = self
+            .store
+            .sync_states(&peer.to_string())
+            .unwrap_or_else(|e| {
+                tracing::warn!(%peer, error = %e, "cannot read sync states; syncing from scratch");
+                Vec::new()
+            });
         tracing::info!(%peer, "peer up");
         let now = self.now();
         self.engine.peer_up(peer, persisted, now)
@@ -473,14 +526,23 @@ impl Actor {
             && Instant::now() >= self.next_dial
         {
             self.next_dial = Instant::now() + REDIAL;
-            let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer).addresses(vec![addr]).build();
+            let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                .addresses(vec![addr])
+                .build();
             if let Err(e) = self.swarm.dial(opts) {
                 tracing::debug!(%peer, error = %e, "dial failed");
             }
         }
-        let due: Vec<DocId> = self.chunks.iter().filter(|(_, n)| **n >= COMPACT_AFTER_CHUNKS).map(|(d, _)| d.clone()).collect();
+        let due: Vec<DocId> = self
+            .chunks
+            .iter()
+            .filter(|(_, n)| **n >= COMPACT_AFTER_CHUNKS)
+            .map(|(d, _)| d.clone())
+            .collect();
         for doc in due {
-            let Some(snapshot) = self.engine.doc(&doc).map(|am| am.save()) else { continue };
+            let Some(snapshot) = self.engine.doc(&doc).map(|am| am.save()) else {
+                continue;
+            };
             match self.store.compact(&doc, &snapshot) {
                 Ok(()) => {
                     self.chunks.insert(doc.clone(), 0);
@@ -508,7 +570,11 @@ impl Actor {
                     tracing::debug!(peer = %peer_id, "connected peer is not a sync partner (yet)");
                 }
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
                 self.connected.remove(&peer_id);
                 if self.engine.is_up(&peer_id) {
                     tracing::info!(peer = %peer_id, "peer down");
@@ -526,11 +592,20 @@ impl Actor {
     fn handle_sync(&mut self, event: request_response::Event<Request, Response>) {
         use request_response::{Event, Message};
         match event {
-            Event::Message { peer, message: Message::Request { request, channel, .. }, .. } => {
+            Event::Message {
+                peer,
+                message:
+                    Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
                 let Request::V1(RequestV1::Sync { doc, data }) = request;
                 let now = self.now();
                 let response = if !self.allowed.contains(&peer) {
-                    ResponseV1::Refused { reason: "not a sync partner of this node (not on the roster)".into() }
+                    ResponseV1::Refused {
+                        reason: "not a sync partner of this node (not on the roster)".into(),
+                    }
                 } else {
                     match self.engine.receive(&peer, &doc, &data, now) {
                         Ok(fx) => {
@@ -542,18 +617,36 @@ impl Actor {
                         Err(e @ SyncError::NotAccepted(_)) => {
                             // Usual while the roster is still on its way.
                             tracing::debug!(%peer, %doc, error = %e, "refused sync message");
-                            ResponseV1::Refused { reason: e.to_string() }
+                            ResponseV1::Refused {
+                                reason: e.to_string(),
+                            }
                         }
                         Err(e) => {
                             tracing::warn!(%peer, %doc, error = %e, "refused sync message");
-                            ResponseV1::Refused { reason: e.to_string() }
+                            ResponseV1::Refused {
+                                reason: e.to_string(),
+                            }
                         }
                     }
                 };
-                let _ = self.swarm.behaviour_mut().sync.send_response(channel, Response::V1(response));
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .sync
+                    .send_response(channel, Response::V1(response));
             }
-            Event::Message { peer, message: Message::Response { request_id, response }, .. } => {
-                let Some((_, doc)) = self.pending.remove(&request_id) else { return };
+            Event::Message {
+                peer,
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                let Some((_, doc)) = self.pending.remove(&request_id) else {
+                    return;
+                };
                 let now = self.now();
                 match response {
                     Response::V1(ResponseV1::Ack) => {
@@ -566,7 +659,12 @@ impl Actor {
                     }
                 }
             }
-            Event::OutboundFailure { peer, request_id, error, .. } => {
+            Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
                 if let Some((_, doc)) = self.pending.remove(&request_id) {
                     tracing::debug!(%peer, %doc, %error, "sync message not delivered");
                     let now = self.now();

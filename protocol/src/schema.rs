@@ -13,7 +13,7 @@
 //! concern, one roster entry), never a rewrite of the whole document.
 
 use automerge::transaction::{CommitOptions, Transactable, Transaction};
-use automerge::{ActorId, Automerge, AutomergeError, ObjType, ReadDoc, ROOT};
+use automerge::{ActorId, Automerge, AutomergeError, ObjType, ROOT, ReadDoc};
 use autosurgeon::{Hydrate, Reconcile};
 use serde::{Deserialize, Serialize};
 
@@ -29,15 +29,33 @@ pub const MAX_DESCRIPTION_CHARS: usize = 4_000;
 #[derive(Debug, thiserror::Error)]
 pub enum SchemaError {
     #[error("document is malformed: {0}")]
-    Hydrate(#[from] autosurgeon::HydrateError),
+    Hydrate(Box<autosurgeon::HydrateError>),
     #[error("cannot write document: {0}")]
-    Reconcile(#[from] autosurgeon::ReconcileError),
+    Reconcile(Box<autosurgeon::ReconcileError>),
     #[error("automerge: {0}")]
-    Automerge(#[from] AutomergeError),
+    Automerge(Box<AutomergeError>),
     #[error("document has no '{0}' container; it was not created from iq's genesis")]
     MissingContainer(&'static str),
     #[error("{0}")]
     Invalid(String),
+}
+
+impl From<autosurgeon::HydrateError> for SchemaError {
+    fn from(e: autosurgeon::HydrateError) -> Self {
+        Self::Hydrate(Box::new(e))
+    }
+}
+
+impl From<autosurgeon::ReconcileError> for SchemaError {
+    fn from(e: autosurgeon::ReconcileError) -> Self {
+        Self::Reconcile(Box::new(e))
+    }
+}
+
+impl From<AutomergeError> for SchemaError {
+    fn from(e: AutomergeError) -> Self {
+        Self::Automerge(Box::new(e))
+    }
 }
 
 /// A concern (Anliegen): something a citizen or the quarter office reported.
@@ -57,7 +75,13 @@ pub struct Concern {
 
 impl Concern {
     /// A new open concern with a fresh random id.
-    pub fn new(category: String, description: String, lat: Option<f64>, long: Option<f64>, created_ms: i64) -> Self {
+    pub fn new(
+        category: String,
+        description: String,
+        lat: Option<f64>,
+        long: Option<f64>,
+        created_ms: i64,
+    ) -> Self {
         Self {
             id: uuid::Uuid::new_v4().to_string(),
             category,
@@ -196,19 +220,28 @@ pub fn roster(doc: &Automerge) -> Result<Vec<(QuarterSlug, RosterEntry)>, Schema
         };
         match autosurgeon::hydrate_prop::<_, RosterEntry, _, _>(doc, &obj, item.key.as_ref()) {
             Ok(e) => out.push((slug, e)),
-            Err(e) => tracing::warn!(key = %item.key, error = %e, "skipping malformed roster entry"),
+            Err(e) => {
+                tracing::warn!(key = %item.key, error = %e, "skipping malformed roster entry")
+            }
         }
     }
     Ok(out)
 }
 
 /// One roster entry, read inside a write transaction.
-pub fn roster_entry(tx: &Transaction<'_>, slug: &QuarterSlug) -> Result<Option<RosterEntry>, SchemaError> {
+pub fn roster_entry(
+    tx: &Transaction<'_>,
+    slug: &QuarterSlug,
+) -> Result<Option<RosterEntry>, SchemaError> {
     let obj = container(tx, "roster")?;
     if tx.get(&obj, slug.as_str())?.is_none() {
         return Ok(None);
     }
-    Ok(Some(autosurgeon::hydrate_prop::<_, RosterEntry, _, _>(tx, &obj, slug.as_str())?))
+    Ok(Some(autosurgeon::hydrate_prop::<_, RosterEntry, _, _>(
+        tx,
+        &obj,
+        slug.as_str(),
+    )?))
 }
 
 /// Adds or replaces a roster entry in the city document.
@@ -275,7 +308,11 @@ mod tests {
         b.transact::<_, _, SchemaError>(|tx| put_concern(tx, &concern("b")))
             .expect("write b");
         a.merge(&mut b).expect("merge");
-        let ids: Vec<_> = concerns(&a).expect("read").into_iter().map(|c| c.id).collect();
+        let ids: Vec<_> = concerns(&a)
+            .expect("read")
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
         assert_eq!(ids, vec!["a".to_string(), "b".to_string()]);
     }
 

@@ -18,8 +18,8 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use crate::ids::DocId;
 
@@ -87,10 +87,12 @@ impl Store {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let db = sled::Config::new().path(dir).open().map_err(|e| match e {
-            sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => StoreError::Locked {
-                path: dir.display().to_string(),
-                source: e,
-            },
+            sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
+                StoreError::Locked {
+                    path: dir.display().to_string(),
+                    source: e,
+                }
+            }
             other => StoreError::Sled(other),
         })?;
         let store = Self {
@@ -153,7 +155,10 @@ impl Store {
                 .ok_or(StoreError::BadKey { tree: "changes" })?;
             docs.entry(doc).or_default().push(v.to_vec());
         }
-        Ok(docs.into_iter().map(|(id, chunks)| StoredDoc { id, chunks }).collect())
+        Ok(docs
+            .into_iter()
+            .map(|(id, chunks)| StoredDoc { id, chunks })
+            .collect())
     }
 
     /// Writes a batch atomically and returns once it is durable on disk.
@@ -217,7 +222,10 @@ impl Store {
         let mut out = Vec::new();
         for item in self.sync.scan_prefix(&prefix) {
             let (k, v) = item?;
-            if let Some(doc) = std::str::from_utf8(&k[prefix.len()..]).ok().and_then(|s| s.parse::<DocId>().ok()) {
+            if let Some(doc) = std::str::from_utf8(&k[prefix.len()..])
+                .ok()
+                .and_then(|s| s.parse::<DocId>().ok())
+            {
                 out.push((doc, v.to_vec()));
             }
         }
@@ -245,7 +253,9 @@ fn unabort(e: TransactionError<()>) -> StoreError {
     match e {
         TransactionError::Storage(e) => StoreError::Sled(e),
         // No closure above aborts.
-        TransactionError::Abort(()) => StoreError::Sled(sled::Error::Unsupported("transaction aborted".into())),
+        TransactionError::Abort(()) => {
+            StoreError::Sled(sled::Error::Unsupported("transaction aborted".into()))
+        }
     }
 }
 
@@ -273,7 +283,10 @@ mod tests {
         let docs = store.load_docs().expect("load");
         assert_eq!(docs.len(), 1);
         assert_eq!(docs[0].chunks, vec![b"one".to_vec(), b"two".to_vec()]);
-        assert_eq!(store.sync_states("peer").expect("states"), vec![(doc(), b"state".to_vec())]);
+        assert_eq!(
+            store.sync_states("peer").expect("states"),
+            vec![(doc(), b"state".to_vec())]
+        );
         assert!(store.sync_states("other").expect("states").is_empty());
     }
 
@@ -281,12 +294,18 @@ mod tests {
     fn compaction_replaces_chunks_with_a_snapshot() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
-        let batch = Batch { changes: vec![(doc(), vec![b"a".to_vec(), b"b".to_vec()])], sync_states: vec![] };
+        let batch = Batch {
+            changes: vec![(doc(), vec![b"a".to_vec(), b"b".to_vec()])],
+            sync_states: vec![],
+        };
         store.commit(&batch).expect("commit");
         assert_eq!(store.chunk_count(&doc()), 2);
         store.compact(&doc(), b"snap").expect("compact");
         assert_eq!(store.chunk_count(&doc()), 0);
-        let batch = Batch { changes: vec![(doc(), vec![b"c".to_vec()])], sync_states: vec![] };
+        let batch = Batch {
+            changes: vec![(doc(), vec![b"c".to_vec()])],
+            sync_states: vec![],
+        };
         store.commit(&batch).expect("commit");
         let docs = store.load_docs().expect("load");
         assert_eq!(docs[0].chunks, vec![b"snap".to_vec(), b"c".to_vec()]);

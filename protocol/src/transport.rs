@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{noise, tcp, yamux, StreamProtocol, Swarm};
+use libp2p::{StreamProtocol, Swarm, noise, tcp, yamux};
 
 use crate::identity::Identity;
 use crate::wire::{self, Request, Response};
@@ -51,7 +51,10 @@ pub fn build_swarm(identity: &Identity) -> Result<Swarm<Behaviour>, TransportErr
         .with_behaviour(|_| Behaviour {
             sync: request_response::Behaviour::with_codec(
                 codec,
-                [(StreamProtocol::new(wire::SYNC_PROTOCOL), ProtocolSupport::Full)],
+                [(
+                    StreamProtocol::new(wire::SYNC_PROTOCOL),
+                    ProtocolSupport::Full,
+                )],
                 config,
             ),
         })

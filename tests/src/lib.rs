@@ -34,23 +34,40 @@ pub fn bin_dir() -> &'static Path {
     DIR.get_or_init(|| {
         let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
         let workspace = manifest.parent().map(Path::to_path_buf).unwrap_or(manifest);
-        let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace.join("target"));
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace.join("target"));
         let release = cfg!(not(debug_assertions));
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.current_dir(&workspace).args(["build", "--quiet", "-p", "iq-node", "-p", "iq-center", "--bins"]);
+        cmd.current_dir(&workspace).args([
+            "build",
+            "--quiet",
+            "-p",
+            "iq-node",
+            "-p",
+            "iq-center",
+            "--bins",
+        ]);
         if release {
             cmd.arg("--release");
         }
         let status = cmd.status();
-        assert!(matches!(status, Ok(s) if s.success()), "building iq-node and iq-center failed: {status:?}");
+        assert!(
+            matches!(status, Ok(s) if s.success()),
+            "building iq-node and iq-center failed: {status:?}"
+        );
         target.join(if release { "release" } else { "debug" })
     })
 }
 
 /// Waits until `pred` returns `Ok(Some(value))`, polling every 50 ms, for at
 /// most `timeout`. The last error or `None` is reported on timeout.
-pub fn wait_until<T>(what: &str, timeout: Duration, mut pred: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+pub fn wait_until<T>(
+    what: &str,
+    timeout: Duration,
+    mut pred: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
     let start = Instant::now();
     let mut last = String::from("condition not met");
     loop {
@@ -60,7 +77,9 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut pred: impl FnMut() -> Re
             Err(e) => last = e,
         }
         if start.elapsed() >= timeout {
-            return Err(format!("timed out after {timeout:?} waiting for {what}: {last}"));
+            return Err(format!(
+                "timed out after {timeout:?} waiting for {what}: {last}"
+            ));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -87,8 +106,13 @@ impl Node {
     /// Runs a CLI command of this node's binary with `--data` appended.
     pub fn cli(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new(self.bin());
-        cmd.args(args).arg("--data").arg(&self.dir).env_remove("IQ_DATA").stdin(Stdio::null());
-        cmd.output().unwrap_or_else(|e| panic!("cannot run {}: {e}", self.bin().display()))
+        cmd.args(args)
+            .arg("--data")
+            .arg(&self.dir)
+            .env_remove("IQ_DATA")
+            .stdin(Stdio::null());
+        cmd.output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.bin().display()))
     }
 
     /// Runs a CLI command that must succeed; returns its stdout.
@@ -110,13 +134,18 @@ impl Node {
         let mut all = args.to_vec();
         all.push("--json");
         let text = self.cli_ok(&all)?;
-        serde_json::from_str(&text).map_err(|e| format!("{} {:?}: bad JSON ({e}): {text}", self.name, args))
+        serde_json::from_str(&text)
+            .map_err(|e| format!("{} {:?}: bad JSON ({e}): {text}", self.name, args))
     }
 
     /// Starts `run` and waits until its API answers.
     pub fn start(&mut self) -> Result<()> {
         assert!(self.child.is_none(), "{} is already running", self.name);
-        let log = File::options().create(true).append(true).open(&self.log).map_err(|e| e.to_string())?;
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| e.to_string())?;
         let err = log.try_clone().map_err(|e| e.to_string())?;
         let child = Command::new(self.bin())
             .args(["run", "--data"])
@@ -128,14 +157,22 @@ impl Node {
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", self.name))?;
         self.child = Some(child);
-        wait_until(&format!("{} to serve its API", self.name), Duration::from_secs(20), || {
-            if let Some(child) = self.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                return Err(format!("{} exited with {status}; log:\n{}", self.name, self.log_tail()));
-            }
-            Ok(self.api_get("/api/v1/status").ok().map(|_| ()))
-        })
+        wait_until(
+            &format!("{} to serve its API", self.name),
+            Duration::from_secs(20),
+            || {
+                if let Some(child) = self.child.as_mut()
+                    && let Ok(Some(status)) = child.try_wait()
+                {
+                    return Err(format!(
+                        "{} exited with {status}; log:\n{}",
+                        self.name,
+                        self.log_tail()
+                    ));
+                }
+                Ok(self.api_get("/api/v1/status").ok().map(|_| ()))
+            },
+        )
     }
 
     /// The last lines of the node's log, for failure messages.
@@ -146,7 +183,8 @@ impl Node {
     }
 
     fn api_base(&self) -> Result<String> {
-        let addr = std::fs::read_to_string(self.dir.join("api.addr")).map_err(|e| format!("{}: no api.addr ({e})", self.name))?;
+        let addr = std::fs::read_to_string(self.dir.join("api.addr"))
+            .map_err(|e| format!("{}: no api.addr ({e})", self.name))?;
         Ok(format!("http://{}", addr.trim()))
     }
 
@@ -161,9 +199,15 @@ impl Node {
     /// `GET` on the node's HTTP API; non-2xx answers are errors.
     pub fn api_get(&self, path: &str) -> Result<Value> {
         let url = format!("{}{path}", self.api_base()?);
-        let mut resp = Self::agent().get(&url).call().map_err(|e| format!("GET {url}: {e}"))?;
+        let mut resp = Self::agent()
+            .get(&url)
+            .call()
+            .map_err(|e| format!("GET {url}: {e}"))?;
         let status = resp.status();
-        let body: Value = resp.body_mut().read_json().map_err(|e| format!("GET {url}: {e}"))?;
+        let body: Value = resp
+            .body_mut()
+            .read_json()
+            .map_err(|e| format!("GET {url}: {e}"))?;
         if !status.is_success() {
             return Err(format!("GET {url}: {status}: {body}"));
         }
@@ -173,9 +217,15 @@ impl Node {
     /// `POST` JSON to the node's HTTP API; returns (status, body).
     pub fn api_post(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
         let url = format!("{}{path}", self.api_base()?);
-        let mut resp = Self::agent().post(&url).send_json(body).map_err(|e| format!("POST {url}: {e}"))?;
+        let mut resp = Self::agent()
+            .post(&url)
+            .send_json(body)
+            .map_err(|e| format!("POST {url}: {e}"))?;
         let status = resp.status().as_u16();
-        let body: Value = resp.body_mut().read_json().map_err(|e| format!("POST {url}: {e}"))?;
+        let body: Value = resp
+            .body_mut()
+            .read_json()
+            .map_err(|e| format!("POST {url}: {e}"))?;
         Ok((status, body))
     }
 
@@ -186,9 +236,15 @@ impl Node {
             &serde_json::json!({"category": "litter", "description": description}),
         )?;
         if status != 201 {
-            return Err(format!("{}: adding a concern answered {status}: {body}", self.name));
+            return Err(format!(
+                "{}: adding a concern answered {status}: {body}",
+                self.name
+            ));
         }
-        body["id"].as_str().map(str::to_owned).ok_or_else(|| format!("no id in {body}"))
+        body["id"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| format!("no id in {body}"))
     }
 
     /// Ids of all concerns the node holds, optionally of one quarter.
@@ -209,14 +265,20 @@ impl Node {
     /// Heads per document id, from `status`.
     pub fn heads(&self) -> Result<Vec<(String, Vec<String>)>> {
         let status = self.api_get("/api/v1/status")?;
-        let docs = status["documents"].as_array().ok_or("no documents in status")?;
+        let docs = status["documents"]
+            .as_array()
+            .ok_or("no documents in status")?;
         let mut out: Vec<(String, Vec<String>)> = docs
             .iter()
             .map(|d| {
                 let id = d["id"].as_str().unwrap_or_default().to_owned();
                 let mut heads: Vec<String> = d["heads"]
                     .as_array()
-                    .map(|a| a.iter().filter_map(|h| h.as_str().map(str::to_owned)).collect())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|h| h.as_str().map(str::to_owned))
+                            .collect()
+                    })
                     .unwrap_or_default();
                 heads.sort();
                 (id, heads)
@@ -236,15 +298,23 @@ impl Node {
 
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) -> Result<()> {
-        let Some(mut child) = self.child.take() else { return Ok(()) };
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let status = wait_until(&format!("{} to exit", self.name), Duration::from_secs(20), || {
-            child.try_wait().map_err(|e| e.to_string())
-        });
+        let status = wait_until(
+            &format!("{} to exit", self.name),
+            Duration::from_secs(20),
+            || child.try_wait().map_err(|e| e.to_string()),
+        );
         match status {
             Ok(s) if s.success() => Ok(()),
-            Ok(s) => Err(format!("{} exited with {s}; log:\n{}", self.name, self.log_tail())),
+            Ok(s) => Err(format!(
+                "{} exited with {s}; log:\n{}",
+                self.name,
+                self.log_tail()
+            )),
             Err(e) => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -296,7 +366,10 @@ impl Cluster {
     /// Inits and starts a centre and quarters with these slugs, and puts
     /// them on the roster.
     pub fn start(slugs: &[&str]) -> Result<Self> {
-        let root = tempfile::Builder::new().prefix("iq-test-").tempdir().map_err(|e| e.to_string())?;
+        let root = tempfile::Builder::new()
+            .prefix("iq-test-")
+            .tempdir()
+            .map_err(|e| e.to_string())?;
         let mut center = Node {
             name: "center".into(),
             kind: Kind::Center,
@@ -316,15 +389,35 @@ impl Cluster {
                 child: None,
                 log: root.path().join(format!("{slug}.log")),
             };
-            let out = node.cli_ok(&["init", "--quarter", slug, "--name", &slug.to_uppercase(), "--center", &center_addr])?;
+            let out = node.cli_ok(&[
+                "init",
+                "--quarter",
+                slug,
+                "--name",
+                &slug.to_uppercase(),
+                "--center",
+                &center_addr,
+            ])?;
             let peer = peer_id_line(&out)?;
-            center.cli_ok(&["quarter", "add", slug, "--name", &slug.to_uppercase(), "--peer", &peer])?;
+            center.cli_ok(&[
+                "quarter",
+                "add",
+                slug,
+                "--name",
+                &slug.to_uppercase(),
+                "--peer",
+                &peer,
+            ])?;
             quarters.push(node);
         }
         for q in &mut quarters {
             q.start()?;
         }
-        Ok(Self { center, quarters, root })
+        Ok(Self {
+            center,
+            quarters,
+            root,
+        })
     }
 
     /// All nodes, centre first.
@@ -333,7 +426,10 @@ impl Cluster {
     }
 
     pub fn quarter(&mut self, slug: &str) -> &mut Node {
-        self.quarters.iter_mut().find(|q| q.name == slug).unwrap_or_else(|| panic!("no quarter {slug}"))
+        self.quarters
+            .iter_mut()
+            .find(|q| q.name == slug)
+            .unwrap_or_else(|| panic!("no quarter {slug}"))
     }
 
     /// Waits until every running node holds the same heads for the same
@@ -345,7 +441,11 @@ impl Cluster {
             for node in self.nodes().filter(|n| n.is_running()) {
                 let heads = node.heads()?;
                 if heads.len() != expected_docs {
-                    return Err(format!("{} holds {} documents, expected {expected_docs}", node.name, heads.len()));
+                    return Err(format!(
+                        "{} holds {} documents, expected {expected_docs}",
+                        node.name,
+                        heads.len()
+                    ));
                 }
                 match &first {
                     None => first = Some(heads),

@@ -3,18 +3,24 @@
 
 use std::process::Command;
 
-use iq_tests::{bin_dir, Cluster, Kind, Result};
+use iq_tests::{Cluster, Kind, Result, bin_dir};
 
 /// Checks a failed command: non-zero exit, one `error:` line containing
 /// `needle`, and no panic or backtrace.
 fn assert_clean_error(out: &std::process::Output, needle: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "command succeeded; stderr: {stderr}");
-    assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"), "panic: {stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("backtrace"),
+        "panic: {stderr}"
+    );
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
     assert!(lines[0].starts_with("error: "), "{stderr}");
-    assert!(lines[0].contains(needle), "expected {needle:?} in: {stderr}");
+    assert!(
+        lines[0].contains(needle),
+        "expected {needle:?} in: {stderr}"
+    );
 }
 
 fn run(kind: Kind, args: &[&str]) -> std::process::Output {
@@ -22,7 +28,11 @@ fn run(kind: Kind, args: &[&str]) -> std::process::Output {
         Kind::Center => "iq-center",
         Kind::Quarter => "iq-node",
     });
-    Command::new(bin).args(args).env_remove("IQ_DATA").output().unwrap_or_else(|e| panic!("cannot run: {e}"))
+    Command::new(bin)
+        .args(args)
+        .env_remove("IQ_DATA")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run: {e}"))
 }
 
 #[test]
@@ -30,10 +40,19 @@ fn missing_and_uninitialised_data_directories_are_named() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let missing = tmp.path().join("nope");
     let missing = missing.to_str().expect("utf8");
-    assert_clean_error(&run(Kind::Quarter, &["concern", "list", "--data", missing]), "no iq data directory");
-    assert_clean_error(&run(Kind::Quarter, &["run", "--data", missing]), "run `init --data");
+    assert_clean_error(
+        &run(Kind::Quarter, &["concern", "list", "--data", missing]),
+        "no iq data directory",
+    );
+    assert_clean_error(
+        &run(Kind::Quarter, &["run", "--data", missing]),
+        "run `init --data",
+    );
     let empty = tmp.path().to_str().expect("utf8");
-    assert_clean_error(&run(Kind::Center, &["run", "--data", empty]), "not an initialised iq data directory");
+    assert_clean_error(
+        &run(Kind::Center, &["run", "--data", empty]),
+        "not an initialised iq data directory",
+    );
 }
 
 #[test]
@@ -41,20 +60,77 @@ fn bad_init_arguments_are_refused_without_writing_anything() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("q");
     let d = dir.to_str().expect("utf8");
-    let good_center = "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWRgmzwbghT4CuAChbMgNBbZfYbqbC2SxzaKdJKuPmJMCK";
+    let good_center =
+        "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWRgmzwbghT4CuAChbMgNBbZfYbqbC2SxzaKdJKuPmJMCK";
     let cases: [(&[&str], &str); 4] = [
-        (&["--quarter", "prohlis", "--name", "P", "--center", "not-a-multiaddr"], "not a multiaddr"),
-        (&["--quarter", "prohlis", "--name", "P", "--center", "/ip4/127.0.0.1/tcp/4001"], "does not end in /p2p/<PeerId>"),
-        (&["--quarter", "Prohlis!", "--name", "P", "--center", good_center], "invalid quarter slug"),
-        (&["--quarter", "prohlis", "--name", " ", "--center", good_center], "--name is empty"),
+        (
+            &[
+                "--quarter",
+                "prohlis",
+                "--name",
+                "P",
+                "--center",
+                "not-a-multiaddr",
+            ],
+            "not a multiaddr",
+        ),
+        (
+            &[
+                "--quarter",
+                "prohlis",
+                "--name",
+                "P",
+                "--center",
+                "/ip4/127.0.0.1/tcp/4001",
+            ],
+            "does not end in /p2p/<PeerId>",
+        ),
+        (
+            &[
+                "--quarter",
+                "Prohlis!",
+                "--name",
+                "P",
+                "--center",
+                good_center,
+            ],
+            "invalid quarter slug",
+        ),
+        (
+            &[
+                "--quarter",
+                "prohlis",
+                "--name",
+                " ",
+                "--center",
+                good_center,
+            ],
+            "--name is empty",
+        ),
     ];
     for (args, needle) in cases {
         let mut all = vec!["init", "--data", d];
         all.extend_from_slice(args);
         assert_clean_error(&run(Kind::Quarter, &all), needle);
-        assert!(!dir.join("config.toml").exists(), "a refused init wrote a config");
+        assert!(
+            !dir.join("config.toml").exists(),
+            "a refused init wrote a config"
+        );
     }
-    let peer = run(Kind::Center, &["quarter", "add", "prohlis", "--name", "Prohlis", "--peer", "12D3-not-a-peer", "--data", d]);
+    let peer = run(
+        Kind::Center,
+        &[
+            "quarter",
+            "add",
+            "prohlis",
+            "--name",
+            "Prohlis",
+            "--peer",
+            "12D3-not-a-peer",
+            "--data",
+            d,
+        ],
+    );
     assert_clean_error(&peer, "is not a PeerId");
 }
 
@@ -63,17 +139,30 @@ fn running_cluster_errors_are_clear() -> Result<()> {
     let mut c = Cluster::start(&["prohlis"])?;
     // A second daemon on the same directory.
     let dir = c.quarters[0].dir.to_str().ok_or("utf8")?.to_owned();
-    assert_clean_error(&run(Kind::Quarter, &["run", "--data", &dir]), "in use by another iq process");
+    assert_clean_error(
+        &run(Kind::Quarter, &["run", "--data", &dir]),
+        "in use by another iq process",
+    );
     // An empty description is refused by the node and nothing is recorded.
     let before = c.quarters[0].concern_ids(None)?.len();
-    let out = c.quarters[0].cli(&["concern", "add", "--category", "litter", "--description", "  "]);
+    let out = c.quarters[0].cli(&[
+        "concern",
+        "add",
+        "--category",
+        "litter",
+        "--description",
+        "  ",
+    ]);
     assert_clean_error(&out, "description is empty");
     assert_eq!(c.quarters[0].concern_ids(None)?.len(), before);
     // An unknown quarter at the centre.
     let out = c.center.cli(&["concerns", "--quarter", "atlantis"]);
     assert_clean_error(&out, "unknown quarter 'atlantis'");
     // The wrong binary for a directory.
-    assert_clean_error(&run(Kind::Center, &["status", "--data", &dir]), "belongs to a quarter node");
+    assert_clean_error(
+        &run(Kind::Center, &["status", "--data", &dir]),
+        "belongs to a quarter node",
+    );
     // A daemon that is not running.
     c.quarters[0].stop()?;
     let out = c.quarters[0].cli(&["concern", "list"]);
@@ -91,10 +180,20 @@ fn running_cluster_errors_are_clear() -> Result<()> {
 fn demo_federation_runs_and_stops_cleanly() {
     let out = run(Kind::Center, &["demo", "--once"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "demo failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("all 9 concerns arrived at the centre"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "demo failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("all 9 concerns arrived at the centre"),
+        "{stdout}"
+    );
     for q in ["johannstadt", "friedrichstadt", "prohlis"] {
-        assert!(stdout.contains(&format!("{q} holds all 9 concerns")), "{stdout}");
+        assert!(
+            stdout.contains(&format!("{q} holds all 9 concerns")),
+            "{stdout}"
+        );
     }
     assert!(stdout.contains("stopped cleanly"), "{stdout}");
 }

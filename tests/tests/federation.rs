@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use iq_tests::{wait_until, Cluster, Result};
+use iq_tests::{Cluster, Result, wait_until};
 
 const QUARTERS: [&str; 3] = ["johannstadt", "friedrichstadt", "prohlis"];
 
@@ -14,16 +14,29 @@ fn ids(v: Vec<String>) -> BTreeSet<String> {
 }
 
 /// Waits until `node` holds every id in `expected` for `quarter`.
-fn wait_holds(c: &Cluster, quarter: &str, expected: &BTreeSet<String>, timeout: Duration) -> Result<()> {
+fn wait_holds(
+    c: &Cluster,
+    quarter: &str,
+    expected: &BTreeSet<String>,
+    timeout: Duration,
+) -> Result<()> {
     for node in c.nodes().filter(|n| n.is_running()) {
-        wait_until(&format!("{} to hold {quarter}'s {} concerns", node.name, expected.len()), timeout, || {
-            let held = ids(node.concern_ids(Some(quarter))?);
-            let missing = expected.difference(&held).count();
-            Ok((missing == 0).then_some(()).or_else(|| {
-                let _ = missing;
-                None
-            }))
-        })?;
+        wait_until(
+            &format!(
+                "{} to hold {quarter}'s {} concerns",
+                node.name,
+                expected.len()
+            ),
+            timeout,
+            || {
+                let held = ids(node.concern_ids(Some(quarter))?);
+                let missing = expected.difference(&held).count();
+                Ok((missing == 0).then_some(()).or_else(|| {
+                    let _ = missing;
+                    None
+                }))
+            },
+        )?;
     }
     Ok(())
 }
@@ -35,24 +48,45 @@ fn three_quarters_converge_after_100_concerns_each() -> Result<()> {
         let handles: Vec<_> = c
             .quarters
             .iter()
-            .map(|q| s.spawn(move || (0..100).map(|i| q.add_concern(&format!("{} #{i}", q.name))).collect::<Result<BTreeSet<_>>>()))
+            .map(|q| {
+                s.spawn(move || {
+                    (0..100)
+                        .map(|i| q.add_concern(&format!("{} #{i}", q.name)))
+                        .collect::<Result<BTreeSet<_>>>()
+                })
+            })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("writer panicked".into()))).collect::<Result<Vec<_>>>()
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("writer panicked".into())))
+            .collect::<Result<Vec<_>>>()
     })?;
     // The bound: identical heads for all four documents within 10 s.
     let heads = c.wait_converged(Duration::from_secs(10))?;
-    assert_eq!(heads.len(), 4, "expected city + 3 quarter documents: {heads:?}");
+    assert_eq!(
+        heads.len(),
+        4,
+        "expected city + 3 quarter documents: {heads:?}"
+    );
     for (q, expected) in QUARTERS.iter().zip(&written) {
         assert_eq!(expected.len(), 100);
         for node in c.nodes() {
-            assert_eq!(&ids(node.concern_ids(Some(q))?), expected, "{} on {q}", node.name);
+            assert_eq!(
+                &ids(node.concern_ids(Some(q))?),
+                expected,
+                "{} on {q}",
+                node.name
+            );
         }
     }
     // A CLI user sees the same through --json.
     let listed = c.center.cli_json(&["concerns", "--quarter", "prohlis"])?;
     let first = &listed.as_array().ok_or("not a list")?[0];
     for field in ["id", "quarter", "category", "description", "status"] {
-        assert!(first.get(field).is_some(), "--json concern lacks {field}: {first}");
+        assert!(
+            first.get(field).is_some(),
+            "--json concern lacks {field}: {first}"
+        );
     }
     assert_eq!(first["quarter"], "prohlis");
     Ok(())
@@ -61,7 +95,9 @@ fn three_quarters_converge_after_100_concerns_each() -> Result<()> {
 #[test]
 fn killed_quarter_catches_up_and_keeps_what_it_acknowledged() -> Result<()> {
     let mut c = Cluster::start(&QUARTERS)?;
-    let mut johannstadt: BTreeSet<String> = (0..20).map(|i| c.quarters[0].add_concern(&format!("before {i}"))).collect::<Result<_>>()?;
+    let mut johannstadt: BTreeSet<String> = (0..20)
+        .map(|i| c.quarters[0].add_concern(&format!("before {i}")))
+        .collect::<Result<_>>()?;
     c.wait_converged(Duration::from_secs(10))?;
     // Acknowledged right before the kill: may not have left the node yet.
     for i in 0..10 {
@@ -76,11 +112,18 @@ fn killed_quarter_catches_up_and_keeps_what_it_acknowledged() -> Result<()> {
     c.quarter("johannstadt").restart()?;
     // Right after restart, before any sync can matter, its own records are there.
     let held = ids(c.quarters[0].concern_ids(Some("johannstadt"))?);
-    assert!(johannstadt.is_subset(&held), "johannstadt lost {} acknowledged concerns", johannstadt.difference(&held).count());
+    assert!(
+        johannstadt.is_subset(&held),
+        "johannstadt lost {} acknowledged concerns",
+        johannstadt.difference(&held).count()
+    );
     c.wait_converged(Duration::from_secs(20))?;
     wait_holds(&c, "johannstadt", &johannstadt, Duration::from_secs(5))?;
     let caught_up = ids(c.quarters[0].concern_ids(None)?);
-    assert!(others.is_subset(&caught_up), "johannstadt did not catch up on the others' concerns");
+    assert!(
+        others.is_subset(&caught_up),
+        "johannstadt did not catch up on the others' concerns"
+    );
     Ok(())
 }
 
@@ -91,7 +134,9 @@ fn concerns_recorded_while_the_centre_is_down_arrive_after_it_returns() -> Resul
     c.center.kill();
     let mut written = Vec::new();
     for q in &c.quarters {
-        let mine: BTreeSet<String> = (0..10).map(|i| q.add_concern(&format!("offline {i}"))).collect::<Result<_>>()?;
+        let mine: BTreeSet<String> = (0..10)
+            .map(|i| q.add_concern(&format!("offline {i}")))
+            .collect::<Result<_>>()?;
         written.push(mine);
     }
     c.center.restart()?;
@@ -112,9 +157,11 @@ fn killed_centre_loses_nothing_it_acknowledged() -> Result<()> {
         }
     }
     // Once the centre lists them, it has acknowledged them (durably).
-    wait_until("the centre to hold all concerns", Duration::from_secs(10), || {
-        Ok((ids(c.center.concern_ids(None)?) == expected).then_some(()))
-    })?;
+    wait_until(
+        "the centre to hold all concerns",
+        Duration::from_secs(10),
+        || Ok((ids(c.center.concern_ids(None)?) == expected).then_some(())),
+    )?;
     let roster_before = c.center.cli_json(&["quarters"])?;
     // Take the quarters away first so nothing can be re-fetched from them.
     for q in &mut c.quarters {
@@ -122,12 +169,26 @@ fn killed_centre_loses_nothing_it_acknowledged() -> Result<()> {
     }
     c.center.kill();
     c.center.start()?;
-    assert_eq!(ids(c.center.concern_ids(None)?), expected, "the centre lost acknowledged concerns");
+    assert_eq!(
+        ids(c.center.concern_ids(None)?),
+        expected,
+        "the centre lost acknowledged concerns"
+    );
     let roster_after = c.center.cli_json(&["quarters"])?;
     let slugs = |v: &serde_json::Value| -> Vec<String> {
-        v.as_array().map(|a| a.iter().filter_map(|q| q["slug"].as_str().map(str::to_owned)).collect()).unwrap_or_default()
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|q| q["slug"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
     };
-    assert_eq!(slugs(&roster_after), slugs(&roster_before), "the centre lost roster entries");
+    assert_eq!(
+        slugs(&roster_after),
+        slugs(&roster_before),
+        "the centre lost roster entries"
+    );
     assert_eq!(slugs(&roster_after).len(), 3);
     Ok(())
 }
@@ -143,28 +204,53 @@ fn reconnecting_in_sync_sends_only_a_few_hundred_bytes_per_document() -> Result<
     c.wait_converged(Duration::from_secs(15))?;
     let full: u64 = {
         let status = c.quarters[2].api_get("/api/v1/status")?;
-        status["peers"][0]["session_bytes_received"].as_u64().ok_or("no byte counter")?
+        status["peers"][0]["session_bytes_received"]
+            .as_u64()
+            .ok_or("no byte counter")?
     };
     c.quarter("prohlis").stop()?;
     c.quarter("prohlis").start()?;
     c.wait_converged(Duration::from_secs(10))?;
     // Let the exchange settle: the counters stop moving.
-    let status = wait_until("prohlis's traffic to settle", Duration::from_secs(10), || {
-        let a = c.quarters[2].api_get("/api/v1/status")?;
-        std::thread::sleep(Duration::from_millis(500));
-        let b = c.quarters[2].api_get("/api/v1/status")?;
-        let sent = |s: &serde_json::Value| s["peers"][0]["session_bytes_sent"].as_u64();
-        Ok((sent(&a).is_some() && sent(&a) == sent(&b) && b["peers"][0]["connected"] == true).then_some(b))
-    })?;
+    let status = wait_until(
+        "prohlis's traffic to settle",
+        Duration::from_secs(10),
+        || {
+            let a = c.quarters[2].api_get("/api/v1/status")?;
+            std::thread::sleep(Duration::from_millis(500));
+            let b = c.quarters[2].api_get("/api/v1/status")?;
+            let sent = |s: &serde_json::Value| s["peers"][0]["session_bytes_sent"].as_u64();
+            Ok(
+                (sent(&a).is_some() && sent(&a) == sent(&b) && b["peers"][0]["connected"] == true)
+                    .then_some(b),
+            )
+        },
+    )?;
     let peer = &status["peers"][0];
     let docs = status["documents"].as_array().ok_or("no documents")?.len() as u64;
     let sent = peer["session_bytes_sent"].as_u64().ok_or("no counter")?;
-    let received = peer["session_bytes_received"].as_u64().ok_or("no counter")?;
-    eprintln!("reconnect: {docs} documents, sent {sent} B, received {received} B (first sync received {full} B)");
+    let received = peer["session_bytes_received"]
+        .as_u64()
+        .ok_or("no counter")?;
+    eprintln!(
+        "reconnect: {docs} documents, sent {sent} B, received {received} B (first sync received {full} B)"
+    );
     assert_eq!(docs, 4);
-    assert!(sent > 0 && received > 0, "no exchange on reconnect was counted");
-    assert!(sent / docs <= 400, "sent {sent} B for {docs} documents on reconnect");
-    assert!(received / docs <= 400, "received {received} B for {docs} documents on reconnect");
-    assert!(full > 10 * received, "first sync ({full} B) should dwarf the reconnect ({received} B)");
+    assert!(
+        sent > 0 && received > 0,
+        "no exchange on reconnect was counted"
+    );
+    assert!(
+        sent / docs <= 400,
+        "sent {sent} B for {docs} documents on reconnect"
+    );
+    assert!(
+        received / docs <= 400,
+        "received {received} B for {docs} documents on reconnect"
+    );
+    assert!(
+        full > 10 * received,
+        "first sync ({full} B) should dwarf the reconnect ({received} B)"
+    );
     Ok(())
 }
