@@ -46,7 +46,9 @@ pub enum DataDirError {
     WrongRole { expected: Role, found: Role },
     #[error("config {path} is invalid: {reason}")]
     BadConfig { path: String, reason: String },
-    #[error("the daemon for {0} is not running (no api.addr): start it with `run --data {0}`")]
+    #[error(
+        "the daemon for {0} is not running (no api.addr): start it with `iq-node run --data {0}` or `iq-center run --data {0}`"
+    )]
     NotRunning(String),
     #[error(transparent)]
     Identity(#[from] IdentityError),
@@ -286,6 +288,14 @@ mod tests {
             empty.config(Role::Center),
             Err(DataDirError::Uninitialised(_))
         ));
+    }
+
+    #[test]
+    fn the_committed_example_config_parses() {
+        let example: Config =
+            toml::from_str(include_str!("../../docs/config.example.toml")).expect("example config");
+        assert_eq!(example.role, Role::Quarter);
+        assert!(example.quarter.is_some() && example.center.is_some());
     }
 
     #[test]

@@ -46,7 +46,7 @@ fn missing_and_uninitialised_data_directories_are_named() {
     );
     assert_clean_error(
         &run(Kind::Quarter, &["run", "--data", missing]),
-        "run `init --data",
+        "iq-node init --data",
     );
     let empty = tmp.path().to_str().expect("utf8");
     assert_clean_error(
@@ -168,7 +168,7 @@ fn running_cluster_errors_are_clear() -> Result<()> {
     let out = c.quarters[0].cli(&["concern", "list"]);
     assert_clean_error(&out, "is not running");
     let out = c.quarters[0].cli(&["status"]);
-    assert_clean_error(&out, "start it with `run --data");
+    assert_clean_error(&out, "start it with `iq-node run --data");
     // A SIGKILLed daemon leaves api.addr behind; the CLI still says it is not running.
     c.center.kill();
     let out = c.center.cli(&["quarters"]);
