@@ -229,12 +229,14 @@ pub async fn run(dir: Option<PathBuf>, once: bool) -> anyhow::Result<()> {
     let r = root.display();
     println!("try the CLIs against the running nodes (in another terminal):");
     println!(
-        "  cargo run -q -p iq-node -- concern add --data {r}/prohlis --category litter --description \"Glass shards on the playground\""
+        "  cargo run --release -q -p iq-node -- concern add --data {r}/prohlis --category litter --description \"Glass shards on the playground\""
     );
-    println!("  cargo run -q -p iq-node -- concern list --data {r}/johannstadt");
-    println!("  cargo run -q -p iq-node -- status --data {r}/friedrichstadt");
-    println!("  cargo run -q -p iq-center -- concerns --data {r}/center --quarter prohlis");
-    println!("  cargo run -q -p iq-center -- quarters --data {r}/center");
+    println!("  cargo run --release -q -p iq-node -- concern list --data {r}/johannstadt");
+    println!("  cargo run --release -q -p iq-node -- status --data {r}/friedrichstadt");
+    println!(
+        "  cargo run --release -q -p iq-center -- concerns --data {r}/center --quarter prohlis"
+    );
+    println!("  cargo run --release -q -p iq-center -- quarters --data {r}/center");
     println!();
 
     if !once {

@@ -28,10 +28,12 @@ const STORE: &str = "store";
 /// Why the data directory could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum DataDirError {
-    #[error("no iq data directory at {0}: run `init --data {0}` first")]
+    #[error(
+        "no iq data directory at {0}: create it first with `iq-node init --data {0} ...` (quarter) or `iq-center init --data {0}` (centre)"
+    )]
     Missing(String),
     #[error(
-        "{0} is not an initialised iq data directory (no config.toml): run `init --data {0}` first"
+        "{0} is not an initialised iq data directory (no config.toml): run `iq-node init --data {0} ...` or `iq-center init --data {0}` first"
     )]
     Uninitialised(String),
     #[error(
