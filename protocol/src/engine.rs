@@ -16,20 +16,31 @@
 //! including the heads it announced — so no session waits forever for an
 //! answer that will not come, and no timer has to guess that it might.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use automerge::sync::{self, SyncDoc};
 use automerge::transaction::Transaction;
 use automerge::{ActorId, Automerge, ChangeHash};
 
+use crate::authorship::{AuthorError, Signer, Writers};
+use crate::chunks::{self, ChunkError};
 use crate::ids::{DocId, QuarterSlug};
 use crate::schema;
 
 /// After a failed send, wait this long before trying again.
 pub const RETRY_MS: u64 = 1_000;
 
-/// What the caller must do, in this order: persist changes, persist sync
-/// states, then send. Sending before persisting could hand a peer a change
+/// One sync message to send, with the signatures of the changes it carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing<P> {
+    pub peer: P,
+    pub doc: DocId,
+    pub data: Vec<u8>,
+    pub sigs: Vec<(ChangeHash, Vec<u8>)>,
+}
+
+/// What the caller must do, in this order: persist changes, signatures and
+/// sync states, then send. Sending before persisting could hand a peer a change
 /// this node then forgets in a crash, and reuse its sequence number after.
 #[derive(Debug)]
 pub struct Effects<P> {
@@ -37,8 +48,10 @@ pub struct Effects<P> {
     pub changes: Vec<(DocId, Vec<Vec<u8>>)>,
     /// Sync states to persist per (peer, document), encoded.
     pub sync_states: Vec<(P, DocId, Vec<u8>)>,
+    /// Signatures of new changes (own or verified), to be made durable.
+    pub signatures: Vec<(ChangeHash, Vec<u8>)>,
     /// Sync messages to send.
-    pub sends: Vec<(P, DocId, Vec<u8>)>,
+    pub sends: Vec<Outgoing<P>>,
     /// Documents whose content changed.
     pub changed: BTreeSet<DocId>,
 }
@@ -48,6 +61,7 @@ impl<P> Default for Effects<P> {
         Self {
             changes: Vec::new(),
             sync_states: Vec::new(),
+            signatures: Vec::new(),
             sends: Vec::new(),
             changed: BTreeSet::new(),
         }
@@ -56,13 +70,17 @@ impl<P> Default for Effects<P> {
 
 impl<P> Effects<P> {
     pub fn is_empty(&self) -> bool {
-        self.changes.is_empty() && self.sync_states.is_empty() && self.sends.is_empty()
+        self.changes.is_empty()
+            && self.sync_states.is_empty()
+            && self.signatures.is_empty()
+            && self.sends.is_empty()
     }
 
     /// Appends `other`, keeping the persist-before-send order.
     pub fn extend(&mut self, other: Effects<P>) {
         self.changes.extend(other.changes);
         self.sync_states.extend(other.sync_states);
+        self.signatures.extend(other.signatures);
         self.sends.extend(other.sends);
         self.changed.extend(other.changed);
     }
@@ -79,6 +97,10 @@ pub enum SyncError {
     Decode(String),
     #[error("sync message could not be applied: {0}")]
     Apply(String),
+    #[error("sync message carries unacceptable chunks: {0}")]
+    Chunks(#[from] ChunkError),
+    #[error("sync message refused: {0}")]
+    Unauthorised(#[from] AuthorError),
 }
 
 /// Why a local write failed.
@@ -104,6 +126,12 @@ pub struct PeerStats {
     pub total_bytes_received: u64,
     /// Engine time of the last message received.
     pub last_received_ms: Option<u64>,
+    /// Messages refused (malformed, or carrying changes their sender could not have authored).
+    pub refused_messages: u64,
+    /// Changes refused for their authorship (not a writer, unsigned, bad signature).
+    pub refused_changes: u64,
+    /// Why the last message was refused.
+    pub last_refusal: Option<String>,
 }
 
 #[derive(Debug)]
@@ -149,6 +177,10 @@ struct Peer {
 #[derive(Debug)]
 pub struct Engine<P: Ord + Clone> {
     actor: ActorId,
+    signer: Signer,
+    writers: Writers,
+    /// Signatures of every non-genesis change held, by change hash.
+    sigs: HashMap<ChangeHash, Vec<u8>>,
     docs: BTreeMap<DocId, Automerge>,
     /// Quarter documents this node replicates (besides `city`).
     quarters: BTreeSet<QuarterSlug>,
@@ -156,10 +188,18 @@ pub struct Engine<P: Ord + Clone> {
 }
 
 impl<P: Ord + Clone> Engine<P> {
-    /// An engine writing as `actor`, replicating `city` and the given quarters.
-    pub fn new(actor: ActorId, quarters: impl IntoIterator<Item = QuarterSlug>) -> Self {
+    /// An engine signing as `signer`, accepting changes by `writers`,
+    /// replicating `city` and the given quarters.
+    pub fn new(
+        signer: Signer,
+        writers: Writers,
+        quarters: impl IntoIterator<Item = QuarterSlug>,
+    ) -> Self {
         let mut engine = Self {
-            actor,
+            actor: signer.actor(),
+            signer,
+            writers,
+            sigs: HashMap::new(),
             docs: BTreeMap::new(),
             quarters: BTreeSet::new(),
             peers: BTreeMap::new(),
@@ -203,6 +243,16 @@ impl<P: Ord + Clone> Engine<P> {
             am.load_incremental(chunk)?;
         }
         Ok(())
+    }
+
+    /// Loads persisted signatures.
+    pub fn load_signatures(&mut self, sigs: impl IntoIterator<Item = (ChangeHash, Vec<u8>)>) {
+        self.sigs.extend(sigs);
+    }
+
+    /// Replaces the quarters' writer sets (from the roster).
+    pub fn set_writers(&mut self, quarters: BTreeMap<QuarterSlug, BTreeSet<ActorId>>) {
+        self.writers.set_quarters(quarters);
     }
 
     pub fn doc(&self, doc: &DocId) -> Option<&Automerge> {
@@ -311,6 +361,7 @@ impl<P: Ord + Clone> Engine<P> {
         session.retry_at_ms = None;
         session.dirty = false;
         if let Some(msg) = am.generate_sync_message(&mut session.state) {
+            let sigs = attach_signatures(&self.sigs, &msg);
             let data = msg.encode();
             session.outstanding = true;
             session.last_activity_ms = now;
@@ -320,16 +371,24 @@ impl<P: Ord + Clone> Engine<P> {
                 p.stats.total_bytes_sent += n;
                 p.stats.session_messages_sent += 1;
             }
-            fx.sends.push((peer.clone(), doc.clone(), data));
+            fx.sends.push(Outgoing {
+                peer: peer.clone(),
+                doc: doc.clone(),
+                data,
+                sigs,
+            });
         }
     }
 
-    /// A sync message from `peer` for `doc` arrived.
+    /// A sync message from `peer` for `doc` arrived with the signatures of
+    /// the changes it carries. Every change not yet held must be signed by a
+    /// writer of `doc`; otherwise the whole message is refused and counted.
     pub fn receive(
         &mut self,
         peer: &P,
         doc: &DocId,
         data: &[u8],
+        sigs: &[(ChangeHash, Vec<u8>)],
         now: u64,
     ) -> Result<Effects<P>, SyncError> {
         if !self.peers.contains_key(peer) {
@@ -338,9 +397,22 @@ impl<P: Ord + Clone> Engine<P> {
         if !self.accepts(doc) {
             return Err(SyncError::NotAccepted(doc.clone()));
         }
-        let msg = sync::Message::decode(data).map_err(|e| SyncError::Decode(e.to_string()))?;
-        self.ensure_doc(doc);
+        let (msg, new_sigs) = match self.check_message(doc, data, sigs) {
+            Ok(ok) => ok,
+            Err((err, bad_changes)) => {
+                if let Some(p) = self.peers.get_mut(peer) {
+                    p.stats.refused_messages += 1;
+                    p.stats.refused_changes += bad_changes;
+                    p.stats.last_refusal = Some(err.to_string());
+                }
+                return Err(err);
+            }
+        };
         let mut fx = Effects::default();
+        for (hash, sig) in new_sigs {
+            self.sigs.insert(hash, sig.clone());
+            fx.signatures.push((hash, sig));
+        }
         let (Some(am), Some(session)) = (
             self.docs.get_mut(doc),
             Self::session(&mut self.peers, peer, doc, now),
@@ -383,6 +455,55 @@ impl<P: Ord + Clone> Engine<P> {
         }
         self.generate(peer, doc, now, &mut fx);
         Ok(fx)
+    }
+
+    /// Decodes a message and checks the authorship of every change in it
+    /// that this node does not hold yet. On refusal, also says how many
+    /// changes failed the check.
+    #[allow(clippy::type_complexity)]
+    fn check_message(
+        &mut self,
+        doc: &DocId,
+        data: &[u8],
+        sigs: &[(ChangeHash, Vec<u8>)],
+    ) -> Result<(sync::Message, Vec<(ChangeHash, Vec<u8>)>), (SyncError, u64)> {
+        let msg = sync::Message::decode(data).map_err(|e| (SyncError::Decode(e.to_string()), 0))?;
+        let mut carried = Vec::new();
+        for element in msg.changes.iter() {
+            chunks::changes_in(element, &mut carried).map_err(|e| (SyncError::Chunks(e), 0))?;
+        }
+        let sig_of: HashMap<&ChangeHash, &[u8]> =
+            sigs.iter().map(|(h, s)| (h, s.as_slice())).collect();
+        self.ensure_doc(doc);
+        let mut accepted = Vec::new();
+        let mut first_error = None;
+        let mut bad = 0u64;
+        for change in &carried {
+            let hash = change.hash();
+            let held = self
+                .docs
+                .get(doc)
+                .is_some_and(|am| am.get_change_meta_by_hash(&hash).is_some());
+            if held {
+                continue;
+            }
+            let sig = sig_of.get(&hash).copied();
+            match self.writers.check(doc, change, sig) {
+                Ok(()) => {
+                    if let Some(sig) = sig {
+                        accepted.push((hash, sig.to_vec()));
+                    }
+                }
+                Err(e) => {
+                    bad += 1;
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err((SyncError::Unauthorised(e), bad)),
+            None => Ok((msg, accepted)),
+        }
     }
 
     /// The last message to (peer, doc) was acknowledged.
@@ -468,11 +589,13 @@ impl<P: Ord + Clone> Engine<P> {
             .map_err(|failure| ChangeError::Rejected(failure.error))?
             .result;
         let mut fx = Effects::default();
-        let changes: Vec<Vec<u8>> = am
-            .get_changes(&before)
-            .iter()
-            .map(|c| c.raw_bytes().to_vec())
-            .collect();
+        let new = am.get_changes(&before);
+        for change in &new {
+            let sig = self.signer.sign(&change.hash());
+            self.sigs.insert(change.hash(), sig.clone());
+            fx.signatures.push((change.hash(), sig));
+        }
+        let changes: Vec<Vec<u8>> = new.iter().map(|c| c.raw_bytes().to_vec()).collect();
         if !changes.is_empty() {
             fx.changes.push((doc.clone(), changes));
             fx.changed.insert(doc.clone());
@@ -483,6 +606,22 @@ impl<P: Ord + Clone> Engine<P> {
         }
         Ok((value, fx))
     }
+}
+
+/// The signatures of the changes `msg` carries (all of a whole document).
+fn attach_signatures(
+    sigs: &HashMap<ChangeHash, Vec<u8>>,
+    msg: &sync::Message,
+) -> Vec<(ChangeHash, Vec<u8>)> {
+    let mut carried = Vec::new();
+    for element in msg.changes.iter() {
+        // Our own message: it parses; if it ever did not, the peer refuses it.
+        let _ = chunks::changes_in(element, &mut carried);
+    }
+    carried
+        .iter()
+        .filter_map(|c| sigs.get(&c.hash()).map(|s| (c.hash(), s.clone())))
+        .collect()
 }
 
 #[cfg(test)]
@@ -520,11 +659,28 @@ mod tests {
         }
     }
 
+    fn signer(node: usize) -> Signer {
+        Signer::from_secret([node as u8 + 1; 32])
+    }
+
+    /// Node 0 is the centre (writes `city`); `owners[k]` writes `quarters[k]`.
+    fn engine(node: usize, quarters: &[QuarterSlug], owners: &[usize]) -> Engine<usize> {
+        let mut writers = Writers::new([signer(0).actor()]);
+        writers.set_quarters(
+            quarters
+                .iter()
+                .zip(owners)
+                .map(|(q, o)| (q.clone(), [signer(*o).actor()].into_iter().collect()))
+                .collect(),
+        );
+        Engine::new(signer(node), writers, quarters.iter().cloned())
+    }
+
     /// In-memory network of engines with a seeded fault schedule.
     struct Sim {
         nodes: Vec<Engine<usize>>,
-        /// Messages in transit: (from, to, doc, data).
-        wire: Vec<(usize, usize, DocId, Vec<u8>)>,
+        /// Messages in transit, with their sender.
+        wire: Vec<(usize, Outgoing<usize>)>,
         links: Vec<(usize, usize)>,
         rng: Rng,
         now: u64,
@@ -537,17 +693,11 @@ mod tests {
             n: usize,
             links: Vec<(usize, usize)>,
             quarters: &[QuarterSlug],
+            owners: &[usize],
             seed: u64,
             drop_per_mille: u64,
         ) -> Self {
-            let nodes = (0..n)
-                .map(|i| {
-                    Engine::new(
-                        ActorId::from(vec![i as u8 + 1; 16]),
-                        quarters.iter().cloned(),
-                    )
-                })
-                .collect();
+            let nodes = (0..n).map(|i| engine(i, quarters, owners)).collect();
             let mut sim = Self {
                 nodes,
                 wire: Vec::new(),
@@ -567,8 +717,8 @@ mod tests {
         }
 
         fn enqueue(&mut self, from: usize, fx: Effects<usize>) {
-            for (to, doc, data) in fx.sends {
-                self.wire.push((from, to, doc, data));
+            for out in fx.sends {
+                self.wire.push((from, out));
             }
         }
 
@@ -577,6 +727,16 @@ mod tests {
                 .change(doc, self.now, |tx| schema::put_concern(tx, &concern(id)))
                 .expect("local write");
             self.enqueue(node, fx);
+        }
+
+        fn deliver(&mut self, k: usize) {
+            let (from, out) = self.wire.swap_remove(k);
+            let fx = self.nodes[out.peer]
+                .receive(&from, &out.doc, &out.data, &out.sigs, self.now)
+                .expect("receive");
+            self.enqueue(out.peer, fx);
+            let fx = self.nodes[from].delivered(&out.peer, &out.doc, self.now);
+            self.enqueue(from, fx);
         }
 
         /// Delivers messages in random order, dropping some, until the wire
@@ -598,18 +758,13 @@ mod tests {
                 }
                 self.now += 1;
                 let k = self.rng.below(self.wire.len() as u64) as usize;
-                let (from, to, doc, data) = self.wire.swap_remove(k);
                 if self.rng.below(1000) < self.drop_per_mille {
+                    let (from, out) = self.wire.swap_remove(k);
                     self.dropped += 1;
-                    self.nodes[from].send_failed(&to, &doc, self.now);
+                    self.nodes[from].send_failed(&out.peer, &out.doc, self.now);
                     continue;
                 }
-                let fx = self.nodes[to]
-                    .receive(&from, &doc, &data, self.now)
-                    .expect("receive");
-                self.enqueue(to, fx);
-                let fx = self.nodes[from].delivered(&to, &doc, self.now);
-                self.enqueue(from, fx);
+                self.deliver(k);
             }
             panic!("simulation did not quiesce within {max_steps} steps");
         }
@@ -627,7 +782,7 @@ mod tests {
     #[test]
     fn two_engines_converge() {
         let q = [slug("a"), slug("b")];
-        let mut sim = Sim::new(2, vec![(0, 1)], &q, 7, 0);
+        let mut sim = Sim::new(2, vec![(0, 1)], &q, &[0, 1], 7, 0);
         for i in 0..20 {
             sim.write(0, &DocId::quarter(&q[0]), format!("a{i}"));
             sim.write(1, &DocId::quarter(&q[1]), format!("b{i}"));
@@ -643,8 +798,9 @@ mod tests {
         let q = [slug("a"), slug("b")];
         let mut dropped = 0;
         for seed in 1..=20u64 {
-            // Node 0 is the centre; 1 and 2 are quarters that only talk to it.
-            let mut sim = Sim::new(3, vec![(0, 1), (0, 2)], &q, seed, 200);
+            // Node 0 is the centre; 1 and 2 are quarters that only talk to it,
+            // so every change reaches the other quarter relayed, signature and all.
+            let mut sim = Sim::new(3, vec![(0, 1), (0, 2)], &q, &[1, 2], seed, 200);
             let mut rng = Rng(seed * 7919);
             for i in 0..30 {
                 let node = 1 + rng.below(2) as usize;
@@ -656,13 +812,7 @@ mod tests {
                             break;
                         }
                         let k = sim.rng.below(sim.wire.len() as u64) as usize;
-                        let (from, to, doc, data) = sim.wire.swap_remove(k);
-                        let fx = sim.nodes[to]
-                            .receive(&from, &doc, &data, sim.now)
-                            .expect("receive");
-                        sim.enqueue(to, fx);
-                        let fx = sim.nodes[from].delivered(&to, &doc, sim.now);
-                        sim.enqueue(from, fx);
+                        sim.deliver(k);
                     }
                 }
             }
@@ -673,6 +823,13 @@ mod tests {
                     assert!(
                         !s.outstanding && !s.dirty,
                         "seed {seed}: a session did not settle"
+                    );
+                }
+                for (_, stats) in node.peers() {
+                    assert_eq!(
+                        stats.refused_messages, 0,
+                        "seed {seed}: {:?}",
+                        stats.last_refusal
                     );
                 }
             }
@@ -693,7 +850,7 @@ mod tests {
     fn persisted_sync_state_makes_reconnect_cheap() {
         let q = [slug("a")];
         let doc = DocId::quarter(&q[0]);
-        let mut sim = Sim::new(2, vec![(0, 1)], &q, 3, 0);
+        let mut sim = Sim::new(2, vec![(0, 1)], &q, &[0], 3, 0);
         for i in 0..200 {
             sim.write(0, &doc, format!("a{i}"));
         }
@@ -703,10 +860,7 @@ mod tests {
         let saved: Vec<Vec<(DocId, Vec<u8>)>> = (0..2)
             .map(|i| {
                 let other = 1 - i;
-                sim.nodes[i]
-                    .peers
-                    .get(&other)
-                    .expect("peer")
+                sim.nodes[i].peers[&other]
                     .sessions
                     .iter()
                     .map(|(d, s)| (d.clone(), s.state.encode()))
@@ -734,17 +888,226 @@ mod tests {
 
     #[test]
     fn messages_for_unreplicated_documents_are_refused() {
-        let mut a: Engine<usize> = Engine::new(ActorId::random(), [slug("a")]);
+        let mut a = engine(0, &[slug("a")], &[0]);
         let _ = a.peer_up(1, vec![], 0);
         let err = a
-            .receive(&1, &DocId::quarter(&slug("zzz")), b"", 0)
+            .receive(&1, &DocId::quarter(&slug("zzz")), b"", &[], 0)
             .expect_err("accepted");
         assert!(matches!(err, SyncError::NotAccepted(_)));
-        let err = a.receive(&2, &DocId::City, b"", 0).expect_err("accepted");
+        let err = a
+            .receive(&2, &DocId::City, b"", &[], 0)
+            .expect_err("accepted");
         assert_eq!(err, SyncError::UnknownPeer);
         let err = a
-            .receive(&1, &DocId::City, b"\x42garbage", 0)
+            .receive(&1, &DocId::City, b"\x42garbage", &[], 0)
             .expect_err("accepted");
         assert!(matches!(err, SyncError::Decode(_)));
+    }
+
+    /// A sync message carrying `changes` as a V1 change list.
+    fn message_with(heads: Vec<ChangeHash>, changes: Vec<Vec<u8>>) -> Vec<u8> {
+        sync::Message {
+            heads,
+            need: vec![],
+            have: vec![],
+            changes: changes.into(),
+            flags: None,
+            version: sync::MessageVersion::V1,
+        }
+        .encode()
+    }
+
+    /// A forged change to `doc` made by `author_key` while claiming `actor`.
+    fn forge(
+        doc: &DocId,
+        actor: ActorId,
+        author: &Signer,
+        id: &str,
+    ) -> (automerge::Change, Vec<u8>) {
+        let mut am = schema::genesis(doc);
+        am.set_actor(actor);
+        am.transact::<_, _, schema::SchemaError>(|tx| {
+            if *doc == DocId::City {
+                let entry = schema::RosterEntry {
+                    name: id.into(),
+                    writers: vec![],
+                };
+                schema::put_roster_entry(tx, &slug("evil"), &entry)
+            } else {
+                schema::put_concern(tx, &concern(id.into()))
+            }
+        })
+        .expect("forge");
+        let change = am.get_last_local_change().expect("change");
+        let sig = author.sign(&change.hash());
+        (change, sig)
+    }
+
+    #[test]
+    fn a_quarter_cannot_write_the_city_or_another_quarter() {
+        let q = [slug("a"), slug("b")];
+        // Node 0 centre, node 1 writes a, node 2 writes b; node 1 attacks.
+        let mut centre = engine(0, &q, &[1, 2]);
+        let _ = centre.peer_up(1, vec![], 0);
+        let attacker = signer(1);
+        for doc in [DocId::City, DocId::quarter(&q[1])] {
+            // Signed with its own key, as itself: not a writer.
+            let (c, sig) = forge(&doc, attacker.actor(), &attacker, "x");
+            let msg = message_with(vec![c.hash()], vec![c.raw_bytes().to_vec()]);
+            let err = centre
+                .receive(&1, &doc, &msg, &[(c.hash(), sig)], 0)
+                .expect_err("forged");
+            assert!(
+                matches!(err, SyncError::Unauthorised(AuthorError::NotAWriter { .. })),
+                "{err}"
+            );
+            assert!(
+                centre
+                    .doc(&doc)
+                    .expect("doc")
+                    .get_change_meta_by_hash(&c.hash())
+                    .is_none()
+            );
+        }
+        let stats = centre.peers().next().expect("peer").1;
+        assert_eq!((stats.refused_messages, stats.refused_changes), (2, 2));
+    }
+
+    #[test]
+    fn a_forged_change_under_the_real_writers_actor_is_refused_and_does_not_block_them() {
+        let q = [slug("a"), slug("b")];
+        let doc = DocId::quarter(&q[1]);
+        let mut centre = engine(0, &q, &[1, 2]);
+        let _ = centre.peer_up(1, vec![], 0);
+        let _ = centre.peer_up(2, vec![], 0);
+        let victim = signer(2);
+        // Node 1 claims node 2's actor: same actor, same sequence number 1.
+        let (forged, bad_sig) = forge(&doc, victim.actor(), &signer(1), "forged");
+        let msg = message_with(vec![forged.hash()], vec![forged.raw_bytes().to_vec()]);
+        let err = centre
+            .receive(&1, &doc, &msg, &[(forged.hash(), bad_sig)], 0)
+            .expect_err("forged");
+        assert!(
+            matches!(
+                err,
+                SyncError::Unauthorised(AuthorError::BadSignature { .. })
+            ),
+            "{err}"
+        );
+        let unsigned = centre
+            .receive(&1, &doc, &msg, &[], 0)
+            .expect_err("unsigned");
+        assert!(
+            matches!(
+                unsigned,
+                SyncError::Unauthorised(AuthorError::Unsigned { .. })
+            ),
+            "{unsigned}"
+        );
+        // The real writer's change with the same actor and sequence number gets in.
+        let (real, sig) = forge(&doc, victim.actor(), &victim, "real");
+        assert_eq!(real.seq(), forged.seq());
+        let msg = message_with(vec![real.hash()], vec![real.raw_bytes().to_vec()]);
+        centre
+            .receive(&2, &doc, &msg, &[(real.hash(), sig)], 0)
+            .expect("real change");
+        let am = centre.doc(&doc).expect("doc");
+        let ids: Vec<String> = schema::concerns(am)
+            .expect("read")
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        assert_eq!(ids, vec!["real".to_string()]);
+    }
+
+    #[test]
+    fn a_relay_cannot_invent_or_alter_a_quarters_changes() {
+        let q = [slug("a")];
+        let doc = DocId::quarter(&q[0]);
+        // Node 2 is another quarter node receiving quarter a's document via the centre (0).
+        let mut other = engine(2, &q, &[1]);
+        let _ = other.peer_up(0, vec![], 0);
+        let centre = signer(0);
+        // The centre invents a change in quarter a's name and signs it itself.
+        let (c, sig) = forge(&doc, signer(1).actor(), &centre, "invented");
+        let msg = message_with(vec![c.hash()], vec![c.raw_bytes().to_vec()]);
+        let err = other
+            .receive(&0, &doc, &msg, &[(c.hash(), sig)], 0)
+            .expect_err("invented");
+        assert!(
+            matches!(
+                err,
+                SyncError::Unauthorised(AuthorError::BadSignature { .. })
+            ),
+            "{err}"
+        );
+        // Relaying a real signature with a different change does not verify either.
+        let (real, real_sig) = forge(&doc, signer(1).actor(), &signer(1), "real");
+        let (altered, _) = forge(&doc, signer(1).actor(), &centre, "altered");
+        let msg = message_with(vec![altered.hash()], vec![altered.raw_bytes().to_vec()]);
+        let err = other
+            .receive(&0, &doc, &msg, &[(altered.hash(), real_sig.clone())], 0)
+            .expect_err("altered");
+        assert!(
+            matches!(
+                err,
+                SyncError::Unauthorised(AuthorError::BadSignature { .. })
+            ),
+            "{err}"
+        );
+        let msg = message_with(vec![real.hash()], vec![real.raw_bytes().to_vec()]);
+        other
+            .receive(&0, &doc, &msg, &[(real.hash(), real_sig)], 0)
+            .expect("relayed real change");
+    }
+
+    #[test]
+    fn whole_document_messages_are_checked_change_by_change() {
+        let q = [slug("a")];
+        let doc = DocId::quarter(&q[0]);
+        let mut centre = engine(0, &q, &[1]);
+        let _ = centre.peer_up(1, vec![], 0);
+        // A whole document with one real and one forged change (the forger
+        // writes as node 3, which is not a writer of quarter a).
+        let mut am = schema::genesis(&doc);
+        am.set_actor(signer(1).actor());
+        am.transact::<_, _, schema::SchemaError>(|tx| {
+            schema::put_concern(tx, &concern("real".into()))
+        })
+        .expect("write");
+        let real = am.get_last_local_change().expect("change");
+        am.set_actor(signer(3).actor());
+        am.transact::<_, _, schema::SchemaError>(|tx| {
+            schema::put_concern(tx, &concern("forged".into()))
+        })
+        .expect("write");
+        let forged = am.get_last_local_change().expect("change");
+        let sigs = vec![
+            (real.hash(), signer(1).sign(&real.hash())),
+            (forged.hash(), signer(3).sign(&forged.hash())),
+        ];
+        let whole = sync::Message {
+            heads: am.get_heads(),
+            need: vec![],
+            have: vec![],
+            changes: am.save().into(),
+            flags: None,
+            version: sync::MessageVersion::V2,
+        }
+        .encode();
+        let err = centre
+            .receive(&1, &doc, &whole, &sigs, 0)
+            .expect_err("forged inside a document");
+        assert!(
+            matches!(err, SyncError::Unauthorised(AuthorError::NotAWriter { .. })),
+            "{err}"
+        );
+        assert!(
+            centre
+                .doc(&doc)
+                .expect("doc")
+                .get_change_meta_by_hash(&real.hash())
+                .is_none()
+        );
     }
 }

@@ -91,6 +91,13 @@ impl Identity {
         &self.keypair
     }
 
+    /// The 32-byte ed25519 secret, for signing changes.
+    pub fn ed25519_secret(&self) -> Option<[u8; 32]> {
+        let kp = self.keypair.clone().try_into_ed25519().ok()?;
+        let secret = kp.secret();
+        <[u8; 32]>::try_from(secret.as_ref()).ok()
+    }
+
     pub fn peer_id(&self) -> PeerId {
         self.keypair.public().to_peer_id()
     }

@@ -2,6 +2,8 @@
 //!
 //! # Layout
 //! - [`ids`]: document ids and quarter slugs.
+//! - [`authorship`]: change signatures and who may write which document.
+//! - [`chunks`]: bounded reading of the automerge chunks a peer sends.
 //! - [`identity`]: the node's ed25519 key, its PeerId and automerge actor id.
 //! - [`schema`]: document schemas (genesis, concerns, roster) over automerge.
 //! - [`wire`]: versioned wire messages of the sync protocol.
@@ -11,6 +13,8 @@
 //! - [`datadir`]: the data directory: lock, config, identity and API address files.
 //! - [`replicator`]: the daemon core that drives engine, store and transport.
 
+pub mod authorship;
+pub mod chunks;
 pub mod datadir;
 pub mod engine;
 pub mod identity;

@@ -8,10 +8,11 @@
 //! back to its caller. A store that cannot write stops the node (fail-stop):
 //! carrying on would acknowledge what is not on disk.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use automerge::transaction::Transaction;
+use automerge::{ActorId, ChangeHash};
 use futures::StreamExt;
 use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::swarm::SwarmEvent;
@@ -20,14 +21,15 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use crate::authorship::{SIGNATURE_LEN, Signer, Writers};
 use crate::datadir::Role;
 use crate::engine::{ChangeError, Effects, Engine, PeerStats, SyncError};
-use crate::identity::Identity;
+use crate::identity::{Identity, actor_id_of_peer};
 use crate::ids::{DocId, QuarterSlug};
 use crate::schema::{self, SchemaError};
 use crate::store::{Batch, Store, StoreError};
 use crate::transport::{self, Behaviour, BehaviourEvent, TransportError};
-use crate::wire::{Request, RequestV1, Response, ResponseV1};
+use crate::wire::{Request, RequestV1, Response, ResponseV1, SignedHash};
 
 /// Interval of the engine's timer (retries, stalled sessions, redial, compaction).
 const TICK: Duration = Duration::from_millis(250);
@@ -63,6 +65,8 @@ pub enum ReplicatorError {
     Transport(#[from] TransportError),
     #[error("cannot listen on {addr}: {reason}")]
     Listen { addr: String, reason: String },
+    #[error("node key: {0}")]
+    Key(String),
     #[error("stored document {doc} cannot be loaded: {reason}")]
     Load { doc: DocId, reason: String },
     #[error("the node has stopped")]
@@ -152,6 +156,7 @@ pub struct View<'a> {
     pub peer_id: PeerId,
     pub own_doc: &'a DocId,
     connected: &'a BTreeSet<PeerId>,
+    refusals: Refusals,
     listen: Vec<String>,
     started: (Instant, SystemTime),
     store_bytes: u64,
@@ -165,8 +170,23 @@ pub struct Status {
     pub own_doc: String,
     pub listen: Vec<String>,
     pub store_bytes: u64,
+    /// What this node refused since it started.
+    pub refusals: Refusals,
     pub documents: Vec<DocStatus>,
     pub peers: Vec<PeerStatus>,
+}
+
+/// Counters of refused input, for `status` (peers that are up also carry their own).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Refusals {
+    /// Connections refused at admission (not on the roster, or over a limit).
+    pub connections: u64,
+    /// Requests refused before the sync engine (malformed, or from a non-partner).
+    pub requests: u64,
+    /// Sync messages refused by the engine (malformed chunks, unauthorised changes), from peers now up.
+    pub messages: u64,
+    /// Changes refused for their authorship, from peers now up.
+    pub changes: u64,
 }
 
 /// One document in [`Status`].
@@ -233,6 +253,7 @@ impl View<'_> {
             own_doc: self.own_doc.to_string(),
             listen: self.listen.clone(),
             store_bytes: self.store_bytes,
+            refusals: self.refusals,
             documents,
             peers,
         }
@@ -305,6 +326,10 @@ pub struct Actor {
     started: (Instant, SystemTime),
     next_dial: Instant,
     fatal: Option<ReplicatorError>,
+    /// Requests refused before they reached the engine (malformed envelope, not a partner).
+    refused_requests: u64,
+    /// Connections refused at admission (not on the allow list, or over a limit).
+    refused_connections: u64,
 }
 
 impl std::fmt::Debug for Actor {
@@ -319,7 +344,35 @@ impl Actor {
     fn new(config: ReplicatorConfig) -> Result<Self, ReplicatorError> {
         let own_quarter: Vec<QuarterSlug> =
             config.own_doc.quarter_slug().cloned().into_iter().collect();
-        let mut engine = Engine::new(config.identity.actor_id(), own_quarter);
+        let secret = config
+            .identity
+            .ed25519_secret()
+            .ok_or_else(|| ReplicatorError::Key("the node key is not an ed25519 key".into()))?;
+        let center_actor = match (&config.role, &config.center) {
+            (Role::Center, _) => config.identity.actor_id(),
+            (Role::Quarter, Some((peer, _))) => actor_id_of_peer(peer).ok_or_else(|| {
+                ReplicatorError::Key(format!(
+                    "the centre's PeerId {peer} does not carry an ed25519 key"
+                ))
+            })?,
+            (Role::Quarter, None) => {
+                return Err(ReplicatorError::Key(
+                    "a quarter node needs the centre's PeerId".into(),
+                ));
+            }
+        };
+        let mut engine = Engine::new(
+            Signer::from_secret(secret),
+            Writers::new([center_actor]),
+            own_quarter,
+        );
+        engine.load_signatures(
+            config
+                .store
+                .signatures()?
+                .into_iter()
+                .map(|(h, s)| (ChangeHash(h), s)),
+        );
         let mut chunks = HashMap::new();
         for stored in config.store.load_docs()? {
             chunks.insert(stored.id.clone(), stored.chunks.len());
@@ -347,6 +400,8 @@ impl Actor {
             started: (Instant::now(), SystemTime::now()),
             next_dial: Instant::now(),
             fatal: None,
+            refused_requests: 0,
+            refused_connections: 0,
         };
         let _ = actor.refresh_roster();
         Ok(actor)
@@ -376,6 +431,12 @@ impl Actor {
             peer_id: self.peer_id,
             own_doc: &self.own_doc,
             connected: &self.connected,
+            refusals: Refusals {
+                connections: self.refused_connections,
+                requests: self.refused_requests,
+                messages: self.engine.peers().map(|(_, s)| s.refused_messages).sum(),
+                changes: self.engine.peers().map(|(_, s)| s.refused_changes).sum(),
+            },
             listen: self
                 .swarm
                 .listeners()
@@ -416,6 +477,7 @@ impl Actor {
                 .into_iter()
                 .map(|(p, d, s)| (p.to_string(), d, s))
                 .collect(),
+            signatures: fx.signatures.into_iter().map(|(h, s)| (h.0, s)).collect(),
         };
         if let Err(e) = self.store.commit(&batch) {
             self.fatal = Some(e.into());
@@ -424,15 +486,26 @@ impl Actor {
         for (doc, chunks) in &batch.changes {
             *self.chunks.entry(doc.clone()).or_default() += chunks.len();
         }
-        for (peer, doc, data) in fx.sends {
-            let id = self.swarm.behaviour_mut().sync.send_request(
-                &peer,
-                Request::V1(RequestV1::Sync {
-                    doc: doc.clone(),
-                    data,
-                }),
-            );
-            self.pending.insert(id, (peer, doc));
+        for out in fx.sends {
+            let sigs = out
+                .sigs
+                .into_iter()
+                .map(|(h, sig)| SignedHash {
+                    hash: h.0.to_vec(),
+                    sig,
+                })
+                .collect();
+            let request = Request::V1(RequestV1::Sync {
+                doc: out.doc.clone(),
+                data: out.data,
+                sigs,
+            });
+            let id = self
+                .swarm
+                .behaviour_mut()
+                .sync
+                .send_request(&out.peer, request);
+            self.pending.insert(id, (out.peer, out.doc));
         }
         if fx.changed.contains(&DocId::City) {
             self.refresh_roster()?;
@@ -463,14 +536,32 @@ impl Actor {
                 .collect(),
             Role::Quarter => self.center.iter().map(|(p, _)| *p).collect(),
         };
+        let writers: BTreeMap<QuarterSlug, BTreeSet<ActorId>> = roster
+            .iter()
+            .map(|(slug, entry)| {
+                let actors = entry
+                    .writers
+                    .iter()
+                    .filter_map(|w| w.parse::<PeerId>().ok())
+                    .filter_map(|p| actor_id_of_peer(&p))
+                    .collect();
+                (slug.clone(), actors)
+            })
+            .collect();
+        self.engine.set_writers(writers);
         let now = self.now();
         let fx = self.engine.set_quarters(quarters, now);
         let removed: Vec<PeerId> = self.allowed.difference(&allowed).copied().collect();
         let added: Vec<PeerId> = allowed.difference(&self.allowed).copied().collect();
         self.allowed = allowed;
         for p in removed {
+            tracing::info!(peer = %p, "peer removed from the roster: refused from now on");
             self.engine.peer_down(&p);
-            let _ = self.swarm.disconnect_peer_id(p);
+            // Closes its open connections and refuses new ones.
+            self.swarm.behaviour_mut().allow.disallow_peer(p);
+        }
+        for p in &added {
+            self.swarm.behaviour_mut().allow.allow_peer(*p);
         }
         let mut fx = fx;
         for p in added {
@@ -582,6 +673,14 @@ impl Actor {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Sync(event)) => self.handle_sync(event),
+            SwarmEvent::IncomingConnectionError {
+                error,
+                send_back_addr,
+                ..
+            } => {
+                self.refused_connections += 1;
+                tracing::debug!(%send_back_addr, %error, "incoming connection refused");
+            }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(peer = ?peer_id, %error, "outgoing connection failed");
             }
@@ -600,14 +699,27 @@ impl Actor {
                     },
                 ..
             } => {
-                let Request::V1(RequestV1::Sync { doc, data }) = request;
+                let Request::V1(RequestV1::Sync { doc, data, sigs }) = request;
+                let Some(sigs) = parse_sigs(sigs) else {
+                    self.refused_requests += 1;
+                    let response = ResponseV1::Refused {
+                        reason: "malformed signature list".into(),
+                    };
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .sync
+                        .send_response(channel, Response::V1(response));
+                    return;
+                };
                 let now = self.now();
                 let response = if !self.allowed.contains(&peer) {
+                    self.refused_requests += 1;
                     ResponseV1::Refused {
                         reason: "not a sync partner of this node (not on the roster)".into(),
                     }
                 } else {
-                    match self.engine.receive(&peer, &doc, &data, now) {
+                    match self.engine.receive(&peer, &doc, &data, &sigs, now) {
                         Ok(fx) => {
                             if self.apply(fx).is_err() {
                                 return; // no ack for what is not durable
@@ -677,4 +789,14 @@ impl Actor {
             Event::ResponseSent { .. } => {}
         }
     }
+}
+
+/// Checks the signature list of a request: 32-byte hashes, 64-byte signatures.
+fn parse_sigs(sigs: Vec<SignedHash>) -> Option<Vec<(ChangeHash, Vec<u8>)>> {
+    sigs.into_iter()
+        .map(|s| {
+            let hash = <[u8; 32]>::try_from(s.hash.as_slice()).ok()?;
+            (s.sig.len() == SIGNATURE_LEN).then_some((ChangeHash(hash), s.sig))
+        })
+        .collect()
 }

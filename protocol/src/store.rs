@@ -5,6 +5,7 @@
 //! - `snapshots`: doc id → the document saved whole (compacted form);
 //! - `changes`:   doc id, 0, 8-byte id → one incremental change chunk;
 //! - `sync`:      peer, 0, doc id → encoded automerge sync state;
+//! - `sigs`:      change hash → its author's signature;
 //! - `local`:     key → value, node-local data that is never replicated.
 //!
 //! Durability: sled's `flush` writes its log with `sync_file_range` on Linux,
@@ -36,17 +37,22 @@ pub enum StoreError {
     BadKey { tree: &'static str },
 }
 
+/// A change hash and its author's signature, as stored.
+pub type StoredSignature = ([u8; 32], Vec<u8>);
+
 /// Everything one commit makes durable together.
 #[derive(Debug, Default)]
 pub struct Batch {
     pub changes: Vec<(DocId, Vec<Vec<u8>>)>,
     /// (peer, doc, encoded sync state)
     pub sync_states: Vec<(String, DocId, Vec<u8>)>,
+    /// (change hash, signature)
+    pub signatures: Vec<StoredSignature>,
 }
 
 impl Batch {
     pub fn is_empty(&self) -> bool {
-        self.changes.is_empty() && self.sync_states.is_empty()
+        self.changes.is_empty() && self.sync_states.is_empty() && self.signatures.is_empty()
     }
 }
 
@@ -64,6 +70,7 @@ pub struct Store {
     snapshots: sled::Tree,
     changes: sled::Tree,
     sync: sled::Tree,
+    sigs: sled::Tree,
     local: sled::Tree,
     dir: PathBuf,
     /// Blob files already fsynced.
@@ -99,6 +106,7 @@ impl Store {
             snapshots: db.open_tree("snapshots")?,
             changes: db.open_tree("changes")?,
             sync: db.open_tree("sync")?,
+            sigs: db.open_tree("sigs")?,
             local: db.open_tree("local")?,
             db,
             dir: dir.to_owned(),
@@ -175,10 +183,13 @@ impl Store {
                 keyed.push((key, chunk));
             }
         }
-        (&self.changes, &self.sync)
-            .transaction(|(changes, sync)| {
+        (&self.changes, &self.sync, &self.sigs)
+            .transaction(|(changes, sync, sigs)| {
                 for (key, chunk) in &keyed {
                     changes.insert(key.as_slice(), chunk.as_slice())?;
+                }
+                for (hash, sig) in &batch.signatures {
+                    sigs.insert(&hash[..], sig.as_slice())?;
                 }
                 for (peer, doc, state) in &batch.sync_states {
                     sync.insert(sync_key(peer, doc), state.as_slice())?;
@@ -213,6 +224,18 @@ impl Store {
             })
             .map_err(unabort)?;
         self.durable()
+    }
+
+    /// Every stored signature, by change hash.
+    pub fn signatures(&self) -> Result<Vec<StoredSignature>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.sigs.iter() {
+            let (k, v) = item?;
+            let hash =
+                <[u8; 32]>::try_from(&k[..]).map_err(|_| StoreError::BadKey { tree: "sigs" })?;
+            out.push((hash, v.to_vec()));
+        }
+        Ok(out)
     }
 
     /// Persisted sync states for `peer`.
@@ -276,6 +299,7 @@ mod tests {
             let batch = Batch {
                 changes: vec![(doc(), vec![b"one".to_vec(), b"two".to_vec()])],
                 sync_states: vec![("peer".into(), doc(), b"state".to_vec())],
+                signatures: vec![([7; 32], vec![9; 64])],
             };
             store.commit(&batch).expect("commit");
         }
@@ -288,6 +312,10 @@ mod tests {
             vec![(doc(), b"state".to_vec())]
         );
         assert!(store.sync_states("other").expect("states").is_empty());
+        assert_eq!(
+            store.signatures().expect("sigs"),
+            vec![([7; 32], vec![9; 64])]
+        );
     }
 
     #[test]
@@ -297,6 +325,7 @@ mod tests {
         let batch = Batch {
             changes: vec![(doc(), vec![b"a".to_vec(), b"b".to_vec()])],
             sync_states: vec![],
+            signatures: vec![],
         };
         store.commit(&batch).expect("commit");
         assert_eq!(store.chunk_count(&doc()), 2);
@@ -305,6 +334,7 @@ mod tests {
         let batch = Batch {
             changes: vec![(doc(), vec![b"c".to_vec()])],
             sync_states: vec![],
+            signatures: vec![],
         };
         store.commit(&batch).expect("commit");
         let docs = store.load_docs().expect("load");

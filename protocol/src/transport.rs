@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use libp2p::allow_block_list::{self, AllowedPeers};
+use libp2p::connection_limits::{self, ConnectionLimits};
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{StreamProtocol, Swarm, noise, tcp, yamux};
@@ -15,6 +17,17 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Connections stay open while idle: peers push changes over them at once.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// Yamux streams one connection may have open (yamux's default is 512).
+pub const MAX_STREAMS_PER_CONNECTION: usize = 64;
+
+/// Concurrent inbound sync requests per connection.
+pub const MAX_CONCURRENT_REQUESTS: usize = 32;
+
+/// Connections a node holds: handshakes in progress, per peer, in total.
+pub const MAX_PENDING_INCOMING: u32 = 32;
+pub const MAX_ESTABLISHED_PER_PEER: u32 = 2;
+pub const MAX_ESTABLISHED: u32 = 1024;
 
 /// Why the transport could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +43,10 @@ pub enum TransportError {
 #[allow(missing_debug_implementations)]
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
+    /// Admission: only peers on the allow list (the roster, or a quarter's
+    /// centre) get a connection; removing a peer closes its connections.
+    pub allow: allow_block_list::Behaviour<AllowedPeers>,
+    pub limits: connection_limits::Behaviour,
     pub sync: request_response::cbor::Behaviour<Request, Response>,
 }
 
@@ -40,15 +57,25 @@ pub fn build_swarm(identity: &Identity) -> Result<Swarm<Behaviour>, TransportErr
         .set_response_size_maximum(wire::MAX_RESPONSE_BYTES);
     let config = request_response::Config::default()
         .with_request_timeout(REQUEST_TIMEOUT)
-        .with_max_concurrent_streams(256);
+        .with_max_concurrent_streams(MAX_CONCURRENT_REQUESTS);
+    let limits = ConnectionLimits::default()
+        .with_max_pending_incoming(Some(MAX_PENDING_INCOMING))
+        .with_max_established_per_peer(Some(MAX_ESTABLISHED_PER_PEER))
+        .with_max_established(Some(MAX_ESTABLISHED));
     let swarm = libp2p::SwarmBuilder::with_existing_identity(identity.keypair().clone())
         .with_tokio()
         .with_tcp(
             tcp::Config::default().nodelay(true),
             noise::Config::new,
-            yamux::Config::default,
+            || {
+                let mut cfg = yamux::Config::default();
+                cfg.set_max_num_streams(MAX_STREAMS_PER_CONNECTION);
+                cfg
+            },
         )?
         .with_behaviour(|_| Behaviour {
+            allow: allow_block_list::Behaviour::default(),
+            limits: connection_limits::Behaviour::new(limits),
             sync: request_response::Behaviour::with_codec(
                 codec,
                 [(

@@ -27,12 +27,25 @@ pub enum Request {
 /// Version 1 requests.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RequestV1 {
-    /// One automerge sync message for `doc`.
+    /// One automerge sync message for `doc`, with its author's signature
+    /// for every change it carries (see `authorship`).
     Sync {
         doc: DocId,
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
+        sigs: Vec<SignedHash>,
     },
+}
+
+/// A change hash and its author's ed25519 signature over it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedHash {
+    /// 32 bytes.
+    #[serde(with = "serde_bytes")]
+    pub hash: Vec<u8>,
+    /// 64 bytes.
+    #[serde(with = "serde_bytes")]
+    pub sig: Vec<u8>,
 }
 
 /// The answer to a [`Request`].

@@ -1,0 +1,187 @@
+//! Who wrote a change, and may they: every change's actor id is its author's
+//! ed25519 public key, every change carries its author's signature over its
+//! hash, and a change is accepted only if its author is a writer of the
+//! document (`city`: the centre; `quarter/<slug>`: that quarter's writer
+//! nodes on the roster). A relay (the centre) passes signatures on unchanged,
+//! so it can neither alter nor invent another node's changes.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use automerge::{ActorId, Change, ChangeHash};
+use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
+
+use crate::ids::{DocId, QuarterSlug};
+use crate::schema;
+
+/// Length of an ed25519 signature.
+pub const SIGNATURE_LEN: usize = 64;
+
+/// Signs this node's changes.
+#[derive(Clone)]
+pub struct Signer {
+    key: SigningKey,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer")
+            .field("actor", &self.actor())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Signer {
+    /// A signer from the 32-byte ed25519 secret key.
+    pub fn from_secret(secret: [u8; 32]) -> Self {
+        Self {
+            key: SigningKey::from_bytes(&secret),
+        }
+    }
+
+    /// The actor id this signer writes as: its public key.
+    pub fn actor(&self) -> ActorId {
+        ActorId::from(&self.key.verifying_key().to_bytes()[..])
+    }
+
+    pub fn sign(&self, hash: &ChangeHash) -> Vec<u8> {
+        self.key.sign(hash.as_ref()).to_bytes().to_vec()
+    }
+}
+
+/// Checks `sig` over `hash` against the key that `actor` is.
+pub fn verify(actor: &ActorId, hash: &ChangeHash, sig: &[u8]) -> bool {
+    let Ok(key_bytes) = <[u8; 32]>::try_from(actor.to_bytes()) else {
+        return false;
+    };
+    let Ok(key) = VerifyingKey::from_bytes(&key_bytes) else {
+        return false;
+    };
+    let Ok(sig) = <[u8; SIGNATURE_LEN]>::try_from(sig) else {
+        return false;
+    };
+    key.verify_strict(hash.as_ref(), &Signature::from_bytes(&sig))
+        .is_ok()
+}
+
+/// Why a change was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthorError {
+    #[error("change {hash} in {doc} is by {actor}, who is not a writer of {doc}")]
+    NotAWriter {
+        doc: DocId,
+        actor: String,
+        hash: ChangeHash,
+    },
+    #[error("change {hash} in {doc} carries no signature of its author")]
+    Unsigned { doc: DocId, hash: ChangeHash },
+    #[error("change {hash} in {doc} has a signature that does not verify against its author's key")]
+    BadSignature { doc: DocId, hash: ChangeHash },
+    #[error("change {hash} in {doc} claims to be the genesis change but is not")]
+    FakeGenesis { doc: DocId, hash: ChangeHash },
+}
+
+/// Which actors may write which document.
+#[derive(Debug, Clone)]
+pub struct Writers {
+    center: BTreeSet<ActorId>,
+    quarters: BTreeMap<QuarterSlug, BTreeSet<ActorId>>,
+    genesis: BTreeMap<DocId, (ActorId, ChangeHash)>,
+}
+
+impl Writers {
+    /// The centre's actors write `city`; quarters get writers via [`Writers::set_quarters`].
+    pub fn new(center: impl IntoIterator<Item = ActorId>) -> Self {
+        Self {
+            center: center.into_iter().collect(),
+            quarters: BTreeMap::new(),
+            genesis: BTreeMap::new(),
+        }
+    }
+
+    /// Replaces the quarters' writer sets (from the roster).
+    pub fn set_quarters(&mut self, quarters: BTreeMap<QuarterSlug, BTreeSet<ActorId>>) {
+        self.quarters = quarters;
+    }
+
+    pub fn may_write(&self, doc: &DocId, actor: &ActorId) -> bool {
+        match doc {
+            DocId::City => self.center.contains(actor),
+            DocId::Quarter(q) => self.quarters.get(q).is_some_and(|w| w.contains(actor)),
+        }
+    }
+
+    fn genesis_of(&mut self, doc: &DocId) -> (ActorId, ChangeHash) {
+        self.genesis
+            .entry(doc.clone())
+            .or_insert_with(|| {
+                let am = schema::genesis(doc);
+                let change = am.get_changes(&[]).into_iter().next();
+                let hash = change
+                    .as_ref()
+                    .map(|c| c.hash())
+                    .unwrap_or_else(|| ChangeHash([0; 32]));
+                let actor = change
+                    .map(|c| c.actor_id().clone())
+                    .unwrap_or_else(|| ActorId::from(&[0u8][..]));
+                (actor, hash)
+            })
+            .clone()
+    }
+
+    /// Checks one change of `doc`; `sig` is the signature that came with it.
+    pub fn check(
+        &mut self,
+        doc: &DocId,
+        change: &Change,
+        sig: Option<&[u8]>,
+    ) -> Result<(), AuthorError> {
+        let hash = change.hash();
+        let (genesis_actor, genesis_hash) = self.genesis_of(doc);
+        if change.actor_id() == &genesis_actor {
+            return if hash == genesis_hash {
+                Ok(())
+            } else {
+                Err(AuthorError::FakeGenesis {
+                    doc: doc.clone(),
+                    hash,
+                })
+            };
+        }
+        if !self.may_write(doc, change.actor_id()) {
+            return Err(AuthorError::NotAWriter {
+                doc: doc.clone(),
+                actor: change.actor_id().to_hex_string(),
+                hash,
+            });
+        }
+        match sig {
+            None => Err(AuthorError::Unsigned {
+                doc: doc.clone(),
+                hash,
+            }),
+            Some(sig) if verify(change.actor_id(), &hash, sig) => Ok(()),
+            Some(_) => Err(AuthorError::BadSignature {
+                doc: doc.clone(),
+                hash,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_verify_only_for_their_key_and_hash() {
+        let a = Signer::from_secret([1; 32]);
+        let b = Signer::from_secret([2; 32]);
+        let hash = ChangeHash([7; 32]);
+        let sig = a.sign(&hash);
+        assert!(verify(&a.actor(), &hash, &sig));
+        assert!(!verify(&b.actor(), &hash, &sig));
+        assert!(!verify(&a.actor(), &ChangeHash([8; 32]), &sig));
+        assert!(!verify(&a.actor(), &hash, &sig[..63]));
+        assert!(!verify(&ActorId::from(&[1u8, 2, 3][..]), &hash, &sig));
+    }
+}

@@ -1,0 +1,224 @@
+//! Reading the automerge chunks inside a sync message before automerge
+//! applies them: split concatenated chunks by their headers, bound their
+//! sizes (including what a compressed change inflates to), and parse the
+//! changes they carry so their authors can be checked.
+//!
+//! Chunk layout (automerge binary format): 4 magic bytes `85 6f 4a 83`,
+//! 4 checksum bytes, 1 type byte (0 document, 1 change, 2 compressed change,
+//! 3 bundle), a ULEB128 length, then that many bytes.
+
+use std::io::Read;
+
+use automerge::{Automerge, Change};
+
+const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+
+/// Largest size one compressed change may inflate to.
+pub const MAX_INFLATED_CHANGE: u64 = 8 * 1024 * 1024;
+
+/// Most changes one message may carry.
+pub const MAX_CHANGES_PER_MESSAGE: usize = 200_000;
+
+/// Why the chunks of a message were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChunkError {
+    #[error("chunk is truncated")]
+    Truncated,
+    #[error("chunk does not start with automerge's magic bytes")]
+    BadMagic,
+    #[error("chunk type {0} is not accepted in sync messages")]
+    UnexpectedType(u8),
+    #[error("chunk length is malformed")]
+    BadLength,
+    #[error("compressed change inflates beyond {MAX_INFLATED_CHANGE} bytes")]
+    InflatesTooMuch,
+    #[error("compressed change does not inflate: {0}")]
+    Inflate(String),
+    #[error("change cannot be parsed: {0}")]
+    Change(String),
+    #[error("document cannot be parsed: {0}")]
+    Document(String),
+    #[error("message carries more than {MAX_CHANGES_PER_MESSAGE} changes")]
+    TooManyChanges,
+}
+
+/// One chunk found in a byte stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RawChunk<'a> {
+    kind: u8,
+    /// The whole chunk, header included.
+    bytes: &'a [u8],
+    /// The data after the header.
+    data: &'a [u8],
+}
+
+fn uleb128(input: &[u8]) -> Result<(u64, usize), ChunkError> {
+    let mut value: u64 = 0;
+    for (i, byte) in input.iter().enumerate().take(10) {
+        let part = u64::from(byte & 0x7f);
+        if i == 9 && part > 1 {
+            return Err(ChunkError::BadLength);
+        }
+        value |= part << (7 * i);
+        if byte & 0x80 == 0 {
+            return Ok((value, i + 1));
+        }
+    }
+    Err(ChunkError::Truncated)
+}
+
+/// Splits `input` into the chunks it concatenates.
+fn split(mut input: &[u8]) -> Result<Vec<RawChunk<'_>>, ChunkError> {
+    let mut out = Vec::new();
+    while !input.is_empty() {
+        if input.len() < 9 {
+            return Err(ChunkError::Truncated);
+        }
+        if input[..4] != MAGIC {
+            return Err(ChunkError::BadMagic);
+        }
+        let kind = input[8];
+        let (len, used) = uleb128(&input[9..])?;
+        let start = 9 + used;
+        let len = usize::try_from(len).map_err(|_| ChunkError::BadLength)?;
+        let end = start.checked_add(len).ok_or(ChunkError::BadLength)?;
+        if end > input.len() {
+            return Err(ChunkError::Truncated);
+        }
+        out.push(RawChunk {
+            kind,
+            bytes: &input[..end],
+            data: &input[start..end],
+        });
+        input = &input[end..];
+    }
+    Ok(out)
+}
+
+/// The changes carried by one element of a sync message's change list, which
+/// may be change chunks, compressed change chunks or a whole document.
+pub fn changes_in(element: &[u8], out: &mut Vec<Change>) -> Result<(), ChunkError> {
+    for chunk in split(element)? {
+        match chunk.kind {
+            1 => out.push(
+                Change::try_from(chunk.bytes).map_err(|e| ChunkError::Change(e.to_string()))?,
+            ),
+            2 => {
+                // Inflate with a bound first: automerge would inflate without one.
+                let mut sink = Vec::new();
+                let mut decoder =
+                    flate2::read::DeflateDecoder::new(chunk.data).take(MAX_INFLATED_CHANGE + 1);
+                decoder
+                    .read_to_end(&mut sink)
+                    .map_err(|e| ChunkError::Inflate(e.to_string()))?;
+                if sink.len() as u64 > MAX_INFLATED_CHANGE {
+                    return Err(ChunkError::InflatesTooMuch);
+                }
+                out.push(
+                    Change::try_from(chunk.bytes).map_err(|e| ChunkError::Change(e.to_string()))?,
+                );
+            }
+            0 => {
+                let doc = Automerge::load(chunk.bytes)
+                    .map_err(|e| ChunkError::Document(e.to_string()))?;
+                out.extend(doc.get_changes(&[]));
+            }
+            other => return Err(ChunkError::UnexpectedType(other)),
+        }
+        if out.len() > MAX_CHANGES_PER_MESSAGE {
+            return Err(ChunkError::TooManyChanges);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::ROOT;
+    use automerge::transaction::Transactable;
+
+    fn doc_with_changes(n: usize) -> Automerge {
+        let mut doc = Automerge::new();
+        for i in 0..n {
+            let mut tx = doc.transaction();
+            tx.put(ROOT, format!("k{i}"), i as i64).expect("put");
+            tx.commit();
+        }
+        doc
+    }
+
+    #[test]
+    fn concatenated_changes_and_documents_are_read() {
+        let doc = doc_with_changes(3);
+        let changes = doc.get_changes(&[]);
+        let mut concatenated = Vec::new();
+        for c in &changes {
+            concatenated.extend_from_slice(c.raw_bytes());
+        }
+        let mut out = Vec::new();
+        changes_in(&concatenated, &mut out).expect("changes");
+        assert_eq!(
+            out.iter().map(|c| c.hash()).collect::<Vec<_>>(),
+            changes.iter().map(|c| c.hash()).collect::<Vec<_>>()
+        );
+        let mut out = Vec::new();
+        changes_in(&doc.save(), &mut out).expect("document");
+        assert_eq!(out.len(), 3);
+    }
+
+    #[test]
+    fn garbage_is_refused_without_reaching_automerge() {
+        let mut out = Vec::new();
+        assert_eq!(
+            changes_in(b"\x00\x01", &mut out),
+            Err(ChunkError::Truncated)
+        );
+        assert_eq!(changes_in(&[0u8; 16], &mut out), Err(ChunkError::BadMagic));
+        let mut huge_len = MAGIC.to_vec();
+        huge_len.extend_from_slice(&[0, 0, 0, 0, 1]);
+        huge_len.extend_from_slice(&[0xff; 9]);
+        huge_len.push(0x01);
+        assert!(changes_in(&huge_len, &mut out).is_err());
+        let mut bundle = MAGIC.to_vec();
+        bundle.extend_from_slice(&[0, 0, 0, 0, 3, 0]);
+        assert_eq!(
+            changes_in(&bundle, &mut out),
+            Err(ChunkError::UnexpectedType(3))
+        );
+    }
+
+    #[test]
+    fn a_compression_bomb_is_refused_before_automerge_inflates_it() {
+        use std::io::Write;
+        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+        let zeros = vec![0u8; 1024 * 1024];
+        for _ in 0..16 {
+            enc.write_all(&zeros).expect("deflate");
+        }
+        let body = enc.finish().expect("deflate");
+        let mut chunk = MAGIC.to_vec();
+        chunk.extend_from_slice(&[0, 0, 0, 0, 2]);
+        let mut len = body.len();
+        loop {
+            let byte = (len & 0x7f) as u8;
+            len >>= 7;
+            if len == 0 {
+                chunk.push(byte);
+                break;
+            }
+            chunk.push(byte | 0x80);
+        }
+        chunk.extend_from_slice(&body);
+        assert!(
+            chunk.len() < 64 * 1024,
+            "the bomb should be small: {}",
+            chunk.len()
+        );
+        let mut out = Vec::new();
+        assert_eq!(
+            changes_in(&chunk, &mut out),
+            Err(ChunkError::InflatesTooMuch)
+        );
+    }
+}
