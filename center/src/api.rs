@@ -37,6 +37,10 @@ pub struct AddQuarter {
 pub fn router(handle: Handle) -> Router {
     common_routes()
         .route("/api/v1/quarters", get(list_quarters).post(add_quarter))
+        .route(
+            "/api/v1/quarters/{slug}/writers/{peer}",
+            axum::routing::delete(remove_writer),
+        )
         .with_state(handle)
 }
 
@@ -79,6 +83,36 @@ async fn list_quarters(State(handle): State<Handle>) -> Result<Json<Vec<QuarterV
         })
         .await?;
     Ok(Json(list))
+}
+
+/// `DELETE /api/v1/quarters/{slug}/writers/{peer}`: the key is refused from now on.
+async fn remove_writer(
+    State(handle): State<Handle>,
+    axum::extract::Path((slug, peer)): axum::extract::Path<(String, String)>,
+) -> Result<Json<RosterEntry>, ApiError> {
+    let slug = QuarterSlug::new(&slug).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let peer_id: PeerId = peer
+        .parse()
+        .map_err(|e| ApiError::bad_request(format!("{peer:?} is not a PeerId ({e})")))?;
+    let result = handle
+        .write(DocId::City, move |tx| {
+            let Some(mut entry) = schema::roster_entry(tx, &slug)? else {
+                return Ok(Err(ApiError::not_found(format!(
+                    "unknown quarter '{slug}': see `iq-center quarters` for the roster"
+                ))));
+            };
+            let before = entry.writers.len();
+            entry.writers.retain(|w| *w != peer_id.to_string());
+            if entry.writers.len() == before {
+                return Ok(Err(ApiError::not_found(format!(
+                    "{peer_id} is not a writer of '{slug}'"
+                ))));
+            }
+            schema::put_roster_entry(tx, &slug, &entry)?;
+            Ok(Ok(entry))
+        })
+        .await??;
+    Ok(Json(result))
 }
 
 async fn add_quarter(

@@ -94,6 +94,17 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum QuarterCommand {
+    /// Remove a writer node's key from a quarter (a lost laptop, a rotated
+    /// key): it is refused and disconnected at once.
+    Remove {
+        /// The quarter's slug.
+        slug: String,
+        /// The PeerId to remove.
+        #[arg(long)]
+        peer: String,
+        #[command(flatten)]
+        data: DataArg,
+    },
     /// Add a quarter (or another writer node of it) to the roster.
     Add {
         /// The quarter's slug, e.g. johannstadt.
@@ -198,6 +209,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Id { data } => {
             println!("{}", DataDir::new(&data.data).identity()?.peer_id());
+        }
+        Command::Quarter(QuarterCommand::Remove { slug, peer, data }) => {
+            QuarterSlug::new(&slug).map_err(|e| anyhow::anyhow!("{e}"))?;
+            if peer.trim().parse::<PeerId>().is_err() {
+                bail!("--peer {peer:?} is not a PeerId");
+            }
+            let client = Client::new(&DataDir::new(&data.data), ROLE)?;
+            let entry: iq_protocol::schema::RosterEntry = client
+                .delete(&format!("/api/v1/quarters/{slug}/writers/{}", peer.trim()))
+                .await?;
+            println!(
+                "{} removed from {slug}; {} writer node(s) left",
+                peer.trim(),
+                entry.writers.len()
+            );
         }
         Command::Quarter(QuarterCommand::Add {
             slug,

@@ -40,6 +40,43 @@ pub enum ChunkError {
     Document(String),
     #[error("message carries more than {MAX_CHANGES_PER_MESSAGE} changes")]
     TooManyChanges,
+    #[error("message carries {0} 'have' summaries; at most one is accepted")]
+    TooManyHaves(usize),
+    #[error("bloom filter is malformed or out of bounds: {0}")]
+    Bloom(&'static str),
+}
+
+/// Most hash probes a peer's bloom filter may ask for (automerge uses 7).
+pub const MAX_BLOOM_PROBES: u32 = 32;
+/// Most bits per entry a peer's bloom filter may use (automerge uses 10).
+pub const MAX_BLOOM_BITS_PER_ENTRY: u32 = 32;
+
+/// Checks a bloom filter as automerge serialises it (three ULEB128 u32s —
+/// entries, bits per entry, probes — then the bits) before automerge uses
+/// it: it allocates a vector of `probes` entries for every hash it tests
+/// and divides by the bit length, so both must be sane.
+pub fn check_bloom(bytes: &[u8]) -> Result<(), ChunkError> {
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    let mut rest = bytes;
+    let mut fields = [0u64; 3];
+    for field in &mut fields {
+        let (v, used) = uleb128(rest).map_err(|_| ChunkError::Bloom("truncated header"))?;
+        *field = v;
+        rest = &rest[used..];
+    }
+    let [entries, bits_per_entry, probes] = fields;
+    if probes == 0 || probes > u64::from(MAX_BLOOM_PROBES) {
+        return Err(ChunkError::Bloom("probe count"));
+    }
+    if bits_per_entry == 0 || bits_per_entry > u64::from(MAX_BLOOM_BITS_PER_ENTRY) {
+        return Err(ChunkError::Bloom("bits per entry"));
+    }
+    if entries > 0 && rest.is_empty() {
+        return Err(ChunkError::Bloom("no bits for its entries"));
+    }
+    Ok(())
 }
 
 /// One chunk found in a byte stream.
@@ -186,6 +223,19 @@ mod tests {
             changes_in(&bundle, &mut out),
             Err(ChunkError::UnexpectedType(3))
         );
+    }
+
+    #[test]
+    fn hostile_bloom_filters_are_refused() {
+        // entries 1, bits/entry 10, probes 7, one byte of bits: automerge's shape.
+        assert_eq!(check_bloom(&[1, 10, 7, 0xff]), Ok(()));
+        assert_eq!(check_bloom(&[]), Ok(()));
+        // 2^32-1 probes would make automerge allocate 16 GiB per hash tested.
+        assert!(check_bloom(&[1, 10, 0xff, 0xff, 0xff, 0xff, 0x0f, 0]).is_err());
+        // No bits at all: automerge would divide by zero.
+        assert!(check_bloom(&[1, 10, 7]).is_err());
+        assert!(check_bloom(&[1, 0, 7, 0]).is_err());
+        assert!(check_bloom(&[0x80]).is_err());
     }
 
     #[test]

@@ -101,6 +101,10 @@ pub enum SyncError {
     Chunks(#[from] ChunkError),
     #[error("sync message refused: {0}")]
     Unauthorised(#[from] AuthorError),
+    #[error(
+        "automerge panicked applying a message to {0}; the document must be reloaded from the store"
+    )]
+    Poisoned(DocId),
 }
 
 /// Why a local write failed.
@@ -185,6 +189,8 @@ pub struct Engine<P: Ord + Clone> {
     /// Quarter documents this node replicates (besides `city`).
     quarters: BTreeSet<QuarterSlug>,
     peers: BTreeMap<P, Peer>,
+    /// Refused messages and changes since start, over all peers (also gone ones).
+    refused: (u64, u64),
 }
 
 impl<P: Ord + Clone> Engine<P> {
@@ -203,6 +209,7 @@ impl<P: Ord + Clone> Engine<P> {
             docs: BTreeMap::new(),
             quarters: BTreeSet::new(),
             peers: BTreeMap::new(),
+            refused: (0, 0),
         };
         engine.ensure_doc(&DocId::City);
         for q in quarters {
@@ -255,6 +262,27 @@ impl<P: Ord + Clone> Engine<P> {
         self.writers.set_quarters(quarters);
     }
 
+    /// Replaces `doc` by what the store holds (after [`SyncError::Poisoned`])
+    /// and resumes syncing it with every peer.
+    pub fn reload_doc<'a>(
+        &mut self,
+        doc: &DocId,
+        chunks: impl IntoIterator<Item = &'a [u8]>,
+        now: u64,
+    ) -> Result<Effects<P>, automerge::AutomergeError> {
+        self.docs.remove(doc);
+        self.load_doc(doc, chunks)?;
+        let mut fx = Effects::default();
+        let peers: Vec<P> = self.peers.keys().cloned().collect();
+        for p in peers {
+            if let Some(peer) = self.peers.get_mut(&p) {
+                peer.sessions.remove(doc);
+            }
+            self.generate(&p, doc, now, &mut fx);
+        }
+        Ok(fx)
+    }
+
     pub fn doc(&self, doc: &DocId) -> Option<&Automerge> {
         self.docs.get(doc)
     }
@@ -265,6 +293,11 @@ impl<P: Ord + Clone> Engine<P> {
 
     pub fn peers(&self) -> impl Iterator<Item = (&P, &PeerStats)> {
         self.peers.iter().map(|(p, peer)| (p, &peer.stats))
+    }
+
+    /// Messages and changes refused since start, over all peers.
+    pub fn refusals(&self) -> (u64, u64) {
+        self.refused
     }
 
     pub fn is_up(&self, peer: &P) -> bool {
@@ -400,6 +433,8 @@ impl<P: Ord + Clone> Engine<P> {
         let (msg, new_sigs) = match self.check_message(doc, data, sigs) {
             Ok(ok) => ok,
             Err((err, bad_changes)) => {
+                self.refused.0 += 1;
+                self.refused.1 += bad_changes;
                 if let Some(p) = self.peers.get_mut(peer) {
                     p.stats.refused_messages += 1;
                     p.stats.refused_changes += bad_changes;
@@ -420,8 +455,26 @@ impl<P: Ord + Clone> Engine<P> {
             return Err(SyncError::UnknownPeer);
         };
         let before = am.get_heads();
-        am.receive_sync_message(&mut session.state, msg)
-            .map_err(|e| SyncError::Apply(e.to_string()))?;
+        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            am.receive_sync_message(&mut session.state, msg)
+        }));
+        match applied {
+            Ok(result) => result.map_err(|e| SyncError::Apply(e.to_string()))?,
+            Err(_) => {
+                // The document may be half-updated: drop it; the caller
+                // reloads it from the store (see `SyncError::Poisoned`).
+                self.docs.remove(doc);
+                for p in self.peers.values_mut() {
+                    p.sessions.remove(doc);
+                }
+                self.refused.0 += 1;
+                if let Some(p) = self.peers.get_mut(peer) {
+                    p.stats.refused_messages += 1;
+                    p.stats.last_refusal = Some("automerge panicked applying it".into());
+                }
+                return Err(SyncError::Poisoned(doc.clone()));
+            }
+        }
         session.last_activity_ms = now;
         let after = am.get_heads();
         if session.state.shared_heads != session.persisted_shared {
@@ -467,11 +520,27 @@ impl<P: Ord + Clone> Engine<P> {
         data: &[u8],
         sigs: &[(ChangeHash, Vec<u8>)],
     ) -> Result<(sync::Message, Vec<(ChangeHash, Vec<u8>)>), (SyncError, u64)> {
-        let msg = sync::Message::decode(data).map_err(|e| (SyncError::Decode(e.to_string()), 0))?;
-        let mut carried = Vec::new();
-        for element in msg.changes.iter() {
-            chunks::changes_in(element, &mut carried).map_err(|e| (SyncError::Chunks(e), 0))?;
-        }
+        // automerge's parsers trust their input more than a network service
+        // can: keep a panic in them to this one message.
+        let parsed = std::panic::catch_unwind(|| -> Result<_, SyncError> {
+            let msg = sync::Message::decode(data).map_err(|e| SyncError::Decode(e.to_string()))?;
+            if msg.have.len() > 1 {
+                return Err(ChunkError::TooManyHaves(msg.have.len()).into());
+            }
+            for have in &msg.have {
+                chunks::check_bloom(&have.bloom.to_bytes())?;
+            }
+            let mut carried = Vec::new();
+            for element in msg.changes.iter() {
+                chunks::changes_in(element, &mut carried)?;
+            }
+            Ok((msg, carried))
+        });
+        let (msg, carried) = match parsed {
+            Ok(Ok(ok)) => ok,
+            Ok(Err(e)) => return Err((e, 0)),
+            Err(_) => return Err((SyncError::Decode("the parser panicked".into()), 0)),
+        };
         let sig_of: HashMap<&ChangeHash, &[u8]> =
             sigs.iter().map(|(h, s)| (h, s.as_slice())).collect();
         self.ensure_doc(doc);

@@ -43,6 +43,40 @@ const COMPACT_AFTER_CHUNKS: usize = 512;
 /// Capacity of the command channel: callers wait when the actor is busy.
 const COMMAND_QUEUE: usize = 256;
 
+/// Sync requests a peer may send per second on average, and in a burst.
+const REQUESTS_PER_SECOND: f64 = 200.0;
+const REQUEST_BURST: f64 = 400.0;
+
+/// A token bucket: one peer's request allowance.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn full() -> Self {
+        Self {
+            tokens: REQUEST_BURST,
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes one token if there is one.
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * REQUESTS_PER_SECOND;
+        self.tokens = (self.tokens + refill).min(REQUEST_BURST);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// What the replicator is started with.
 #[derive(Debug)]
 pub struct ReplicatorConfig {
@@ -183,9 +217,11 @@ pub struct Refusals {
     pub connections: u64,
     /// Requests refused before the sync engine (malformed, or from a non-partner).
     pub requests: u64,
-    /// Sync messages refused by the engine (malformed chunks, unauthorised changes), from peers now up.
+    /// Requests refused because their peer sent more than its rate allows.
+    pub rate_limited: u64,
+    /// Sync messages refused by the engine (malformed, hostile, unauthorised changes).
     pub messages: u64,
-    /// Changes refused for their authorship, from peers now up.
+    /// Changes refused for their authorship.
     pub changes: u64,
 }
 
@@ -330,6 +366,9 @@ pub struct Actor {
     refused_requests: u64,
     /// Connections refused at admission (not on the allow list, or over a limit).
     refused_connections: u64,
+    /// Requests refused because their peer was over its rate.
+    rate_limited: u64,
+    buckets: HashMap<PeerId, Bucket>,
 }
 
 impl std::fmt::Debug for Actor {
@@ -402,6 +441,8 @@ impl Actor {
             fatal: None,
             refused_requests: 0,
             refused_connections: 0,
+            rate_limited: 0,
+            buckets: HashMap::new(),
         };
         let _ = actor.refresh_roster();
         Ok(actor)
@@ -434,8 +475,9 @@ impl Actor {
             refusals: Refusals {
                 connections: self.refused_connections,
                 requests: self.refused_requests,
-                messages: self.engine.peers().map(|(_, s)| s.refused_messages).sum(),
-                changes: self.engine.peers().map(|(_, s)| s.refused_changes).sum(),
+                rate_limited: self.rate_limited,
+                messages: self.engine.refusals().0,
+                changes: self.engine.refusals().1,
             },
             listen: self
                 .swarm
@@ -606,6 +648,32 @@ impl Actor {
         Ok(value)
     }
 
+    /// Reloads `doc` from the store after automerge panicked on it.
+    fn reload(&mut self, doc: &DocId) {
+        let now = self.now();
+        let chunks = match self.store.load_doc(doc) {
+            Ok(c) => c,
+            Err(e) => {
+                self.fatal = Some(e.into());
+                return;
+            }
+        };
+        match self
+            .engine
+            .reload_doc(doc, chunks.iter().map(|c| c.as_slice()), now)
+        {
+            Ok(fx) => {
+                let _ = self.apply(fx);
+            }
+            Err(e) => {
+                self.fatal = Some(ReplicatorError::Load {
+                    doc: doc.clone(),
+                    reason: e.to_string(),
+                });
+            }
+        }
+    }
+
     fn handle_tick(&mut self) {
         let now = self.now();
         let fx = self.engine.tick(now);
@@ -713,7 +781,13 @@ impl Actor {
                     return;
                 };
                 let now = self.now();
-                let response = if !self.allowed.contains(&peer) {
+                let within_rate = self.buckets.entry(peer).or_insert_with(Bucket::full).take();
+                let response = if !within_rate {
+                    self.rate_limited += 1;
+                    ResponseV1::Refused {
+                        reason: "over the request rate: slow down".into(),
+                    }
+                } else if !self.allowed.contains(&peer) {
                     self.refused_requests += 1;
                     ResponseV1::Refused {
                         reason: "not a sync partner of this node (not on the roster)".into(),
@@ -731,6 +805,14 @@ impl Actor {
                             tracing::debug!(%peer, %doc, error = %e, "refused sync message");
                             ResponseV1::Refused {
                                 reason: e.to_string(),
+                            }
+                        }
+                        Err(SyncError::Poisoned(doc)) => {
+                            tracing::error!(%peer, %doc, "automerge panicked on a message; reloading the document and dropping the peer");
+                            self.reload(&doc);
+                            let _ = self.swarm.disconnect_peer_id(peer);
+                            ResponseV1::Refused {
+                                reason: "the message could not be applied".into(),
                             }
                         }
                         Err(e) => {

@@ -169,6 +169,18 @@ impl Store {
             .collect())
     }
 
+    /// The stored chunks of one document, in the order to load them.
+    pub fn load_doc(&self, doc: &DocId) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut chunks = Vec::new();
+        if let Some(snapshot) = self.snapshots.get(doc.to_string())? {
+            chunks.push(snapshot.to_vec());
+        }
+        for item in self.changes.scan_prefix(change_prefix(doc)) {
+            chunks.push(item?.1.to_vec());
+        }
+        Ok(chunks)
+    }
+
     /// Writes a batch atomically and returns once it is durable on disk.
     pub fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
         if batch.is_empty() {

@@ -332,6 +332,33 @@ impl Node {
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }
+
+    /// Whether the process is still alive (it has not exited by itself).
+    pub fn is_alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Resident memory of the running process, in KiB (Linux).
+    pub fn rss_kib(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
+    /// This node's PeerId.
+    pub fn peer_id(&self) -> Result<String> {
+        Ok(self.cli_ok(&["id"])?.trim().to_owned())
+    }
+
+    /// The node's identity key file.
+    pub fn key_path(&self) -> PathBuf {
+        self.dir.join("identity.key")
+    }
 }
 
 impl Drop for Node {
@@ -345,6 +372,8 @@ impl Drop for Node {
 pub struct Cluster {
     pub center: Node,
     pub quarters: Vec<Node>,
+    /// The centre's libp2p address with `/p2p/<PeerId>`.
+    pub center_addr: String,
     /// Kept so the directory lives as long as the cluster.
     pub root: tempfile::TempDir,
 }
@@ -380,44 +409,52 @@ impl Cluster {
         let out = center.cli_ok(&["init"])?;
         let center_addr = listen_line(&out)?;
         center.start()?;
-        let mut quarters = Vec::new();
+        let mut cluster = Self {
+            center,
+            quarters: Vec::new(),
+            center_addr,
+            root,
+        };
         for slug in slugs {
-            let node = Node {
-                name: (*slug).into(),
-                kind: Kind::Quarter,
-                dir: root.path().join(slug),
-                child: None,
-                log: root.path().join(format!("{slug}.log")),
-            };
-            let out = node.cli_ok(&[
-                "init",
-                "--quarter",
-                slug,
-                "--name",
-                &slug.to_uppercase(),
-                "--center",
-                &center_addr,
-            ])?;
-            let peer = peer_id_line(&out)?;
-            center.cli_ok(&[
-                "quarter",
-                "add",
-                slug,
-                "--name",
-                &slug.to_uppercase(),
-                "--peer",
-                &peer,
-            ])?;
-            quarters.push(node);
+            let (node, peer) = cluster.init_quarter(slug)?;
+            cluster.add_to_roster(slug, &peer)?;
+            cluster.quarters.push(node);
         }
-        for q in &mut quarters {
+        for q in &mut cluster.quarters {
             q.start()?;
         }
-        Ok(Self {
-            center,
-            quarters,
-            root,
-        })
+        Ok(cluster)
+    }
+
+    /// Initialises a quarter node (not started, not on the roster); returns it and its PeerId.
+    pub fn init_quarter(&self, slug: &str) -> Result<(Node, String)> {
+        let node = Node {
+            name: slug.into(),
+            kind: Kind::Quarter,
+            dir: self.root.path().join(slug),
+            child: None,
+            log: self.root.path().join(format!("{slug}.log")),
+        };
+        let name = slug.to_uppercase();
+        let out = node.cli_ok(&[
+            "init",
+            "--quarter",
+            slug,
+            "--name",
+            &name,
+            "--center",
+            &self.center_addr,
+        ])?;
+        let peer = peer_id_line(&out)?;
+        Ok((node, peer))
+    }
+
+    /// Puts a quarter node's key on the roster through the centre's CLI.
+    pub fn add_to_roster(&self, slug: &str, peer: &str) -> Result<()> {
+        let name = slug.to_uppercase();
+        self.center
+            .cli_ok(&["quarter", "add", slug, "--name", &name, "--peer", peer])?;
+        Ok(())
     }
 
     /// All nodes, centre first.
