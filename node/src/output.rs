@@ -57,6 +57,11 @@ pub fn print_status(s: &Status) {
         println!("listening: {l}");
     }
     println!("store:     {} bytes on disk", s.store_bytes);
+    let r = &s.refusals;
+    println!(
+        "refused:   {} connection(s), {} request(s), {} over rate, {} message(s) with {} unauthorised change(s)",
+        r.connections, r.requests, r.rate_limited, r.messages, r.changes
+    );
     println!();
     println!(
         "{:<24}  {:>7}  {:>7}  HEADS",

@@ -113,10 +113,7 @@ fn message(
 }
 
 /// The requests a scenario sends: (doc, data, sigs).
-fn requests(
-    args: &Args,
-    identity: &Identity,
-) -> Result<Vec<Outgoing>, String> {
+fn requests(args: &Args, identity: &Identity) -> Result<Vec<Outgoing>, String> {
     let signer = Signer::from_secret(identity.ed25519_secret().ok_or("not an ed25519 key")?);
     let doc: DocId = args
         .doc
