@@ -19,6 +19,7 @@ use iq_protocol::datadir::{Config, DataDir, Role};
 
 use crate::api::{self, AddQuarter, QuarterView};
 use crate::demo;
+use crate::frame_cli;
 
 /// iq centre node: the city's node that aggregates every quarter and sets the frame.
 #[derive(Debug, Parser)]
@@ -76,6 +77,50 @@ pub enum Command {
     },
     /// Peers, documents, heads and last sync of the running centre.
     Status {
+        #[command(flatten)]
+        data: DataArg,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Directives: issue, list with acknowledgements.
+    #[command(subcommand)]
+    Directive(frame_cli::DirectiveCommand),
+    /// Consultations: open, close, results.
+    #[command(subcommand)]
+    Consultation(frame_cli::ConsultationCommand),
+    /// Budget frames: set, show against allocations.
+    #[command(subcommand)]
+    Budget(frame_cli::BudgetCommand),
+    /// Escalations waiting for a response, oldest first.
+    Inbox {
+        #[command(flatten)]
+        data: DataArg,
+        /// Include answered escalations.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Respond to an escalation: accepted, declined, or forwarded to a department.
+    Respond {
+        #[command(flatten)]
+        data: DataArg,
+        #[arg(long)]
+        quarter: String,
+        /// The escalation's id (see `inbox`).
+        #[arg(long)]
+        escalation: String,
+        #[arg(long)]
+        decision: String,
+        #[arg(long)]
+        department: Option<String>,
+        #[arg(long)]
+        note: String,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Concerns per quarter by status and category.
+    Overview {
         #[command(flatten)]
         data: DataArg,
         #[command(flatten)]
@@ -183,6 +228,8 @@ pub fn print_quarters(list: &[QuarterView]) {
 /// Runs one command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     const ROLE: Role = Role::Center;
+    let client =
+        |d: &DataArg| -> anyhow::Result<Client> { Ok(Client::new(&DataDir::new(&d.data), ROLE)?) };
     match cli.command {
         Command::Init { data, listen, api } => {
             let (config, peer_id) = init_center(&DataDir::new(&data.data), listen, api)?;
@@ -292,6 +339,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Demo { dir, once } => demo::run(dir, once).await?,
+        Command::Directive(cmd) => frame_cli::directive(cmd, client).await?,
+        Command::Consultation(cmd) => frame_cli::consultation(cmd, client).await?,
+        Command::Budget(cmd) => frame_cli::budget(cmd, client).await?,
+        Command::Inbox { data, all, json } => {
+            frame_cli::inbox(data, all, json.json, client).await?
+        }
+        Command::Respond {
+            data,
+            quarter,
+            escalation,
+            decision,
+            department,
+            note,
+            json,
+        } => {
+            frame_cli::respond(
+                data, quarter, escalation, decision, department, note, json.json, client,
+            )
+            .await?
+        }
+        Command::Overview { data, json } => frame_cli::overview(data, json.json, client).await?,
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use iq_protocol::replicator::{Handle, Status, View, WriteError};
-use iq_protocol::schema::{self, Concern};
+use iq_protocol::schema::{self, Concern, SchemaError};
 use iq_protocol::{DocId, QuarterSlug};
 use serde::{Deserialize, Serialize};
 
@@ -66,6 +66,11 @@ impl IntoResponse for ApiError {
 impl From<WriteError> for ApiError {
     fn from(e: WriteError) -> Self {
         match e {
+            WriteError::Invalid(SchemaError::NotFound(m)) => ApiError::not_found(m),
+            WriteError::Invalid(SchemaError::Refused(m)) => ApiError {
+                status: StatusCode::CONFLICT,
+                message: m,
+            },
             WriteError::Invalid(e) => ApiError::bad_request(e.to_string()),
             WriteError::NotOwner(_) => ApiError {
                 status: StatusCode::FORBIDDEN,
@@ -142,12 +147,14 @@ pub fn common_routes() -> Router<Handle> {
     Router::new()
         .route("/api/v1/status", get(status))
         .route("/api/v1/concerns", get(list_concerns))
+        .merge(crate::workflow_api::views())
 }
 
 /// Routes of a quarter node.
 pub fn quarter_router(handle: Handle) -> Router {
     common_routes()
         .route("/api/v1/concerns", post(add_concern))
+        .merge(crate::workflow_api::quarter_actions())
         .with_state(handle)
 }
 
@@ -164,7 +171,11 @@ pub fn concerns_in(view: &View<'_>, quarter: Option<&QuarterSlug>) -> Vec<Concer
             continue;
         }
         match schema::concerns(am) {
-            Ok(list) => out.extend(list.into_iter().map(|c| ConcernView::new(slug, c))),
+            Ok(list) => out.extend(
+                list.into_iter()
+                    .filter(|c| c.hidden.is_none())
+                    .map(|c| ConcernView::new(slug, c)),
+            ),
             Err(e) => tracing::warn!(doc = %id, error = %e, "cannot read concerns"),
         }
     }
@@ -210,7 +221,8 @@ async fn list_concerns(
     Ok(Json(result))
 }
 
-fn now_ms() -> i64 {
+/// The current unix time in milliseconds.
+pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)

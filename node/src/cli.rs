@@ -14,6 +14,7 @@ use crate::api::{self, ConcernView, NewConcern};
 use crate::client::Client;
 use crate::daemon::{self, Daemon};
 use crate::output;
+use crate::workflow_cli;
 
 /// iq quarter node: a quarter office's own node in the city federation.
 #[derive(Debug, Parser)]
@@ -84,6 +85,66 @@ pub enum Command {
     /// Record and list concerns (Anliegen).
     #[command(subcommand)]
     Concern(ConcernCommand),
+    /// Proposals: add, list, move on, record milestones.
+    #[command(subcommand)]
+    Proposal(workflow_cli::ProposalCommand),
+    /// Support a proposal (one support per supporter).
+    Support {
+        #[command(flatten)]
+        data: DataArg,
+        /// The proposal's id.
+        id: String,
+        /// A pseudonymous reference for the supporter (no names).
+        #[arg(long)]
+        supporter: String,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Consultations from the centre: list, answer.
+    #[command(subcommand)]
+    Consultation(workflow_cli::ConsultationCommand),
+    /// The quarter's budget: allocate, show.
+    #[command(subcommand)]
+    Budget(workflow_cli::BudgetCommand),
+    /// Directives from the centre: list, acknowledge.
+    #[command(subcommand)]
+    Directive(workflow_cli::DirectiveCommand),
+    /// Hand a concern or proposal up to the city; prints the escalation's id.
+    Escalate {
+        #[command(flatten)]
+        data: DataArg,
+        /// concern or proposal.
+        #[arg(long)]
+        kind: String,
+        /// The item's id.
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Escalations with the centre's responses.
+    Escalations {
+        #[command(flatten)]
+        data: DataArg,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Hide a concern or proposal from public views (kept, marked, with a reason).
+    Hide {
+        #[command(flatten)]
+        data: DataArg,
+        /// concern or proposal.
+        #[arg(long)]
+        kind: String,
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        json: JsonArg,
+    },
     /// Peers, documents, heads and last sync of the running node.
     Status {
         #[command(flatten)]
@@ -213,6 +274,8 @@ fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
 /// Runs one command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     const ROLE: Role = Role::Quarter;
+    let client =
+        |d: &DataArg| -> anyhow::Result<Client> { Ok(Client::new(&DataDir::new(&d.data), ROLE)?) };
     match cli.command {
         Command::Init {
             data,
@@ -302,6 +365,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 output::print_concerns(&list);
             }
         }
+        Command::Proposal(cmd) => workflow_cli::proposal(cmd, client).await?,
+        Command::Support {
+            data,
+            id,
+            supporter,
+            json,
+        } => workflow_cli::support(data, id, supporter, json.json, client).await?,
+        Command::Consultation(cmd) => workflow_cli::consultation(cmd, client).await?,
+        Command::Budget(cmd) => workflow_cli::budget(cmd, client).await?,
+        Command::Directive(cmd) => workflow_cli::directive(cmd, client).await?,
+        Command::Escalate {
+            data,
+            kind,
+            id,
+            reason,
+            json,
+        } => workflow_cli::escalate(data, kind, id, reason, json.json, client).await?,
+        Command::Escalations { data, json } => {
+            workflow_cli::escalations(data, json.json, client).await?
+        }
+        Command::Hide {
+            data,
+            kind,
+            id,
+            reason,
+            json,
+        } => workflow_cli::hide(data, kind, id, reason, json.json, client).await?,
         Command::Status { data, json } => {
             let client = Client::new(&DataDir::new(&data.data), ROLE)?;
             let status: Status = client.get("/api/v1/status", &[]).await?;

@@ -5,8 +5,10 @@
 //! # Layout
 //! - [`daemon`]: start/stop a node daemon (shared with `iq-center`).
 //! - [`api`]: the local HTTP API under `/api/v1` and its errors.
+//! - [`workflow_api`]: the counter-current views and a quarter's actions over HTTP.
 //! - [`client`]: the CLIs' client for a running daemon's API.
 //! - [`cli`]: the `iq-node` command line.
+//! - [`workflow_cli`]: the `iq-node` commands of the counter-current workflows.
 //! - [`output`]: human-readable tables for the CLIs.
 
 pub mod api;
@@ -14,3 +16,5 @@ pub mod cli;
 pub mod client;
 pub mod daemon;
 pub mod output;
+pub mod workflow_api;
+pub mod workflow_cli;

@@ -4,6 +4,20 @@ use iq_protocol::replicator::Status;
 
 use crate::api::ConcernView;
 
+/// Prints `value` as pretty JSON, or with `human`.
+pub fn emit<T: serde::Serialize>(
+    value: &T,
+    json: bool,
+    human: impl FnOnce(&T),
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        human(value);
+    }
+    Ok(())
+}
+
 /// Shortens a hash or PeerId for tables.
 pub fn short(s: &str) -> String {
     if s.len() > 12 {
@@ -99,5 +113,244 @@ pub fn print_status(s: &Status) {
                 ago(p.last_sync_ms)
             );
         }
+    }
+}
+
+/// Euros from cents, for tables.
+pub fn euros(cents: i64) -> String {
+    let sign = if cents < 0 { "-" } else { "" };
+    format!("{sign}{}.{:02} €", (cents / 100).abs(), (cents % 100).abs())
+}
+
+/// Parses euros as typed (`1500`, `1500.5`, `1500,50`) into cents.
+pub fn parse_euros(s: &str) -> Result<i64, String> {
+    let t = s.trim().replace(',', ".");
+    let (whole, frac) = t.split_once('.').unwrap_or((&t, ""));
+    let bad = || format!("{s:?} is not an amount in euros (e.g. 1500 or 1500.50)");
+    if whole.is_empty()
+        || !whole.chars().all(|c| c.is_ascii_digit())
+        || frac.len() > 2
+        || !frac.chars().all(|c| c.is_ascii_digit())
+    {
+        return Err(bad());
+    }
+    let whole: i64 = whole.parse().map_err(|_| bad())?;
+    let frac: i64 = if frac.is_empty() {
+        0
+    } else {
+        format!("{frac:0<2}").parse().map_err(|_| bad())?
+    };
+    whole
+        .checked_mul(100)
+        .and_then(|w| w.checked_add(frac))
+        .ok_or_else(bad)
+}
+
+fn date(ms: i64) -> String {
+    u64::try_from(ms)
+        .map(|ms| {
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+            )
+            .to_string()
+        })
+        .unwrap_or_default()
+}
+
+pub fn print_directives(list: &[iq_protocol::workflows::DirectiveStatus]) {
+    if list.is_empty() {
+        println!("no directives");
+        return;
+    }
+    for d in list {
+        let due = d
+            .directive
+            .ack_due_ms
+            .map(date)
+            .unwrap_or_else(|| "-".into());
+        println!("{}  {}", d.directive.id, d.directive.title);
+        let targets = if d.directive.targets.is_empty() {
+            "all quarters".to_string()
+        } else {
+            d.directive.targets.join(", ")
+        };
+        println!(
+            "    to: {targets}; effective {}; acknowledge by {due}",
+            if d.directive.effective.is_empty() {
+                "-"
+            } else {
+                &d.directive.effective
+            }
+        );
+        let acks: Vec<String> = d
+            .acks
+            .iter()
+            .map(|(q, a)| format!("{q} ({})", a.state))
+            .collect();
+        println!(
+            "    acknowledged: {}",
+            if acks.is_empty() {
+                "none".into()
+            } else {
+                acks.join(", ")
+            }
+        );
+        if !d.pending.is_empty() {
+            println!("    pending: {}", d.pending.join(", "));
+        }
+        if !d.overdue.is_empty() {
+            println!("    OVERDUE: {}", d.overdue.join(", "));
+        }
+    }
+}
+
+pub fn print_consultations(list: &[iq_protocol::workflows::ConsultationResults]) {
+    if list.is_empty() {
+        println!("no consultations");
+        return;
+    }
+    for r in list {
+        let c = &r.consultation;
+        println!("{}  [{}] {}", c.id, c.status, c.question);
+        println!(
+            "    deadline {}; to {}",
+            date(c.deadline_ms),
+            if c.targets.is_empty() {
+                "all quarters".to_string()
+            } else {
+                c.targets.join(", ")
+            }
+        );
+        for o in &r.options {
+            println!(
+                "    {:<20} {} quarter(s) {:<30} yes {:>4}  no {:>4}  abstain {:>4}",
+                o.option,
+                o.quarters.len(),
+                format!("({})", o.quarters.join(", ")),
+                o.yes,
+                o.no,
+                o.abstain
+            );
+        }
+        if !r.missing.is_empty() {
+            println!("    not answered yet: {}", r.missing.join(", "));
+        }
+    }
+}
+
+pub fn print_budget(list: &[iq_protocol::workflows::BudgetLine]) {
+    if list.is_empty() {
+        println!("no budget frames");
+        return;
+    }
+    println!(
+        "{:<6}  {:<16}  {:>16}  {:>16}  {:>16}  FLAG",
+        "YEAR", "QUARTER", "FRAME", "ALLOCATED", "REMAINING"
+    );
+    for b in list {
+        println!(
+            "{:<6}  {:<16}  {:>16}  {:>16}  {:>16}  {}",
+            b.year,
+            b.quarter,
+            euros(b.frame_cents),
+            euros(b.allocated_cents),
+            euros(b.remaining_cents),
+            if b.over_frame { "OVER FRAME" } else { "" }
+        );
+    }
+}
+
+pub fn print_escalations(list: &[iq_protocol::workflows::InboxEntry]) {
+    if list.is_empty() {
+        println!("no escalations");
+        return;
+    }
+    for e in list {
+        println!(
+            "{}  {} {} from {} at {}",
+            e.escalation.id,
+            e.escalation.kind,
+            e.escalation.item_id,
+            e.quarter,
+            date(e.escalation.at_ms)
+        );
+        println!("    item:   {}", e.item);
+        println!("    reason: {}", e.escalation.reason);
+        match &e.response {
+            Some(r) => println!(
+                "    response: {}{} — {}",
+                r.decision,
+                r.department
+                    .as_deref()
+                    .map(|d| format!(" to {d}"))
+                    .unwrap_or_default(),
+                r.note
+            ),
+            None => println!("    response: none yet"),
+        }
+    }
+}
+
+pub fn print_proposals(list: &[crate::workflow_api::ProposalView]) {
+    if list.is_empty() {
+        println!("no proposals");
+        return;
+    }
+    println!(
+        "{:<36}  {:<16}  {:<11}  {:>9}  TITLE",
+        "ID", "QUARTER", "STATUS", "SUPPORTS"
+    );
+    for p in list {
+        println!(
+            "{:<36}  {:<16}  {:<11}  {:>9}  {}",
+            p.proposal.id,
+            p.quarter,
+            p.proposal.status,
+            format!("{}/{}", p.support_count, p.proposal.threshold),
+            p.proposal.title
+        );
+    }
+}
+
+pub fn print_overview(list: &[iq_protocol::workflows::ConcernOverview]) {
+    println!(
+        "{:<16}  {:>6}  {:<30}  BY CATEGORY",
+        "QUARTER", "TOTAL", "BY STATUS"
+    );
+    for o in list {
+        let st: Vec<String> = o
+            .by_status
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        let cat: Vec<String> = o
+            .by_category
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        println!(
+            "{:<16}  {:>6}  {:<30}  {}",
+            o.quarter,
+            o.total,
+            st.join(", "),
+            cat.join(", ")
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn euros_parse_and_print() {
+        assert_eq!(parse_euros("1500"), Ok(150_000));
+        assert_eq!(parse_euros("1500.5"), Ok(150_050));
+        assert_eq!(parse_euros("1500,05"), Ok(150_005));
+        assert!(parse_euros("-3").is_err());
+        assert!(parse_euros("1.234").is_err());
+        assert!(parse_euros("abc").is_err());
+        assert_eq!(euros(150_005), "1500.05 €");
+        assert_eq!(euros(-1_000), "-10.00 €");
     }
 }

@@ -725,6 +725,7 @@ mod tests {
             long: None,
             status: "open".into(),
             created_ms: 0,
+            hidden: None,
         }
     }
 

@@ -12,6 +12,7 @@
 //! - [`transport`]: the libp2p swarm (TCP + Noise + Yamux) that carries sync messages.
 //! - [`datadir`]: the data directory: lock, config, identity and API address files.
 //! - [`replicator`]: the daemon core that drives engine, store and transport.
+//! - [`workflows`]: the counter-current items, their rules and the views over them.
 
 pub mod authorship;
 pub mod chunks;
@@ -24,6 +25,7 @@ pub mod schema;
 pub mod store;
 pub mod transport;
 pub mod wire;
+pub mod workflows;
 
 pub use ids::{DocId, QuarterSlug};
 pub use libp2p::{Multiaddr, PeerId};

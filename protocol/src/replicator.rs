@@ -169,6 +169,23 @@ impl Handle {
         self.run(move |actor| f(actor.view())).await
     }
 
+    /// Reads what a write depends on (the city's frame, a consultation's
+    /// deadline…) and writes `doc` in the same step of the actor, so no other
+    /// change comes between the check and the write.
+    pub async fn write_with<C: Send + 'static, R: Send + 'static>(
+        &self,
+        doc: DocId,
+        read: impl FnOnce(&View<'_>) -> Result<C, SchemaError> + Send + 'static,
+        write: impl FnOnce(C, &mut Transaction<'_>) -> Result<R, SchemaError> + Send + 'static,
+    ) -> Result<R, WriteError> {
+        self.run(move |actor| {
+            let context = read(&actor.view())?;
+            actor.local_write(&doc, |tx| write(context, tx))
+        })
+        .await
+        .map_err(|_| WriteError::Stopped)?
+    }
+
     /// Writes `doc` (which this node must own) and returns once the change
     /// is durable on disk; it is then pushed to every connected peer.
     pub async fn write<R: Send + 'static>(
@@ -255,6 +272,30 @@ impl View<'_> {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         started + engine_ms
+    }
+
+    /// The quarter documents this node replicates, with their slugs.
+    pub fn quarter_docs(&self) -> crate::workflows::QuarterDocs<'_> {
+        self.engine
+            .docs()
+            .filter(|(id, _)| self.engine.accepts(id))
+            .filter_map(|(id, am)| id.quarter_slug().map(|q| (q.clone(), am)))
+            .collect()
+    }
+
+    /// The city document (every node holds one, from genesis on).
+    pub fn city(&self) -> Option<&automerge::Automerge> {
+        self.engine.doc(&DocId::City)
+    }
+
+    /// The quarters on the roster.
+    pub fn roster_slugs(&self) -> Vec<QuarterSlug> {
+        self.city()
+            .and_then(|c| schema::roster(c).ok())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect()
     }
 
     pub fn is_connected(&self, peer: &PeerId) -> bool {

@@ -36,8 +36,15 @@ pub enum SchemaError {
     Automerge(Box<AutomergeError>),
     #[error("document has no '{0}' container; it was not created from iq's genesis")]
     MissingContainer(&'static str),
+    /// What a user sent is not acceptable as it is.
     #[error("{0}")]
     Invalid(String),
+    /// The item named does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The action is refused by a rule of the workflow (past a deadline, over a frame).
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl From<autosurgeon::HydrateError> for SchemaError {
@@ -62,6 +69,8 @@ impl From<AutomergeError> for SchemaError {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Reconcile, Hydrate)]
 pub struct Concern {
     pub id: String,
+    /// Set when the quarter hid it from public views (kept, not deleted).
+    pub hidden: Option<Hidden>,
     /// Service code, e.g. `road-damage`.
     pub category: String,
     pub description: String,
@@ -90,6 +99,7 @@ impl Concern {
             long,
             status: "open".into(),
             created_ms,
+            hidden: None,
         }
     }
 
@@ -129,6 +139,20 @@ impl Concern {
     }
 }
 
+/// Moderation mark: the item stays, but public views leave it out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Reconcile, Hydrate)]
+pub struct Hidden {
+    pub reason: String,
+    pub at_ms: i64,
+}
+
+impl Item for Concern {
+    const CONTAINER: &'static str = "concerns";
+    fn item_key(&self) -> String {
+        self.id.clone()
+    }
+}
+
 /// A quarter on the federation roster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Reconcile, Hydrate)]
 pub struct RosterEntry {
@@ -138,6 +162,103 @@ pub struct RosterEntry {
 }
 
 /// The actor of the genesis change: the same on every node, never a real key.
+/// The maps every city document has from genesis on (top-down items).
+pub const CITY_CONTAINERS: &[&str] = &[
+    "roster",
+    "directives",
+    "consultations",
+    "frames",
+    "responses",
+];
+
+/// The maps every quarter document has from genesis on (bottom-up items).
+pub const QUARTER_CONTAINERS: &[&str] = &[
+    "concerns",
+    "proposals",
+    "answers",
+    "allocations",
+    "acks",
+    "escalations",
+];
+
+/// A typed item stored in one map of a document, keyed by [`Item::item_key`].
+pub trait Item: Reconcile + Hydrate + Clone {
+    /// The map it lives in.
+    const CONTAINER: &'static str;
+    /// Its key in that map.
+    fn item_key(&self) -> String;
+}
+
+/// Every item of type `T` in `doc`; malformed entries are skipped and logged.
+pub fn items<T: Item>(doc: &Automerge) -> Result<Vec<T>, SchemaError> {
+    let obj = container(doc, T::CONTAINER)?;
+    let mut out = Vec::new();
+    for entry in doc.map_range(&obj, ..) {
+        match autosurgeon::hydrate_prop::<_, T, _, _>(doc, &obj, entry.key.as_ref()) {
+            Ok(item) => out.push(item),
+            Err(e) => {
+                tracing::warn!(container = T::CONTAINER, key = %entry.key, error = %e, "skipping malformed item")
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The item of type `T` under `key`, if any.
+pub fn item<T: Item>(doc: &Automerge, key: &str) -> Result<Option<T>, SchemaError> {
+    let obj = container(doc, T::CONTAINER)?;
+    if doc.get(&obj, key)?.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(autosurgeon::hydrate_prop::<_, T, _, _>(
+        doc, &obj, key,
+    )?))
+}
+
+/// The item of type `T` under `key`, read inside a write transaction.
+pub fn item_in<T: Item>(tx: &Transaction<'_>, key: &str) -> Result<Option<T>, SchemaError> {
+    let obj = container(tx, T::CONTAINER)?;
+    if tx.get(&obj, key)?.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(autosurgeon::hydrate_prop::<_, T, _, _>(
+        tx, &obj, key,
+    )?))
+}
+
+/// Writes one item (only the fields that differ are changed).
+pub fn put_item<T: Item>(tx: &mut Transaction<'_>, item: &T) -> Result<(), SchemaError> {
+    let obj = container(tx, T::CONTAINER)?;
+    autosurgeon::reconcile_prop(tx, &obj, item.item_key().as_str(), item)?;
+    Ok(())
+}
+
+/// Values written concurrently to `field` of the item under `key`, when two
+/// writers disagreed: automerge keeps one deterministically and the others as
+/// conflicts. Empty when there is no conflict.
+pub fn conflicts<T: Item>(doc: &Automerge, key: &str, field: &str) -> Vec<String> {
+    let Ok(obj) = container(doc, T::CONTAINER) else {
+        return Vec::new();
+    };
+    let Ok(Some((_, item))) = doc.get(&obj, key) else {
+        return Vec::new();
+    };
+    let values = doc.get_all(&item, field).unwrap_or_default();
+    if values.len() < 2 {
+        return Vec::new();
+    }
+    values
+        .into_iter()
+        .map(|(v, _)| match v {
+            automerge::Value::Scalar(s) => match s.as_ref() {
+                automerge::ScalarValue::Str(t) => t.to_string(),
+                other => other.to_string(),
+            },
+            automerge::Value::Object(t) => format!("<{t:?}>"),
+        })
+        .collect()
+}
+
 fn genesis_actor(doc: &DocId) -> ActorId {
     ActorId::from(format!("iq-genesis:{doc}").as_bytes())
 }
@@ -153,12 +274,16 @@ pub fn genesis(doc: &DocId) -> Automerge {
             match doc {
                 DocId::City => {
                     tx.put(ROOT, "kind", "city")?;
-                    tx.put_object(ROOT, "roster", ObjType::Map)?;
+                    for name in CITY_CONTAINERS {
+                        tx.put_object(ROOT, *name, ObjType::Map)?;
+                    }
                 }
                 DocId::Quarter(slug) => {
                     tx.put(ROOT, "kind", "quarter")?;
                     tx.put(ROOT, "quarter", slug.as_str())?;
-                    tx.put_object(ROOT, "concerns", ObjType::Map)?;
+                    for name in QUARTER_CONTAINERS {
+                        tx.put_object(ROOT, *name, ObjType::Map)?;
+                    }
                 }
             }
             Ok(())
@@ -287,6 +412,7 @@ mod tests {
             long: Some(13.74),
             status: "open".into(),
             created_ms: 1,
+            hidden: None,
         }
     }
 
