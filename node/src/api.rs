@@ -100,6 +100,10 @@ pub struct ConcernView {
     /// RFC 3339, UTC.
     pub created: String,
     pub created_ms: i64,
+    /// Fields two writers set differently at the same time: every value
+    /// written (the one shown above is automerge's deterministic pick).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub conflicts: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 impl ConcernView {
@@ -121,6 +125,7 @@ impl ConcernView {
             status: c.status,
             created,
             created_ms: c.created_ms,
+            conflicts: Default::default(),
         }
     }
 }
@@ -171,11 +176,16 @@ pub fn concerns_in(view: &View<'_>, quarter: Option<&QuarterSlug>) -> Vec<Concer
             continue;
         }
         match schema::concerns(am) {
-            Ok(list) => out.extend(
-                list.into_iter()
-                    .filter(|c| c.hidden.is_none())
-                    .map(|c| ConcernView::new(slug, c)),
-            ),
+            Ok(list) => out.extend(list.into_iter().filter(|c| c.hidden.is_none()).map(|c| {
+                let mut view = ConcernView::new(slug, c);
+                for field in ["category", "description", "status"] {
+                    let values = schema::conflicts::<Concern>(am, &view.id, field);
+                    if !values.is_empty() {
+                        view.conflicts.insert(field.to_string(), values);
+                    }
+                }
+                view
+            })),
             Err(e) => tracing::warn!(doc = %id, error = %e, "cannot read concerns"),
         }
     }

@@ -443,6 +443,54 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_edits_by_two_writers_keep_both_values_visible() {
+        let q = DocId::quarter(&slug("prohlis"));
+        let mut office = genesis(&q).with_actor(ActorId::random());
+        office
+            .transact::<_, _, SchemaError>(|tx| put_concern(tx, &concern("c")))
+            .expect("write");
+        let mut laptop = office.fork().with_actor(ActorId::random());
+        let mut closed = concern("c");
+        closed.status = "closed".into();
+        laptop
+            .transact::<_, _, SchemaError>(|tx| put_concern(tx, &closed))
+            .expect("close offline");
+        let mut edited = concern("c");
+        edited.description = "pothole, now larger".into();
+        office
+            .transact::<_, _, SchemaError>(|tx| put_concern(tx, &edited))
+            .expect("edit offline");
+        let mut other = laptop.fork();
+        other.merge(&mut office).expect("merge");
+        office.merge(&mut laptop).expect("merge");
+        // Both writers' edits survive and the result is the same on both sides.
+        let a = concerns(&office).expect("read");
+        assert_eq!(a, concerns(&other).expect("read"));
+        assert_eq!(
+            (a[0].status.as_str(), a[0].description.as_str()),
+            ("closed", "pothole, now larger")
+        );
+        let mut laptop2 = genesis(&q).with_actor(ActorId::random());
+        laptop2.merge(&mut office).expect("sync");
+        // Two writers set the same field differently: both values are listed.
+        let mut x = laptop2.fork().with_actor(ActorId::random());
+        let mut y = laptop2.fork().with_actor(ActorId::random());
+        let mut c1 = a[0].clone();
+        c1.category = "lighting".into();
+        let mut c2 = a[0].clone();
+        c2.category = "graffiti".into();
+        x.transact::<_, _, SchemaError>(|tx| put_concern(tx, &c1))
+            .expect("x");
+        y.transact::<_, _, SchemaError>(|tx| put_concern(tx, &c2))
+            .expect("y");
+        x.merge(&mut y).expect("merge");
+        let mut values = conflicts::<Concern>(&x, "c", "category");
+        values.sort();
+        assert_eq!(values, vec!["graffiti".to_string(), "lighting".to_string()]);
+        assert!(conflicts::<Concern>(&x, "c", "status").is_empty());
+    }
+
+    #[test]
     fn invalid_concerns_are_refused() {
         let mut c = concern("x");
         c.description = "  ".into();
