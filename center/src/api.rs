@@ -42,6 +42,7 @@ pub fn router(handle: Handle) -> Router {
             "/api/v1/quarters/{slug}/writers/{peer}",
             axum::routing::delete(remove_writer),
         )
+        .fallback(iq_node::api::no_such_route)
         .with_state(handle)
 }
 

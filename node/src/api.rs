@@ -151,6 +151,7 @@ pub struct ConcernQuery {
 pub fn common_routes() -> Router<Handle> {
     Router::new()
         .route("/api/v1/status", get(status))
+        .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/concerns", get(list_concerns))
         .merge(crate::workflow_api::views())
 }
@@ -160,7 +161,21 @@ pub fn quarter_router(handle: Handle) -> Router {
     common_routes()
         .route("/api/v1/concerns", post(add_concern))
         .merge(crate::workflow_api::quarter_actions())
+        .fallback(no_such_route)
         .with_state(handle)
+}
+
+/// Answers requests no route matches, pointing to the description.
+pub async fn no_such_route(uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!(
+        "no such route {}: this node's routes are listed at /api/v1/openapi.json",
+        uri.path()
+    ))
+}
+
+async fn openapi(State(handle): State<Handle>) -> Result<Json<serde_json::Value>, ApiError> {
+    let role = handle.read(|view| view.role).await?;
+    Ok(Json(crate::openapi::document(role)))
 }
 
 async fn status(State(handle): State<Handle>) -> Result<Json<Status>, ApiError> {

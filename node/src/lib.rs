@@ -6,6 +6,7 @@
 //! - [`daemon`]: start/stop a node daemon (shared with `iq-center`).
 //! - [`api`]: the local HTTP API under `/api/v1` and its errors.
 //! - [`workflow_api`]: the counter-current views and a quarter's actions over HTTP.
+//! - [`openapi`]: the OpenAPI description of the API, from one route table.
 //! - [`client`]: the CLIs' client for a running daemon's API.
 //! - [`cli`]: the `iq-node` command line.
 //! - [`workflow_cli`]: the `iq-node` commands of the counter-current workflows.
@@ -15,6 +16,7 @@ pub mod api;
 pub mod cli;
 pub mod client;
 pub mod daemon;
+pub mod openapi;
 pub mod output;
 pub mod workflow_api;
 pub mod workflow_cli;

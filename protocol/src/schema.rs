@@ -491,6 +491,38 @@ mod tests {
     }
 
     #[test]
+    fn fields_written_by_a_newer_schema_survive_an_older_writer() {
+        let q = DocId::quarter(&slug("prohlis"));
+        let mut doc = genesis(&q).with_actor(ActorId::random());
+        doc.transact::<_, _, SchemaError>(|tx| put_concern(tx, &concern("c")))
+            .expect("write");
+        // A newer node adds a field this build does not know.
+        doc.transact::<_, _, AutomergeError>(|tx| {
+            let concerns = container(tx, "concerns").map_err(|_| AutomergeError::Fail)?;
+            let (_, c) = tx.get(&concerns, "c")?.ok_or(AutomergeError::Fail)?;
+            tx.put(&c, "agency", "Straßen- und Tiefbauamt")?;
+            Ok(())
+        })
+        .expect("newer field");
+        // This build reads the concern, changes it, and writes it back.
+        let mut c = item::<Concern>(&doc, "c").expect("read").expect("present");
+        c.status = "closed".into();
+        doc.transact::<_, _, SchemaError>(|tx| put_concern(tx, &c))
+            .expect("rewrite");
+        let concerns = container(&doc, "concerns").expect("container");
+        let (_, obj) = doc.get(&concerns, "c").expect("get").expect("concern");
+        let agency = doc
+            .get(&obj, "agency")
+            .expect("get")
+            .map(|(v, _)| v.to_string());
+        assert_eq!(agency.as_deref(), Some("\"Straßen- und Tiefbauamt\""));
+        assert_eq!(
+            item::<Concern>(&doc, "c").expect("read").map(|c| c.status),
+            Some("closed".into())
+        );
+    }
+
+    #[test]
     fn invalid_concerns_are_refused() {
         let mut c = concern("x");
         c.description = "  ".into();

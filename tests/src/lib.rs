@@ -229,6 +229,31 @@ impl Node {
         Ok((status, body))
     }
 
+    /// Any call on the node's HTTP API: (status, body as text).
+    pub fn api_call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, String)> {
+        let url = format!("{}{path}", self.api_base()?);
+        let agent = Self::agent();
+        let result = match (method, body) {
+            ("get", _) => agent.get(&url).call(),
+            ("delete", _) => agent.delete(&url).call(),
+            ("post", Some(b)) => agent.post(&url).send_json(b),
+            ("post", None) => agent.post(&url).send_empty(),
+            (m, _) => return Err(format!("unsupported method {m}")),
+        };
+        let mut resp = result.map_err(|e| format!("{method} {url}: {e}"))?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| format!("{method} {url}: {e}"))?;
+        Ok((status, text))
+    }
+
     /// Records a concern through the API; returns its id once acknowledged.
     pub fn add_concern(&self, description: &str) -> Result<String> {
         let (status, body) = self.api_post(

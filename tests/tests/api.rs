@@ -1,0 +1,76 @@
+//! The HTTP API as a client sees it: every route in each daemon's OpenAPI
+//! description answers (with data, or with a JSON error that says what is
+//! wrong) — none is missing from the router — and bad requests get 4xx
+//! JSON errors.
+
+use iq_tests::{Cluster, Node, Result};
+use serde_json::{Value, json};
+
+/// Calls every documented route of `node` with placeholder ids and an empty body.
+fn every_documented_route_answers(node: &Node) -> Result<usize> {
+    let (status, text) = node.api_call("get", "/api/v1/openapi.json", None)?;
+    assert_eq!(status, 200, "{}: openapi.json: {text}", node.name);
+    let doc: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().ok_or("no paths")?;
+    let mut calls = 0;
+    for (path, ops) in paths {
+        let concrete = path
+            .replace("{id}", "no-such-id")
+            .replace("{slug}", "nope")
+            .replace("{peer}", "not-a-peer");
+        for method in ops.as_object().ok_or("no operations")?.keys() {
+            let body = (method == "post").then(|| json!({}));
+            let (status, text) = node.api_call(method, &concrete, body.as_ref())?;
+            calls += 1;
+            let parsed: Value = serde_json::from_str(&text).map_err(|_| {
+                format!(
+                    "{}: {method} {path} answered {status} without JSON (not routed?): {text:?}",
+                    node.name
+                )
+            })?;
+            let error = parsed["error"].as_str().unwrap_or_default();
+            assert!(
+                !error.starts_with("no such route"),
+                "{}: {method} {path} is documented but not routed",
+                node.name
+            );
+            match status {
+                200 | 201 => {}
+                400 | 404 | 409 => assert!(
+                    !error.is_empty(),
+                    "{}: {method} {path} {status} without an error message: {text}",
+                    node.name
+                ),
+                other => {
+                    return Err(format!(
+                        "{}: {method} {path} answered {other}: {text}",
+                        node.name
+                    ));
+                }
+            }
+        }
+    }
+    Ok(calls)
+}
+
+#[test]
+fn every_documented_route_is_served_and_errors_are_json() -> Result<()> {
+    let c = Cluster::start(&["prohlis"])?;
+    let centre_calls = every_documented_route_answers(&c.center)?;
+    let quarter_calls = every_documented_route_answers(&c.quarters[0])?;
+    assert!(
+        centre_calls >= 15 && quarter_calls >= 15,
+        "too few routes documented: {centre_calls}, {quarter_calls}"
+    );
+    // A route of the other node kind is not served.
+    let (status, text) = c.quarters[0].api_call("post", "/api/v1/frames", Some(&json!({})))?;
+    assert_eq!(status, 404, "a quarter node must not set frames: {text}");
+    assert!(text.contains("openapi.json"), "{text}");
+    // Malformed JSON is a 400 that says so.
+    let (status, text) =
+        c.quarters[0].api_call("post", "/api/v1/concerns", Some(&json!({"category": 5})))?;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("invalid concern"), "{text}");
+    Ok(())
+}
