@@ -350,6 +350,8 @@ impl Replicator {
         let peer_id = config.identity.peer_id();
         let mut actor = Actor::new(config)?;
         actor.start()?;
+        actor.refresh_neighbours();
+        actor.advertise();
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let task = tokio::spawn(actor.run(rx));
         Ok(Self {
@@ -402,6 +404,11 @@ pub struct Actor {
     chunks: HashMap<DocId, usize>,
     started: (Instant, SystemTime),
     next_dial: Instant,
+    /// Quarter nodes: other quarters' writer nodes and where they listen
+    /// (from their documents), dialled directly so quarters keep syncing
+    /// with each other while the centre is down.
+    neighbours: HashMap<PeerId, Multiaddr>,
+    next_neighbour_dial: HashMap<PeerId, Instant>,
     fatal: Option<ReplicatorError>,
     /// Requests refused before they reached the engine (malformed envelope, not a partner).
     refused_requests: u64,
@@ -479,6 +486,8 @@ impl Actor {
             chunks,
             started: (Instant::now(), SystemTime::now()),
             next_dial: Instant::now(),
+            neighbours: HashMap::new(),
+            next_neighbour_dial: HashMap::new(),
             fatal: None,
             refused_requests: 0,
             refused_connections: 0,
@@ -593,6 +602,10 @@ impl Actor {
         if fx.changed.contains(&DocId::City) {
             self.refresh_roster()?;
         }
+        if !fx.changed.is_empty() {
+            // The roster or a quarter's advertised addresses may have changed.
+            self.refresh_neighbours();
+        }
         Ok(())
     }
 
@@ -617,7 +630,19 @@ impl Actor {
                 .flat_map(|(_, e)| e.writers.iter())
                 .filter_map(|w| w.parse::<PeerId>().ok())
                 .collect(),
-            Role::Quarter => self.center.iter().map(|(p, _)| *p).collect(),
+            // The centre, and the other quarters' writer nodes.
+            Role::Quarter => self
+                .center
+                .iter()
+                .map(|(p, _)| *p)
+                .chain(
+                    roster
+                        .iter()
+                        .flat_map(|(_, e)| e.writers.iter())
+                        .filter_map(|w| w.parse::<PeerId>().ok()),
+                )
+                .filter(|p| *p != self.peer_id)
+                .collect(),
         };
         let writers: BTreeMap<QuarterSlug, BTreeSet<ActorId>> = roster
             .iter()
@@ -715,6 +740,59 @@ impl Actor {
         }
     }
 
+    /// Re-reads where the other quarters' writer nodes listen.
+    fn refresh_neighbours(&mut self) {
+        if self.role != Role::Quarter {
+            return;
+        }
+        let mut found = HashMap::new();
+        for (_, doc) in self
+            .engine
+            .docs()
+            .filter(|(id, _)| id.quarter_slug().is_some())
+        {
+            for node in schema::items::<schema::NodeAddr>(doc).unwrap_or_default() {
+                if let (Ok(peer), Ok(addr)) =
+                    (node.peer.parse::<PeerId>(), node.addr.parse::<Multiaddr>())
+                    && peer != self.peer_id
+                    && self.allowed.contains(&peer)
+                {
+                    found.insert(peer, addr);
+                }
+            }
+        }
+        self.neighbours = found;
+    }
+
+    /// A quarter node writes where it listens into its own document, once
+    /// per address, so other quarters can dial it (not for wildcard addresses).
+    fn advertise(&mut self) {
+        let Role::Quarter = self.role else { return };
+        let wildcard = self.listen.iter().any(|p| {
+            matches!(p, libp2p::multiaddr::Protocol::Ip4(ip) if ip.is_unspecified())
+                || matches!(p, libp2p::multiaddr::Protocol::Ip6(ip) if ip.is_unspecified())
+                || matches!(p, libp2p::multiaddr::Protocol::Tcp(0))
+        });
+        if wildcard {
+            return;
+        }
+        let entry = schema::NodeAddr {
+            peer: self.peer_id.to_string(),
+            addr: self.listen.to_string(),
+        };
+        let current = self.engine.doc(&self.own_doc).and_then(|d| {
+            schema::item::<schema::NodeAddr>(d, &entry.peer)
+                .ok()
+                .flatten()
+        });
+        if current.as_ref() != Some(&entry) {
+            let own = self.own_doc.clone();
+            if let Err(e) = self.local_write(&own, |tx| schema::put_item(tx, &entry)) {
+                tracing::warn!(error = %e, "cannot advertise this node's address");
+            }
+        }
+    }
+
     fn handle_tick(&mut self) {
         let now = self.now();
         let fx = self.engine.tick(now);
@@ -731,6 +809,23 @@ impl Actor {
                 .build();
             if let Err(e) = self.swarm.dial(opts) {
                 tracing::debug!(%peer, error = %e, "dial failed");
+            }
+        }
+        let now = Instant::now();
+        let due: Vec<(PeerId, Multiaddr)> = self
+            .neighbours
+            .iter()
+            .filter(|(p, _)| !self.connected.contains(p))
+            .filter(|(p, _)| self.next_neighbour_dial.get(p).is_none_or(|t| now >= *t))
+            .map(|(p, a)| (*p, a.clone()))
+            .collect();
+        for (peer, addr) in due {
+            self.next_neighbour_dial.insert(peer, now + REDIAL);
+            let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                .addresses(vec![addr])
+                .build();
+            if let Err(e) = self.swarm.dial(opts) {
+                tracing::debug!(%peer, error = %e, "dial to neighbour failed");
             }
         }
         let due: Vec<DocId> = self

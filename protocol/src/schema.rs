@@ -153,6 +153,23 @@ impl Item for Concern {
     }
 }
 
+/// Where one of a quarter's writer nodes listens, written by that node into
+/// its quarter's document so the other quarters can reach it directly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Reconcile, Hydrate)]
+pub struct NodeAddr {
+    /// PeerId (base58).
+    pub peer: String,
+    /// libp2p multiaddr without `/p2p/`.
+    pub addr: String,
+}
+
+impl Item for NodeAddr {
+    const CONTAINER: &'static str = "nodes";
+    fn item_key(&self) -> String {
+        self.peer.clone()
+    }
+}
+
 /// A quarter on the federation roster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Reconcile, Hydrate)]
 pub struct RosterEntry {
@@ -179,6 +196,7 @@ pub const QUARTER_CONTAINERS: &[&str] = &[
     "allocations",
     "acks",
     "escalations",
+    "nodes",
 ];
 
 /// A typed item stored in one map of a document, keyed by [`Item::item_key`].

@@ -202,16 +202,21 @@ fn reconnecting_in_sync_sends_only_a_few_hundred_bytes_per_document() -> Result<
         }
     }
     c.wait_converged(Duration::from_secs(15))?;
-    let full: u64 = {
-        let status = c.quarters[2].api_get("/api/v1/status")?;
-        status["peers"][0]["session_bytes_received"]
-            .as_u64()
-            .ok_or("no byte counter")?
+    let total = |s: &serde_json::Value, field: &str| -> u64 {
+        s["peers"]
+            .as_array()
+            .map(|p| p.iter().filter_map(|p| p[field].as_u64()).sum())
+            .unwrap_or(0)
     };
+    let full = total(
+        &c.quarters[2].api_get("/api/v1/status")?,
+        "session_bytes_received",
+    );
     c.quarter("prohlis").stop()?;
     c.quarter("prohlis").start()?;
     c.wait_converged(Duration::from_secs(10))?;
-    // Let the exchange settle: the counters stop moving.
+    // Let the exchange settle: all three peers (centre and two quarters) up
+    // and the counters no longer moving.
     let status = wait_until(
         "prohlis's traffic to settle",
         Duration::from_secs(10),
@@ -219,21 +224,19 @@ fn reconnecting_in_sync_sends_only_a_few_hundred_bytes_per_document() -> Result<
             let a = c.quarters[2].api_get("/api/v1/status")?;
             std::thread::sleep(Duration::from_millis(500));
             let b = c.quarters[2].api_get("/api/v1/status")?;
-            let sent = |s: &serde_json::Value| s["peers"][0]["session_bytes_sent"].as_u64();
-            Ok(
-                (sent(&a).is_some() && sent(&a) == sent(&b) && b["peers"][0]["connected"] == true)
-                    .then_some(b),
-            )
+            let connected = b["peers"]
+                .as_array()
+                .map(|p| p.iter().filter(|p| p["connected"] == true).count());
+            let settled = total(&a, "session_bytes_sent") == total(&b, "session_bytes_sent");
+            Ok((settled && connected == Some(3)).then_some(b))
         },
     )?;
-    let peer = &status["peers"][0];
     let docs = status["documents"].as_array().ok_or("no documents")?.len() as u64;
-    let sent = peer["session_bytes_sent"].as_u64().ok_or("no counter")?;
-    let received = peer["session_bytes_received"]
-        .as_u64()
-        .ok_or("no counter")?;
+    let sessions = docs * 3;
+    let sent = total(&status, "session_bytes_sent");
+    let received = total(&status, "session_bytes_received");
     eprintln!(
-        "reconnect: {docs} documents, sent {sent} B, received {received} B (first sync received {full} B)"
+        "reconnect: {docs} documents × 3 peers, sent {sent} B, received {received} B (first sync received {full} B)"
     );
     assert_eq!(docs, 4);
     assert!(
@@ -241,16 +244,55 @@ fn reconnecting_in_sync_sends_only_a_few_hundred_bytes_per_document() -> Result<
         "no exchange on reconnect was counted"
     );
     assert!(
-        sent / docs <= 400,
-        "sent {sent} B for {docs} documents on reconnect"
+        sent / sessions <= 400,
+        "sent {sent} B for {sessions} (peer, document) sessions on reconnect"
     );
     assert!(
-        received / docs <= 400,
-        "received {received} B for {docs} documents on reconnect"
+        received / sessions <= 400,
+        "received {received} B for {sessions} sessions on reconnect"
     );
     assert!(
         full > 10 * received,
         "first sync ({full} B) should dwarf the reconnect ({received} B)"
+    );
+    Ok(())
+}
+
+#[test]
+fn quarters_keep_syncing_with_each_other_while_the_centre_is_down() -> Result<()> {
+    let mut c = Cluster::start(&["johannstadt", "prohlis"])?;
+    c.wait_converged(Duration::from_secs(10))?;
+    // The quarters have found each other through the addresses they advertise.
+    wait_until(
+        "the quarters to connect directly",
+        Duration::from_secs(10),
+        || {
+            let status = c.quarters[0].api_get("/api/v1/status")?;
+            let up = status["peers"]
+                .as_array()
+                .map(|p| p.iter().filter(|p| p["connected"] == true).count())
+                .unwrap_or(0);
+            Ok((up == 2).then_some(()))
+        },
+    )?;
+    c.center.kill();
+    let from_j = c.quarters[0].add_concern("written while the centre is down")?;
+    let from_p = c.quarters[1].add_concern("also written while the centre is down")?;
+    wait_until(
+        "the quarters to exchange their concerns directly",
+        Duration::from_secs(10),
+        || {
+            let at_p = c.quarters[1].concern_ids(Some("johannstadt"))?;
+            let at_j = c.quarters[0].concern_ids(Some("prohlis"))?;
+            Ok((at_p.contains(&from_j) && at_j.contains(&from_p)).then_some(()))
+        },
+    )?;
+    c.center.restart()?;
+    c.wait_converged(Duration::from_secs(20))?;
+    let at_centre = ids(c.center.concern_ids(None)?);
+    assert!(
+        at_centre.contains(&from_j) && at_centre.contains(&from_p),
+        "the centre missed what was written while it was down"
     );
     Ok(())
 }
