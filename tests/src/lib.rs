@@ -313,6 +313,15 @@ impl Node {
         Ok(out)
     }
 
+    /// SIGKILL without reaping: usable while other threads still talk to
+    /// the node (call [`Node::kill`] afterwards to reap it).
+    pub fn sigkill(&self) {
+        if let Some(child) = &self.child {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+
     /// SIGKILL: the process dies at once, mid-write or not.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
