@@ -108,13 +108,7 @@ pub struct ConcernView {
 
 impl ConcernView {
     pub fn new(quarter: &QuarterSlug, c: Concern) -> Self {
-        let created = u64::try_from(c.created_ms)
-            .ok()
-            .map(|ms| {
-                humantime::format_rfc3339_millis(UNIX_EPOCH + std::time::Duration::from_millis(ms))
-                    .to_string()
-            })
-            .unwrap_or_default();
+        let created = schema::format_time(c.created_ms, true);
         Self {
             id: c.id,
             quarter: quarter.to_string(),

@@ -118,8 +118,7 @@ pub fn print_status(s: &Status) {
 
 /// Euros from cents, for tables.
 pub fn euros(cents: i64) -> String {
-    let sign = if cents < 0 { "-" } else { "" };
-    format!("{sign}{}.{:02} €", (cents / 100).abs(), (cents % 100).abs())
+    format!("{} €", iq_protocol::schema::format_cents(cents))
 }
 
 /// Parses euros as typed (`1500`, `1500.5`, `1500,50`) into cents.
@@ -147,14 +146,7 @@ pub fn parse_euros(s: &str) -> Result<i64, String> {
 }
 
 fn date(ms: i64) -> String {
-    u64::try_from(ms)
-        .map(|ms| {
-            humantime::format_rfc3339_seconds(
-                std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
-            )
-            .to_string()
-        })
-        .unwrap_or_default()
+    iq_protocol::schema::format_time(ms, false)
 }
 
 pub fn print_directives(list: &[iq_protocol::workflows::DirectiveStatus]) {

@@ -546,7 +546,15 @@ impl Actor {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.handle_event(event),
                 cmd = rx.recv() => match cmd {
-                    Some(Command::Job(job)) => job(&mut self),
+                    Some(Command::Job(job)) => {
+                        // A request that panics (a bug, or data no check
+                        // foresaw) fails alone; its caller sees the node as
+                        // unavailable for that request, and the node carries on.
+                        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut self)));
+                        if ran.is_err() {
+                            tracing::error!("a request panicked; it was dropped and the node carries on");
+                        }
+                    }
                     Some(Command::Shutdown) | None => break,
                 },
                 _ = tick.tick() => self.handle_tick(),

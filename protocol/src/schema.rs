@@ -179,6 +179,34 @@ pub struct RosterEntry {
 }
 
 /// The actor of the genesis change: the same on every node, never a real key.
+/// Formats unix milliseconds as RFC 3339 (UTC, `millis` digits or seconds).
+/// Never panics: times a peer wrote outside years 1970–9999 print as the
+/// raw number, since these values come from other nodes' documents.
+pub fn format_time(ms: i64, millis: bool) -> String {
+    use std::fmt::Write as _;
+    let Ok(unsigned) = u64::try_from(ms) else {
+        return ms.to_string();
+    };
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(unsigned);
+    let mut out = String::new();
+    let written = if millis {
+        write!(out, "{}", humantime::format_rfc3339_millis(t))
+    } else {
+        write!(out, "{}", humantime::format_rfc3339_seconds(t))
+    };
+    match written {
+        Ok(()) => out,
+        Err(_) => ms.to_string(),
+    }
+}
+
+/// Formats cents as euros with two decimals (`-0.05`, `1500.00`).
+pub fn format_cents(cents: i64) -> String {
+    let sign = if cents < 0 { "-" } else { "" };
+    let abs = cents.unsigned_abs();
+    format!("{sign}{}.{:02}", abs / 100, abs % 100)
+}
+
 /// The maps every city document has from genesis on (top-down items).
 pub const CITY_CONTAINERS: &[&str] = &[
     "roster",
@@ -432,6 +460,18 @@ mod tests {
             created_ms: 1,
             hidden: None,
         }
+    }
+
+    #[test]
+    fn times_and_amounts_from_peers_format_without_panicking() {
+        assert_eq!(format_time(1_000, false), "1970-01-01T00:00:01Z");
+        assert_eq!(format_time(1_500, true), "1970-01-01T00:00:01.500Z");
+        // Year 10000 and beyond, and negative times: printed raw.
+        assert_eq!(format_time(i64::MAX, true), i64::MAX.to_string());
+        assert_eq!(format_time(-5, false), "-5");
+        assert_eq!(format_cents(-5), "-0.05");
+        assert_eq!(format_cents(150_005), "1500.05");
+        assert_eq!(format_cents(i64::MIN), "-92233720368547758.08");
     }
 
     #[test]

@@ -23,6 +23,12 @@ pub const MAX_TITLE_CHARS: usize = 200;
 /// Longest free text accepted (descriptions, positions, notes).
 pub const MAX_TEXT_CHARS: usize = 4_000;
 
+/// Largest amount accepted anywhere, in cents (100 billion euros).
+pub const MAX_AMOUNT_CENTS: i64 = 10_000_000_000_000;
+
+/// Largest vote count accepted in an answer.
+pub const MAX_VOTES: u64 = 10_000_000;
+
 fn invalid<T>(msg: impl Into<String>) -> Result<T, SchemaError> {
     Err(SchemaError::Invalid(msg.into()))
 }
@@ -51,18 +57,11 @@ fn targets_include(targets: &[String], quarter: &QuarterSlug) -> bool {
 }
 
 fn fmt_ms(ms: i64) -> String {
-    u64::try_from(ms)
-        .map(|ms| {
-            humantime::format_rfc3339_seconds(
-                std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
-            )
-            .to_string()
-        })
-        .unwrap_or_else(|_| ms.to_string())
+    schema::format_time(ms, false)
 }
 
 fn fmt_cents(c: i64) -> String {
-    format!("{}.{:02}", c / 100, (c % 100).abs())
+    schema::format_cents(c)
 }
 
 // ---------------------------------------------------------------- top-down
@@ -364,8 +363,8 @@ pub fn frame(
         }
         _ => return invalid("give either an amount or inhabitants and a rate per head"),
     };
-    if amount < 0 {
-        return invalid("the frame must not be negative");
+    if !(0..=MAX_AMOUNT_CENTS).contains(&amount) {
+        return invalid("the frame must be between 0 and 100,000,000,000.00");
     }
     Ok(Frame {
         year,
@@ -529,6 +528,9 @@ pub fn answer(
     }
     check_text("position", position, MAX_TEXT_CHARS)?;
     check_text("body", body, MAX_TITLE_CHARS)?;
+    if votes.0.max(votes.1).max(votes.2) > MAX_VOTES {
+        return invalid(format!("vote counts above {MAX_VOTES} are not accepted"));
+    }
     Ok(Answer {
         consultation_id: consultation_id.into(),
         options,
@@ -547,8 +549,7 @@ pub fn allocated(allocations: &[Allocation], year: i64) -> i64 {
     allocations
         .iter()
         .filter(|a| a.year == year)
-        .map(|a| a.amount_cents)
-        .sum()
+        .fold(0i64, |sum, a| sum.saturating_add(a.amount_cents))
 }
 
 /// A new allocation, checked against the frame in the city replica and what
@@ -575,7 +576,13 @@ pub fn allocation(
         ));
     };
     let already = allocated(existing, year);
-    if already + amount_cents > frame.amount_cents {
+    if amount_cents > MAX_AMOUNT_CENTS {
+        return invalid("the amount is larger than any budget iq accepts");
+    }
+    if already
+        .checked_add(amount_cents)
+        .is_none_or(|total| total > frame.amount_cents)
+    {
         return refused(format!(
             "over the frame: {} already allocated + {} requested > frame {} for {year}",
             fmt_cents(already),
@@ -725,7 +732,7 @@ pub fn budget(city: &Automerge, quarters: &QuarterDocs<'_>, year: Option<i64>) -
             quarter: f.quarter.clone(),
             frame_cents: f.amount_cents,
             allocated_cents: allocated,
-            remaining_cents: f.amount_cents - allocated,
+            remaining_cents: f.amount_cents.saturating_sub(allocated),
             over_frame: allocated > f.amount_cents,
             allocations,
         });
@@ -835,9 +842,9 @@ pub fn consultation_results(
                     Some(a) => {
                         for t in options.iter_mut().filter(|t| a.options.contains(&t.option)) {
                             t.quarters.push(q.to_string());
-                            t.yes += a.yes;
-                            t.no += a.no;
-                            t.abstain += a.abstain;
+                            t.yes = t.yes.saturating_add(a.yes);
+                            t.no = t.no.saturating_add(a.no);
+                            t.abstain = t.abstain.saturating_add(a.abstain);
                         }
                         answers.insert(q.to_string(), a);
                     }
@@ -1062,6 +1069,20 @@ mod tests {
         let city = city_with(|tx| schema::put_item(tx, &f));
         let a =
             allocation(&city, &q("prohlis"), &[], "benches", 6_000, None, 2027, 0).expect("first");
+        let huge = allocation(
+            &city,
+            &q("prohlis"),
+            std::slice::from_ref(&a),
+            "x",
+            i64::MAX,
+            None,
+            2027,
+            0,
+        );
+        assert!(
+            huge.is_err(),
+            "an overflowing amount slipped past the frame"
+        );
         let over = allocation(
             &city,
             &q("prohlis"),
