@@ -393,7 +393,12 @@ impl<P: Ord + Clone> Engine<P> {
         }
         session.retry_at_ms = None;
         session.dirty = false;
-        if let Some(msg) = am.generate_sync_message(&mut session.state) {
+        if let Some(mut msg) = am.generate_sync_message(&mut session.state) {
+            // Advertise no capabilities, so peers never send us whole
+            // documents (v2 messages): automerge loads those without bounds
+            // on what their compressed columns inflate to. Change lists are
+            // read with bounds (see `chunks`).
+            msg.flags = None;
             let sigs = attach_signatures(&self.sigs, &msg);
             let data = msg.encode();
             session.outstanding = true;
@@ -1132,7 +1137,7 @@ mod tests {
     }
 
     #[test]
-    fn whole_document_messages_are_checked_change_by_change() {
+    fn whole_documents_are_refused_and_batched_changes_checked_one_by_one() {
         let q = [slug("a")];
         let doc = DocId::quarter(&q[0]);
         let mut centre = engine(0, &q, &[1]);
@@ -1156,18 +1161,31 @@ mod tests {
             (real.hash(), signer(1).sign(&real.hash())),
             (forged.hash(), signer(3).sign(&forged.hash())),
         ];
-        let whole = sync::Message {
-            heads: am.get_heads(),
-            need: vec![],
-            have: vec![],
-            changes: am.save().into(),
-            flags: None,
-            version: sync::MessageVersion::V2,
-        }
-        .encode();
+        let v2 = |changes: Vec<u8>| {
+            sync::Message {
+                heads: am.get_heads(),
+                need: vec![],
+                have: vec![],
+                changes: changes.into(),
+                flags: None,
+                version: sync::MessageVersion::V2,
+            }
+            .encode()
+        };
+        // A whole document is refused before automerge loads it.
         let err = centre
-            .receive(&1, &doc, &whole, &sigs, 0)
-            .expect_err("forged inside a document");
+            .receive(&1, &doc, &v2(am.save()), &sigs, 0)
+            .expect_err("a whole document");
+        assert!(
+            matches!(err, SyncError::Chunks(ChunkError::UnexpectedType(0))),
+            "{err}"
+        );
+        // The same changes batched into one v2 element are checked one by one.
+        let mut batched = real.raw_bytes().to_vec();
+        batched.extend_from_slice(forged.raw_bytes());
+        let err = centre
+            .receive(&1, &doc, &v2(batched), &sigs, 0)
+            .expect_err("forged inside a batch");
         assert!(
             matches!(err, SyncError::Unauthorised(AuthorError::NotAWriter { .. })),
             "{err}"
