@@ -98,9 +98,12 @@ impl Writers {
         }
     }
 
-    /// Replaces the quarters' writer sets (from the roster).
-    pub fn set_quarters(&mut self, quarters: BTreeMap<QuarterSlug, BTreeSet<ActorId>>) {
+    /// Replaces the quarters' writer sets (from the roster); says whether
+    /// anything changed.
+    pub fn set_quarters(&mut self, quarters: BTreeMap<QuarterSlug, BTreeSet<ActorId>>) -> bool {
+        let changed = self.quarters != quarters;
         self.quarters = quarters;
+        changed
     }
 
     pub fn may_write(&self, doc: &DocId, actor: &ActorId) -> bool {

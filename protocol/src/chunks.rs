@@ -167,8 +167,8 @@ pub fn changes_in(element: &[u8], out: &mut Vec<Change>) -> Result<(), ChunkErro
 #[cfg(test)]
 mod tests {
     use super::*;
-    use automerge::{Automerge, ROOT};
     use automerge::transaction::Transactable;
+    use automerge::{Automerge, ROOT};
 
     fn doc_with_changes(n: usize) -> Automerge {
         let mut doc = Automerge::new();

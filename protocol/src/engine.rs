@@ -37,6 +37,9 @@ pub struct Outgoing<P> {
     pub doc: DocId,
     pub data: Vec<u8>,
     pub sigs: Vec<(ChangeHash, Vec<u8>)>,
+    /// The session it belongs to; pass it back with its outcome, so a late
+    /// outcome of an ended session cannot touch its successor.
+    pub epoch: u64,
 }
 
 /// What the caller must do, in this order: persist changes, signatures and
@@ -151,12 +154,15 @@ struct Session {
     retry_at_ms: Option<u64>,
     /// The shared heads last handed out for persistence.
     persisted_shared: Vec<ChangeHash>,
+    /// Unique per session, so outcomes of an earlier session are ignored.
+    epoch: u64,
 }
 
 impl Session {
-    fn new(state: sync::State, now: u64) -> Self {
+    fn new(state: sync::State, now: u64, epoch: u64) -> Self {
         let persisted_shared = state.shared_heads.clone();
         Self {
+            epoch,
             state,
             outstanding: false,
             dirty: false,
@@ -169,6 +175,8 @@ impl Session {
 
 #[derive(Debug, Default)]
 struct Peer {
+    /// Connected and syncing; a peer that went down keeps its statistics.
+    up: bool,
     sessions: BTreeMap<DocId, Session>,
     /// Persisted sync states handed in at `peer_up`, used when a session for
     /// a document is first opened.
@@ -191,6 +199,8 @@ pub struct Engine<P: Ord + Clone> {
     peers: BTreeMap<P, Peer>,
     /// Refused messages and changes since start, over all peers (also gone ones).
     refused: (u64, u64),
+    /// The next session epoch.
+    next_epoch: u64,
 }
 
 impl<P: Ord + Clone> Engine<P> {
@@ -210,6 +220,7 @@ impl<P: Ord + Clone> Engine<P> {
             quarters: BTreeSet::new(),
             peers: BTreeMap::new(),
             refused: (0, 0),
+            next_epoch: 1,
         };
         engine.ensure_doc(&DocId::City);
         for q in quarters {
@@ -257,9 +268,42 @@ impl<P: Ord + Clone> Engine<P> {
         self.sigs.extend(sigs);
     }
 
-    /// Replaces the quarters' writer sets (from the roster).
-    pub fn set_writers(&mut self, quarters: BTreeMap<QuarterSlug, BTreeSet<ActorId>>) {
-        self.writers.set_quarters(quarters);
+    /// Replaces the quarters' writer sets (from the roster). When they
+    /// changed, every document is offered to every peer again: a peer may
+    /// have refused changes by a writer this node did not know yet.
+    pub fn set_writers(
+        &mut self,
+        quarters: BTreeMap<QuarterSlug, BTreeSet<ActorId>>,
+        now: u64,
+    ) -> Effects<P> {
+        let mut fx = Effects::default();
+        if !self.writers.set_quarters(quarters) {
+            return fx;
+        }
+        let docs: Vec<DocId> = self
+            .docs
+            .keys()
+            .filter(|d| self.accepts(d))
+            .cloned()
+            .collect();
+        for p in self.up_peers() {
+            for doc in &docs {
+                if let Some(peer) = self.peers.get_mut(&p) {
+                    peer.sessions.remove(doc);
+                }
+                self.generate(&p, doc, now, &mut fx);
+            }
+        }
+        fx
+    }
+
+    /// The peers that are up now.
+    fn up_peers(&self) -> Vec<P> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.up)
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 
     /// Replaces `doc` by what the store holds (after [`SyncError::Poisoned`])
@@ -273,8 +317,7 @@ impl<P: Ord + Clone> Engine<P> {
         self.docs.remove(doc);
         self.load_doc(doc, chunks)?;
         let mut fx = Effects::default();
-        let peers: Vec<P> = self.peers.keys().cloned().collect();
-        for p in peers {
+        for p in self.up_peers() {
             if let Some(peer) = self.peers.get_mut(&p) {
                 peer.sessions.remove(doc);
             }
@@ -301,7 +344,7 @@ impl<P: Ord + Clone> Engine<P> {
     }
 
     pub fn is_up(&self, peer: &P) -> bool {
-        self.peers.contains_key(peer)
+        self.peers.get(peer).is_some_and(|p| p.up)
     }
 
     /// Replicates exactly `city` plus these quarters from now on. Newly added
@@ -327,8 +370,7 @@ impl<P: Ord + Clone> Engine<P> {
         for q in added {
             let doc = DocId::quarter(&q);
             self.ensure_doc(&doc);
-            let peers: Vec<P> = self.peers.keys().cloned().collect();
-            for p in peers {
+            for p in self.up_peers() {
                 self.generate(&p, &doc, now, &mut fx);
             }
         }
@@ -339,6 +381,7 @@ impl<P: Ord + Clone> Engine<P> {
     pub fn peer_up(&mut self, peer: P, persisted: Vec<(DocId, Vec<u8>)>, now: u64) -> Effects<P> {
         let mut fx = Effects::default();
         let entry = self.peers.entry(peer.clone()).or_default();
+        entry.up = true;
         entry.sessions.clear();
         entry.persisted = persisted.into_iter().collect();
         entry.stats.session_bytes_sent = 0;
@@ -357,26 +400,33 @@ impl<P: Ord + Clone> Engine<P> {
         fx
     }
 
-    /// A peer disconnected: its in-memory sessions end (persisted states stay).
+    /// A peer disconnected: its in-memory sessions end (persisted states
+    /// stay); its statistics are kept.
     pub fn peer_down(&mut self, peer: &P) {
-        self.peers.remove(peer);
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.up = false;
+            p.sessions.clear();
+        }
     }
 
     /// Makes sure a session exists and returns it.
     fn session<'a>(
         peers: &'a mut BTreeMap<P, Peer>,
+        next_epoch: &mut u64,
         peer: &P,
         doc: &DocId,
         now: u64,
     ) -> Option<&'a mut Session> {
-        let p = peers.get_mut(peer)?;
+        let p = peers.get_mut(peer).filter(|p| p.up)?;
         if !p.sessions.contains_key(doc) {
             let state = p
                 .persisted
                 .get(doc)
                 .and_then(|bytes| sync::State::decode(bytes).ok())
                 .unwrap_or_default();
-            p.sessions.insert(doc.clone(), Session::new(state, now));
+            *next_epoch += 1;
+            p.sessions
+                .insert(doc.clone(), Session::new(state, now, *next_epoch));
         }
         p.sessions.get_mut(doc)
     }
@@ -384,7 +434,8 @@ impl<P: Ord + Clone> Engine<P> {
     /// Generates the next message for (peer, doc) unless one is outstanding.
     fn generate(&mut self, peer: &P, doc: &DocId, now: u64, fx: &mut Effects<P>) {
         let Some(am) = self.docs.get(doc) else { return };
-        let Some(session) = Self::session(&mut self.peers, peer, doc, now) else {
+        let Some(session) = Self::session(&mut self.peers, &mut self.next_epoch, peer, doc, now)
+        else {
             return;
         };
         if session.outstanding || session.retry_at_ms.is_some_and(|t| now < t) {
@@ -403,6 +454,7 @@ impl<P: Ord + Clone> Engine<P> {
             let data = msg.encode();
             session.outstanding = true;
             session.last_activity_ms = now;
+            let epoch = session.epoch;
             if let Some(p) = self.peers.get_mut(peer) {
                 let n = data.len() as u64;
                 p.stats.session_bytes_sent += n;
@@ -414,6 +466,7 @@ impl<P: Ord + Clone> Engine<P> {
                 doc: doc.clone(),
                 data,
                 sigs,
+                epoch,
             });
         }
     }
@@ -429,7 +482,7 @@ impl<P: Ord + Clone> Engine<P> {
         sigs: &[(ChangeHash, Vec<u8>)],
         now: u64,
     ) -> Result<Effects<P>, SyncError> {
-        if !self.peers.contains_key(peer) {
+        if !self.is_up(peer) {
             return Err(SyncError::UnknownPeer);
         }
         if !self.accepts(doc) {
@@ -449,13 +502,9 @@ impl<P: Ord + Clone> Engine<P> {
             }
         };
         let mut fx = Effects::default();
-        for (hash, sig) in new_sigs {
-            self.sigs.insert(hash, sig.clone());
-            fx.signatures.push((hash, sig));
-        }
         let (Some(am), Some(session)) = (
             self.docs.get_mut(doc),
-            Self::session(&mut self.peers, peer, doc, now),
+            Self::session(&mut self.peers, &mut self.next_epoch, peer, doc, now),
         ) else {
             return Err(SyncError::UnknownPeer);
         };
@@ -463,9 +512,27 @@ impl<P: Ord + Clone> Engine<P> {
         let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             am.receive_sync_message(&mut session.state, msg)
         }));
-        match applied {
-            Ok(result) => result.map_err(|e| SyncError::Apply(e.to_string()))?,
-            Err(_) => {
+        let failure = match applied {
+            Ok(Ok(())) => None,
+            // automerge may have applied part of the message before it
+            // failed; what it applied is not on disk, so the document is
+            // reloaded from the store, exactly as after a panic.
+            Ok(Err(e)) if am.get_heads() != before => {
+                Some(format!("applying failed half-way: {e}"))
+            }
+            Ok(Err(e)) => {
+                self.refused.0 += 1;
+                if let Some(p) = self.peers.get_mut(peer) {
+                    p.stats.refused_messages += 1;
+                    p.stats.last_refusal = Some(e.to_string());
+                }
+                return Err(SyncError::Apply(e.to_string()));
+            }
+            Err(_) => Some("automerge panicked applying it".to_string()),
+        };
+        match failure {
+            None => {}
+            Some(reason) => {
                 // The document may be half-updated: drop it; the caller
                 // reloads it from the store (see `SyncError::Poisoned`).
                 self.docs.remove(doc);
@@ -475,10 +542,14 @@ impl<P: Ord + Clone> Engine<P> {
                 self.refused.0 += 1;
                 if let Some(p) = self.peers.get_mut(peer) {
                     p.stats.refused_messages += 1;
-                    p.stats.last_refusal = Some("automerge panicked applying it".into());
+                    p.stats.last_refusal = Some(reason);
                 }
                 return Err(SyncError::Poisoned(doc.clone()));
             }
+        }
+        for (hash, sig) in new_sigs {
+            self.sigs.insert(hash, sig.clone());
+            fx.signatures.push((hash, sig));
         }
         session.last_activity_ms = now;
         let after = am.get_heads();
@@ -506,7 +577,7 @@ impl<P: Ord + Clone> Engine<P> {
         }
         if changed {
             // Relay: every other peer hears of the new heads at once.
-            let others: Vec<P> = self.peers.keys().filter(|p| *p != peer).cloned().collect();
+            let others: Vec<P> = self.up_peers().into_iter().filter(|p| p != peer).collect();
             for other in others {
                 self.generate(&other, doc, now, &mut fx);
             }
@@ -580,14 +651,18 @@ impl<P: Ord + Clone> Engine<P> {
         }
     }
 
-    /// The last message to (peer, doc) was acknowledged.
-    pub fn delivered(&mut self, peer: &P, doc: &DocId, now: u64) -> Effects<P> {
-        let mut fx = Effects::default();
-        let dirty = match self
-            .peers
+    /// The session of (peer, doc) if it is the one with `epoch`.
+    fn session_of(&mut self, peer: &P, doc: &DocId, epoch: u64) -> Option<&mut Session> {
+        self.peers
             .get_mut(peer)
             .and_then(|p| p.sessions.get_mut(doc))
-        {
+            .filter(|s| s.epoch == epoch)
+    }
+
+    /// The message of session `epoch` to (peer, doc) was acknowledged.
+    pub fn delivered(&mut self, peer: &P, doc: &DocId, epoch: u64, now: u64) -> Effects<P> {
+        let mut fx = Effects::default();
+        let dirty = match self.session_of(peer, doc, epoch) {
             Some(s) => {
                 s.outstanding = false;
                 s.last_activity_ms = now;
@@ -601,14 +676,11 @@ impl<P: Ord + Clone> Engine<P> {
         fx
     }
 
-    /// The last message to (peer, doc) was lost: it will be regenerated,
-    /// including changes it carried, after [`RETRY_MS`].
-    pub fn send_failed(&mut self, peer: &P, doc: &DocId, now: u64) {
-        if let Some(s) = self
-            .peers
-            .get_mut(peer)
-            .and_then(|p| p.sessions.get_mut(doc))
-        {
+    /// The message of session `epoch` to (peer, doc) was lost (or the peer
+    /// was busy): it will be regenerated, including changes it carried,
+    /// after [`RETRY_MS`].
+    pub fn send_failed(&mut self, peer: &P, doc: &DocId, epoch: u64, now: u64) {
+        if let Some(s) = self.session_of(peer, doc, epoch) {
             s.outstanding = false;
             s.state.in_flight = false;
             s.state.sent_hashes.clear();
@@ -619,10 +691,13 @@ impl<P: Ord + Clone> Engine<P> {
         }
     }
 
-    /// The peer refused (peer, doc): the session is dropped until either side
-    /// changes the document again.
-    pub fn refused(&mut self, peer: &P, doc: &DocId) {
-        if let Some(p) = self.peers.get_mut(peer) {
+    /// The peer refused the message of session `epoch` to (peer, doc): the
+    /// session is dropped until either side changes the document again or
+    /// the roster changes (see [`Engine::set_writers`]).
+    pub fn refused(&mut self, peer: &P, doc: &DocId, epoch: u64) {
+        if self.session_of(peer, doc, epoch).is_some()
+            && let Some(p) = self.peers.get_mut(peer)
+        {
             p.sessions.remove(doc);
         }
     }
@@ -673,8 +748,7 @@ impl<P: Ord + Clone> Engine<P> {
         if !changes.is_empty() {
             fx.changes.push((doc.clone(), changes));
             fx.changed.insert(doc.clone());
-            let peers: Vec<P> = self.peers.keys().cloned().collect();
-            for p in peers {
+            for p in self.up_peers() {
                 self.generate(&p, doc, now, &mut fx);
             }
         }
@@ -810,7 +884,7 @@ mod tests {
                 .receive(&from, &out.doc, &out.data, &out.sigs, self.now)
                 .expect("receive");
             self.enqueue(out.peer, fx);
-            let fx = self.nodes[from].delivered(&out.peer, &out.doc, self.now);
+            let fx = self.nodes[from].delivered(&out.peer, &out.doc, out.epoch, self.now);
             self.enqueue(from, fx);
         }
 
@@ -836,7 +910,7 @@ mod tests {
                 if self.rng.below(1000) < self.drop_per_mille {
                     let (from, out) = self.wire.swap_remove(k);
                     self.dropped += 1;
-                    self.nodes[from].send_failed(&out.peer, &out.doc, self.now);
+                    self.nodes[from].send_failed(&out.peer, &out.doc, out.epoch, self.now);
                     continue;
                 }
                 self.deliver(k);

@@ -400,7 +400,8 @@ pub struct Actor {
     /// Peers this node syncs with (centre: roster writers; quarter: the centre).
     allowed: BTreeSet<PeerId>,
     connected: BTreeSet<PeerId>,
-    pending: HashMap<OutboundRequestId, (PeerId, DocId)>,
+    /// Requests in flight: their (peer, document, session epoch).
+    pending: HashMap<OutboundRequestId, (PeerId, DocId, u64)>,
     chunks: HashMap<DocId, usize>,
     started: (Instant, SystemTime),
     next_dial: Instant,
@@ -605,7 +606,7 @@ impl Actor {
                 .behaviour_mut()
                 .sync
                 .send_request(&out.peer, request);
-            self.pending.insert(id, (out.peer, out.doc));
+            self.pending.insert(id, (out.peer, out.doc, out.epoch));
         }
         if fx.changed.contains(&DocId::City) {
             self.refresh_roster()?;
@@ -664,9 +665,9 @@ impl Actor {
                 (slug.clone(), actors)
             })
             .collect();
-        self.engine.set_writers(writers);
         let now = self.now();
-        let fx = self.engine.set_quarters(quarters, now);
+        let mut fx = self.engine.set_writers(writers, now);
+        fx.extend(self.engine.set_quarters(quarters, now));
         let removed: Vec<PeerId> = self.allowed.difference(&allowed).copied().collect();
         let added: Vec<PeerId> = allowed.difference(&self.allowed).copied().collect();
         self.allowed = allowed;
@@ -679,7 +680,6 @@ impl Actor {
         for p in &added {
             self.swarm.behaviour_mut().allow.allow_peer(*p);
         }
-        let mut fx = fx;
         for p in added {
             if self.connected.contains(&p) {
                 fx.extend(self.peer_up(p));
@@ -928,9 +928,7 @@ impl Actor {
                 let within_rate = self.buckets.entry(peer).or_insert_with(Bucket::full).take();
                 let response = if !within_rate {
                     self.rate_limited += 1;
-                    ResponseV1::Refused {
-                        reason: "over the request rate: slow down".into(),
-                    }
+                    ResponseV1::Busy
                 } else if !self.allowed.contains(&peer) {
                     self.refused_requests += 1;
                     ResponseV1::Refused {
@@ -982,18 +980,22 @@ impl Actor {
                     },
                 ..
             } => {
-                let Some((_, doc)) = self.pending.remove(&request_id) else {
+                let Some((_, doc, epoch)) = self.pending.remove(&request_id) else {
                     return;
                 };
                 let now = self.now();
                 match response {
                     Response::V1(ResponseV1::Ack) => {
-                        let fx = self.engine.delivered(&peer, &doc, now);
+                        let fx = self.engine.delivered(&peer, &doc, epoch, now);
                         let _ = self.apply(fx);
+                    }
+                    Response::V1(ResponseV1::Busy) => {
+                        tracing::debug!(%peer, %doc, "peer is busy; retrying later");
+                        self.engine.send_failed(&peer, &doc, epoch, now);
                     }
                     Response::V1(ResponseV1::Refused { reason }) => {
                         tracing::debug!(%peer, %doc, %reason, "peer refused sync message");
-                        self.engine.refused(&peer, &doc);
+                        self.engine.refused(&peer, &doc, epoch);
                     }
                 }
             }
@@ -1003,10 +1005,10 @@ impl Actor {
                 error,
                 ..
             } => {
-                if let Some((_, doc)) = self.pending.remove(&request_id) {
+                if let Some((_, doc, epoch)) = self.pending.remove(&request_id) {
                     tracing::debug!(%peer, %doc, %error, "sync message not delivered");
                     let now = self.now();
-                    self.engine.send_failed(&peer, &doc, now);
+                    self.engine.send_failed(&peer, &doc, epoch, now);
                 }
             }
             Event::InboundFailure { peer, error, .. } => {

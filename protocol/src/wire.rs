@@ -61,4 +61,6 @@ pub enum ResponseV1 {
     Ack,
     /// The message was not applied; the sender should not resend it as is.
     Refused { reason: String },
+    /// The receiver is over its rate for this sender: retry later.
+    Busy,
 }

@@ -316,6 +316,7 @@ async fn run(args: Args) -> Result<(), String> {
                         match response {
                             Response::V1(ResponseV1::Ack) => report(&args.scenario, "ack", ""),
                             Response::V1(ResponseV1::Refused { reason }) => report(&args.scenario, "refused", &reason),
+                            Response::V1(ResponseV1::Busy) => report(&args.scenario, "busy", "over the request rate"),
                         }
                     }
                     Event::OutboundFailure { error, .. } => {
