@@ -159,6 +159,41 @@ pub fn quarter_router(handle: Handle) -> Router {
         .with_state(handle)
 }
 
+/// Refuses requests whose `Host` is not this machine's API address, a
+/// loopback address or `localhost`: the API has no login, and this stops a
+/// web page in a local browser from reaching it through DNS rebinding.
+pub async fn same_machine_only(
+    State(api): State<std::net::SocketAddr>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = request
+        .headers()
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.chars().all(|c| c.is_ascii_digit()) => name,
+        _ => host,
+    };
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    let local = name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback() || ip == api.ip());
+    if local {
+        next.run(request).await
+    } else {
+        ApiError {
+            status: StatusCode::FORBIDDEN,
+            message: format!(
+                "Host {host:?} is not this machine: the API answers only requests addressed to {api} or localhost"
+            ),
+        }
+        .into_response()
+    }
+}
+
 /// Answers requests no route matches, pointing to the description.
 pub async fn no_such_route(uri: axum::http::Uri) -> ApiError {
     ApiError::not_found(format!(

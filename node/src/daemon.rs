@@ -123,7 +123,10 @@ impl Daemon {
             addr: config.api,
             source,
         })?;
-        let app = routes(replicator.handle());
+        let app = routes(replicator.handle()).layer(axum::middleware::from_fn_with_state(
+            api_addr,
+            crate::api::same_machine_only,
+        ));
         let (stop_http, stopped) = oneshot::channel::<()>();
         let http = tokio::spawn(async move {
             axum::serve(listener, app)

@@ -37,6 +37,9 @@ const TICK: Duration = Duration::from_millis(250);
 /// A quarter node redials the centre this often while disconnected.
 const REDIAL: Duration = Duration::from_secs(1);
 
+/// Longest wait between dials of an unreachable neighbouring quarter.
+const MAX_NEIGHBOUR_BACKOFF: Duration = Duration::from_secs(60);
+
 /// Compact a document once this many change chunks have piled up.
 const COMPACT_AFTER_CHUNKS: usize = 512;
 
@@ -410,6 +413,7 @@ pub struct Actor {
     /// with each other while the centre is down.
     neighbours: HashMap<PeerId, Multiaddr>,
     next_neighbour_dial: HashMap<PeerId, Instant>,
+    neighbour_backoff: HashMap<PeerId, Duration>,
     fatal: Option<ReplicatorError>,
     /// Requests refused before they reached the engine (malformed envelope, not a partner).
     refused_requests: u64,
@@ -489,6 +493,7 @@ impl Actor {
             next_dial: Instant::now(),
             neighbours: HashMap::new(),
             next_neighbour_dial: HashMap::new(),
+            neighbour_backoff: HashMap::new(),
             fatal: None,
             refused_requests: 0,
             refused_connections: 0,
@@ -753,16 +758,22 @@ impl Actor {
         if self.role != Role::Quarter {
             return;
         }
-        let mut found = HashMap::new();
-        for (_, doc) in self
+        let roster = self
             .engine
-            .docs()
-            .filter(|(id, _)| id.quarter_slug().is_some())
-        {
+            .doc(&DocId::City)
+            .and_then(|c| schema::roster(c).ok())
+            .unwrap_or_default();
+        let mut found = HashMap::new();
+        for (slug, entry) in roster {
+            let Some(doc) = self.engine.doc(&DocId::quarter(&slug)) else {
+                continue;
+            };
+            // Only a quarter's own document says where its writers listen.
             for node in schema::items::<schema::NodeAddr>(doc).unwrap_or_default() {
                 if let (Ok(peer), Ok(addr)) =
                     (node.peer.parse::<PeerId>(), node.addr.parse::<Multiaddr>())
                     && peer != self.peer_id
+                    && entry.writers.contains(&node.peer)
                     && self.allowed.contains(&peer)
                 {
                     found.insert(peer, addr);
@@ -828,7 +839,11 @@ impl Actor {
             .map(|(p, a)| (*p, a.clone()))
             .collect();
         for (peer, addr) in due {
-            self.next_neighbour_dial.insert(peer, now + REDIAL);
+            // Back off exponentially, up to a minute, while a neighbour is unreachable.
+            let backoff = self.neighbour_backoff.get(&peer).copied().unwrap_or(REDIAL);
+            self.neighbour_backoff
+                .insert(peer, (backoff * 2).min(MAX_NEIGHBOUR_BACKOFF));
+            self.next_neighbour_dial.insert(peer, now + backoff);
             let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
                 .addresses(vec![addr])
                 .build();
@@ -865,6 +880,7 @@ impl Actor {
                 tracing::info!(%address, "listening");
             }
             SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                self.neighbour_backoff.remove(&peer_id);
                 let first = self.connected.insert(peer_id);
                 if first && self.allowed.contains(&peer_id) {
                     let fx = self.peer_up(peer_id);

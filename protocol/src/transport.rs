@@ -19,10 +19,13 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// Yamux streams one connection may have open (yamux's default is 512).
-pub const MAX_STREAMS_PER_CONNECTION: usize = 64;
+/// Sync keeps at most one request per (peer, document) in flight in each
+/// direction, so a federation needs about twice its document count.
+pub const MAX_STREAMS_PER_CONNECTION: usize = 300;
 
-/// Concurrent inbound sync requests per connection.
-pub const MAX_CONCURRENT_REQUESTS: usize = 32;
+/// Concurrent sync requests per connection, both directions together:
+/// room for 128 documents (127 quarters and the city).
+pub const MAX_CONCURRENT_REQUESTS: usize = 256;
 
 /// Connections a node holds: handshakes in progress, per peer, in total.
 pub const MAX_PENDING_INCOMING: u32 = 32;

@@ -67,6 +67,20 @@ fn every_documented_route_is_served_and_errors_are_json() -> Result<()> {
     let (status, text) = c.quarters[0].api_call("post", "/api/v1/frames", Some(&json!({})))?;
     assert_eq!(status, 404, "a quarter node must not set frames: {text}");
     assert!(text.contains("openapi.json"), "{text}");
+    // A request addressed to another host (DNS rebinding from a browser) is refused.
+    let addr = std::fs::read_to_string(c.center.dir.join("api.addr")).map_err(|e| e.to_string())?;
+    let resp = ureq::get(&format!("http://{}/api/v1/quarters", addr.trim()))
+        .header("Host", "evil.example:80")
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .call()
+        .map_err(|e| e.to_string())?;
+    assert_eq!(
+        resp.status().as_u16(),
+        403,
+        "a foreign Host header was served"
+    );
     // Malformed JSON is a 400 that says so.
     let (status, text) =
         c.quarters[0].api_call("post", "/api/v1/concerns", Some(&json!({"category": 5})))?;
