@@ -96,23 +96,54 @@ async fn remove_writer(
     let peer_id: PeerId = peer
         .parse()
         .map_err(|e| ApiError::bad_request(format!("{peer:?} is not a PeerId ({e})")))?;
+    let now = iq_node::api::now_ms();
     let result = handle
-        .write(DocId::City, move |tx| {
-            let Some(mut entry) = schema::roster_entry(tx, &slug)? else {
-                return Ok(Err(ApiError::not_found(format!(
-                    "unknown quarter '{slug}': see `iq-center quarters` for the roster"
-                ))));
-            };
-            let before = entry.writers.len();
-            entry.writers.retain(|w| *w != peer_id.to_string());
-            if entry.writers.len() == before {
-                return Ok(Err(ApiError::not_found(format!(
-                    "{peer_id} is not a writer of '{slug}'"
-                ))));
-            }
-            schema::put_roster_entry(tx, &slug, &entry)?;
-            Ok(Ok(entry))
-        })
+        .write_with(
+            DocId::City,
+            {
+                let slug = slug.clone();
+                move |view| {
+                    // The changes this key made that the centre holds stay
+                    // acceptable, so nodes still missing them can sync.
+                    let actor = iq_protocol::identity::actor_id_of_peer(&peer_id);
+                    let held = view
+                        .engine
+                        .doc(&DocId::quarter(&slug))
+                        .map(|doc| {
+                            doc.get_changes(&[])
+                                .iter()
+                                .filter(|c| Some(c.actor_id()) == actor.as_ref())
+                                .map(|c| c.hash().to_string())
+                                .collect::<Vec<_>>()
+                        })
+                        .unwrap_or_default();
+                    Ok(held)
+                }
+            },
+            move |held, tx| {
+                let Some(mut entry) = schema::roster_entry(tx, &slug)? else {
+                    return Ok(Err(ApiError::not_found(format!(
+                        "unknown quarter '{slug}': see `iq-center quarters` for the roster"
+                    ))));
+                };
+                let before = entry.writers.len();
+                entry.writers.retain(|w| *w != peer_id.to_string());
+                if entry.writers.len() == before {
+                    return Ok(Err(ApiError::not_found(format!(
+                        "{peer_id} is not a writer of '{slug}'"
+                    ))));
+                }
+                schema::put_roster_entry(tx, &slug, &entry)?;
+                let retired = schema::RetiredKey {
+                    quarter: slug.to_string(),
+                    peer: peer_id.to_string(),
+                    changes: held,
+                    at_ms: now,
+                };
+                schema::put_item(tx, &retired)?;
+                Ok(Ok(entry))
+            },
+        )
         .await??;
     Ok(Json(result))
 }

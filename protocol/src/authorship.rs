@@ -85,6 +85,8 @@ pub enum AuthorError {
 pub struct Writers {
     center: BTreeSet<ActorId>,
     quarters: BTreeMap<QuarterSlug, BTreeSet<ActorId>>,
+    /// Changes by removed keys that stay acceptable, per quarter.
+    retired: BTreeMap<QuarterSlug, BTreeSet<ChangeHash>>,
     genesis: BTreeMap<DocId, (ActorId, ChangeHash)>,
 }
 
@@ -94,6 +96,7 @@ impl Writers {
         Self {
             center: center.into_iter().collect(),
             quarters: BTreeMap::new(),
+            retired: BTreeMap::new(),
             genesis: BTreeMap::new(),
         }
     }
@@ -104,6 +107,20 @@ impl Writers {
         let changed = self.quarters != quarters;
         self.quarters = quarters;
         changed
+    }
+
+    /// Replaces the changes of removed keys that stay acceptable; says
+    /// whether anything changed.
+    pub fn set_retired(&mut self, retired: BTreeMap<QuarterSlug, BTreeSet<ChangeHash>>) -> bool {
+        let changed = self.retired != retired;
+        self.retired = retired;
+        changed
+    }
+
+    fn retired_change(&self, doc: &DocId, hash: &ChangeHash) -> bool {
+        doc.quarter_slug()
+            .and_then(|q| self.retired.get(q))
+            .is_some_and(|set| set.contains(hash))
     }
 
     pub fn may_write(&self, doc: &DocId, actor: &ActorId) -> bool {
@@ -150,7 +167,7 @@ impl Writers {
                 })
             };
         }
-        if !self.may_write(doc, change.actor_id()) {
+        if !self.may_write(doc, change.actor_id()) && !self.retired_change(doc, &hash) {
             return Err(AuthorError::NotAWriter {
                 doc: doc.clone(),
                 actor: change.actor_id().to_hex_string(),

@@ -274,10 +274,13 @@ impl<P: Ord + Clone> Engine<P> {
     pub fn set_writers(
         &mut self,
         quarters: BTreeMap<QuarterSlug, BTreeSet<ActorId>>,
+        retired: BTreeMap<QuarterSlug, BTreeSet<ChangeHash>>,
         now: u64,
     ) -> Effects<P> {
         let mut fx = Effects::default();
-        if !self.writers.set_quarters(quarters) {
+        let writers_changed = self.writers.set_quarters(quarters);
+        let retired_changed = self.writers.set_retired(retired);
+        if !writers_changed && !retired_changed {
             return fx;
         }
         let docs: Vec<DocId> = self
@@ -1167,6 +1170,46 @@ mod tests {
             .map(|c| c.id)
             .collect();
         assert_eq!(ids, vec!["real".to_string()]);
+    }
+
+    #[test]
+    fn a_removed_keys_earlier_changes_stay_acceptable_and_later_ones_do_not() {
+        let q = [slug("a")];
+        let doc = DocId::quarter(&q[0]);
+        // Node 2 has not received quarter a's changes by node 1 yet.
+        let mut late = engine(2, &q, &[1]);
+        let _ = late.peer_up(0, vec![], 0);
+        let (earlier, sig) = forge(&doc, signer(1).actor(), &signer(1), "before removal");
+        // The centre removes node 1's key, retiring the change it holds.
+        let retired = [(q[0].clone(), [earlier.hash()].into_iter().collect())]
+            .into_iter()
+            .collect();
+        let _ = late.set_writers(BTreeMap::new(), retired, 0);
+        let msg = message_with(vec![earlier.hash()], vec![earlier.raw_bytes().to_vec()]);
+        late.receive(&0, &doc, &msg, &[(earlier.hash(), sig)], 0)
+            .expect("a retired change is still accepted");
+        // A change the removed key makes afterwards is refused.
+        let mut am = late.doc(&doc).expect("doc").fork();
+        am.set_actor(signer(1).actor());
+        am.transact::<_, _, schema::SchemaError>(|tx| {
+            schema::put_concern(tx, &concern("after removal".into()))
+        })
+        .expect("write");
+        let after = am.get_last_local_change().expect("change");
+        let msg = message_with(vec![after.hash()], vec![after.raw_bytes().to_vec()]);
+        let err = late
+            .receive(
+                &0,
+                &doc,
+                &msg,
+                &[(after.hash(), signer(1).sign(&after.hash()))],
+                0,
+            )
+            .expect_err("a removed key's new change");
+        assert!(
+            matches!(err, SyncError::Unauthorised(AuthorError::NotAWriter { .. })),
+            "{err}"
+        );
     }
 
     #[test]

@@ -670,8 +670,21 @@ impl Actor {
                 (slug.clone(), actors)
             })
             .collect();
+        let mut retired: BTreeMap<QuarterSlug, BTreeSet<ChangeHash>> = BTreeMap::new();
+        if let Some(city) = self.engine.doc(&DocId::City) {
+            for key in schema::items::<schema::RetiredKey>(city).unwrap_or_default() {
+                let Ok(slug) = QuarterSlug::new(&key.quarter) else {
+                    continue;
+                };
+                let hashes = key
+                    .changes
+                    .iter()
+                    .filter_map(|h| h.parse::<ChangeHash>().ok());
+                retired.entry(slug).or_default().extend(hashes);
+            }
+        }
         let now = self.now();
-        let mut fx = self.engine.set_writers(writers, now);
+        let mut fx = self.engine.set_writers(writers, retired, now);
         fx.extend(self.engine.set_quarters(quarters, now));
         let removed: Vec<PeerId> = self.allowed.difference(&allowed).copied().collect();
         let added: Vec<PeerId> = allowed.difference(&self.allowed).copied().collect();

@@ -170,6 +170,27 @@ impl Item for NodeAddr {
     }
 }
 
+/// A writer key removed from a quarter, with the changes it made that the
+/// centre held when it was removed: those stay acceptable everywhere, so
+/// nodes that had not received them yet can still sync the document; any
+/// other change by the key is refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Reconcile, Hydrate)]
+pub struct RetiredKey {
+    pub quarter: String,
+    /// PeerId (base58).
+    pub peer: String,
+    /// Change hashes (hex).
+    pub changes: Vec<String>,
+    pub at_ms: i64,
+}
+
+impl Item for RetiredKey {
+    const CONTAINER: &'static str = "retired";
+    fn item_key(&self) -> String {
+        format!("{}/{}", self.quarter, self.peer)
+    }
+}
+
 /// A quarter on the federation roster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Reconcile, Hydrate)]
 pub struct RosterEntry {
@@ -210,6 +231,7 @@ pub fn format_cents(cents: i64) -> String {
 /// The maps every city document has from genesis on (top-down items).
 pub const CITY_CONTAINERS: &[&str] = &[
     "roster",
+    "retired",
     "directives",
     "consultations",
     "frames",
