@@ -8,7 +8,7 @@ use anyhow::bail;
 use clap::{Parser, Subcommand};
 use iq_node::api::ConcernView;
 use iq_node::cli::{
-    DataArg, JsonArg, LogFormat, check_listen, default_api, default_listen, init_tracing,
+    AddrArgs, DataArg, JsonArg, LogFormat, check_listen, default_api, default_listen, init_tracing,
 };
 use iq_node::client::Client;
 use iq_node::daemon::Daemon;
@@ -38,12 +38,8 @@ pub enum Command {
     Init {
         #[command(flatten)]
         data: DataArg,
-        /// libp2p listen address [default: 127.0.0.1 with a free port chosen now].
-        #[arg(long, value_name = "MULTIADDR")]
-        listen: Option<String>,
-        /// HTTP API address [default: 127.0.0.1 with a free port chosen now].
-        #[arg(long, value_name = "HOST:PORT")]
-        api: Option<SocketAddr>,
+        #[command(flatten)]
+        addr: AddrArgs,
     },
     /// Run the centre until ctrl-c.
     Run {
@@ -231,7 +227,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let client =
         |d: &DataArg| -> anyhow::Result<Client> { Ok(Client::new(&DataDir::new(&d.data), ROLE)?) };
     match cli.command {
-        Command::Init { data, listen, api } => {
+        Command::Init {
+            data,
+            addr: AddrArgs { listen, api },
+        } => {
             let (config, peer_id) = init_center(&DataDir::new(&data.data), listen, api)?;
             println!("initialised centre in {}", data.data.display());
             println!("peer id:  {peer_id}");

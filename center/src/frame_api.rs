@@ -7,14 +7,12 @@ use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Json, Router};
 use iq_node::api::{ApiError, now_ms};
-use iq_node::workflow_api::body;
+use iq_node::workflow_api::{JsonBody, body};
 use iq_protocol::replicator::Handle;
 use iq_protocol::schema::{self, SchemaError};
 use iq_protocol::workflows::{self, Consultation, Directive, Frame, Response};
 use iq_protocol::{DocId, QuarterSlug};
 use serde::{Deserialize, Serialize};
-
-type JsonBody<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
 
 pub fn routes() -> Router<Handle> {
     Router::new()
@@ -66,10 +64,7 @@ async fn issue_directive(
                     now,
                 )
             },
-            |d, tx| {
-                schema::put_item(tx, &d)?;
-                Ok(d)
-            },
+            schema::insert,
         )
         .await?;
     Ok((StatusCode::CREATED, Json(d)))
@@ -107,10 +102,7 @@ async fn open_consultation(
                     now,
                 )
             },
-            |c, tx| {
-                schema::put_item(tx, &c)?;
-                Ok(c)
-            },
+            schema::insert,
         )
         .await?;
     Ok((StatusCode::CREATED, Json(c)))
@@ -172,10 +164,7 @@ async fn set_frame(
                     &v.roster_slugs(),
                 )
             },
-            |f, tx| {
-                schema::put_item(tx, &f)?;
-                Ok(f)
-            },
+            schema::insert,
         )
         .await?;
     Ok((StatusCode::CREATED, Json(f)))
@@ -218,10 +207,7 @@ async fn respond(
                     now,
                 )
             },
-            |r, tx| {
-                schema::put_item(tx, &r)?;
-                Ok(r)
-            },
+            schema::insert,
         )
         .await?;
     Ok((StatusCode::CREATED, Json(r)))

@@ -65,12 +65,8 @@ pub enum Command {
         /// The centre's address ending in /p2p/<PeerId> (printed by `iq-center init`).
         #[arg(long, value_name = "MULTIADDR")]
         center: String,
-        /// libp2p listen address [default: 127.0.0.1 with a free port chosen now].
-        #[arg(long, value_name = "MULTIADDR")]
-        listen: Option<String>,
-        /// HTTP API address [default: 127.0.0.1 with a free port chosen now].
-        #[arg(long, value_name = "HOST:PORT")]
-        api: Option<SocketAddr>,
+        #[command(flatten)]
+        addr: AddrArgs,
     },
     /// Run the node until ctrl-c.
     Run {
@@ -185,6 +181,41 @@ pub enum ConcernCommand {
     },
 }
 
+/// Runs a CLI's command on a tokio runtime and turns its error into one line
+/// on stderr and a failing exit code (shared by both binaries' `main`).
+pub fn main_with(
+    run: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Where a new node listens: what `init` of both binaries takes.
+#[derive(Debug, Args)]
+pub struct AddrArgs {
+    /// libp2p listen address [default: 127.0.0.1 with a free port chosen now].
+    #[arg(long, value_name = "MULTIADDR")]
+    pub listen: Option<String>,
+    /// HTTP API address [default: 127.0.0.1 with a free port chosen now].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub api: Option<SocketAddr>,
+}
+
 /// Sets up `tracing` on stderr; `IQ_LOG` (or `RUST_LOG`) sets the filter.
 pub fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("IQ_LOG")
@@ -282,8 +313,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             quarter,
             name,
             center,
-            listen,
-            api,
+            addr: AddrArgs { listen, api },
         } => {
             let dir = DataDir::new(&data.data);
             let (config, peer_id) = init_quarter(

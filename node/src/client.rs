@@ -90,29 +90,28 @@ impl Client {
         }
     }
 
+    async fn send<T: DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
+        let resp = request.send().await.map_err(|e| self.map_err(e))?;
+        self.decode(resp).await
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
     pub async fn get<T: DeserializeOwned>(
         &self,
         path: &str,
         query: &[(&str, &str)],
     ) -> Result<T, ClientError> {
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .query(query)
-            .send()
-            .await
-            .map_err(|e| self.map_err(e))?;
-        self.decode(resp).await
+        self.send(self.http.get(self.url(path)).query(query)).await
     }
 
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        let resp = self
-            .http
-            .delete(format!("{}{path}", self.base))
-            .send()
-            .await
-            .map_err(|e| self.map_err(e))?;
-        self.decode(resp).await
+        self.send(self.http.delete(self.url(path))).await
     }
 
     pub async fn post<B: Serialize, T: DeserializeOwned>(
@@ -120,13 +119,6 @@ impl Client {
         path: &str,
         body: &B,
     ) -> Result<T, ClientError> {
-        let resp = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| self.map_err(e))?;
-        self.decode(resp).await
+        self.send(self.http.post(self.url(path)).json(body)).await
     }
 }

@@ -44,7 +44,8 @@ pub fn quarter_actions() -> Router<Handle> {
         .route("/api/v1/hide", post(hide))
 }
 
-type JsonBody<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
+/// A JSON request body, or why it could not be read.
+pub type JsonBody<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
 
 /// Unwraps a JSON body or says what is wrong with it.
 pub fn body<T>(b: JsonBody<T>) -> Result<T, ApiError> {
@@ -347,10 +348,7 @@ async fn answer(
                     now,
                 )
             },
-            |a, tx| {
-                schema::put_item(tx, &a)?;
-                Ok(a)
-            },
+            schema::insert,
         )
         .await?;
     Ok((StatusCode::CREATED, Json(a)))
@@ -407,10 +405,7 @@ async fn allocate(
                     now,
                 )
             },
-            |a, tx| {
-                schema::put_item(tx, &a)?;
-                Ok(a)
-            },
+            schema::insert,
         )
         .await?;
     Ok((StatusCode::CREATED, Json(a)))
@@ -442,10 +437,7 @@ async fn ack(
                     .ok_or_else(|| SchemaError::NotFound("no city document yet".into()))?;
                 workflows::ack(city, &quarter, &id, b.state.trim(), &b.comment, now)
             },
-            |a, tx| {
-                schema::put_item(tx, &a)?;
-                Ok(a)
-            },
+            schema::insert,
         )
         .await?;
     Ok(Json(a))

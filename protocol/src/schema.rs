@@ -301,6 +301,12 @@ pub fn put_item<T: Item>(tx: &mut Transaction<'_>, item: &T) -> Result<(), Schem
     Ok(())
 }
 
+/// Writes `item` and hands it back: the write step of most actions.
+pub fn insert<T: Item>(item: T, tx: &mut Transaction<'_>) -> Result<T, SchemaError> {
+    put_item(tx, &item)?;
+    Ok(item)
+}
+
 /// Values written concurrently to `field` of the item under `key`, when two
 /// writers disagreed: automerge keeps one deterministically and the others as
 /// conflicts. Empty when there is no conflict.
