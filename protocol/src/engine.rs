@@ -257,8 +257,11 @@ impl<P: Ord + Clone> Engine<P> {
             self.quarters.insert(q.clone());
         }
         let am = self.ensure_doc(doc);
-        for chunk in chunks {
-            am.load_incremental(chunk)?;
+        // One call for all chunks: automerge does work per call that grows
+        // with the document, so loading chunk by chunk is quadratic.
+        let all: Vec<u8> = chunks.into_iter().flatten().copied().collect();
+        if !all.is_empty() {
+            am.load_incremental(&all)?;
         }
         Ok(())
     }

@@ -313,7 +313,7 @@ impl View<'_> {
             .map(|(id, am)| DocStatus {
                 id: id.to_string(),
                 heads: am.get_heads().iter().map(|h| h.to_string()).collect(),
-                changes: am.get_changes(&[]).len(),
+                changes: am.get_changes_meta(&[]).len(),
                 schema_version: schema::schema_version(am),
             })
             .collect();
@@ -458,6 +458,7 @@ impl Actor {
             Writers::new([center_actor]),
             own_quarter,
         );
+        let loading = Instant::now();
         engine.load_signatures(
             config
                 .store
@@ -465,8 +466,11 @@ impl Actor {
                 .into_iter()
                 .map(|(h, s)| (ChangeHash(h), s)),
         );
+        tracing::debug!(elapsed = ?loading.elapsed(), "signatures loaded");
         let mut chunks = HashMap::new();
-        for stored in config.store.load_docs()? {
+        let stored_docs = config.store.load_docs()?;
+        tracing::debug!(elapsed = ?loading.elapsed(), "documents read from the store");
+        for stored in stored_docs {
             chunks.insert(stored.id.clone(), stored.chunks.len());
             engine
                 .load_doc(&stored.id, stored.chunks.iter().map(|c| c.as_slice()))
@@ -474,6 +478,7 @@ impl Actor {
                     doc: stored.id.clone(),
                     reason: e.to_string(),
                 })?;
+            tracing::debug!(doc = %stored.id, chunks = stored.chunks.len(), elapsed = ?loading.elapsed(), "document loaded");
         }
         let swarm = transport::build_swarm(&config.identity)?;
         let mut actor = Self {
