@@ -170,6 +170,10 @@ pub async fn run(dir: Option<PathBuf>, once: bool) -> anyhow::Result<()> {
             description: description.into(),
             lat: Some(lat),
             long: Some(long),
+            address: None,
+            media_url: None,
+            agency: None,
+            reporter: None,
         };
         let c: ConcernView = client.post("/api/v1/concerns", &body).await?;
         println!("recorded at {slug:<14} {} {category}", c.id);

@@ -4,7 +4,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -100,10 +100,32 @@ pub struct ConcernView {
     /// RFC 3339, UTC.
     pub created: String,
     pub created_ms: i64,
+    /// `received`, `in_process`, `processed` or `rejected`.
+    pub detailed_status: Option<String>,
+    pub address: Option<String>,
+    pub media_url: Option<String>,
+    pub agency: Option<String>,
+    /// RFC 3339, UTC, of the last status change.
+    pub updated: Option<String>,
+    /// The status history, including the centre's response if the concern
+    /// was escalated.
+    pub notes: Vec<NoteView>,
     /// Fields two writers set differently at the same time: every value
     /// written (the one shown above is automerge's deterministic pick).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub conflicts: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+/// One status note as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NoteView {
+    /// RFC 3339, UTC.
+    pub at: String,
+    pub at_ms: i64,
+    pub status: String,
+    pub note: String,
+    /// `quarter` for the quarter's own notes, `centre` for its response.
+    pub by: String,
 }
 
 impl ConcernView {
@@ -119,6 +141,23 @@ impl ConcernView {
             status: c.status,
             created,
             created_ms: c.created_ms,
+            detailed_status: c.detailed_status,
+            address: c.address,
+            media_url: c.media_url,
+            agency: c.agency,
+            updated: c.updated_ms.map(|ms| schema::format_time(ms, true)),
+            notes: c
+                .notes
+                .unwrap_or_default()
+                .into_iter()
+                .map(|n| NoteView {
+                    at: schema::format_time(n.at_ms, true),
+                    at_ms: n.at_ms,
+                    status: n.status,
+                    note: n.note,
+                    by: "quarter".into(),
+                })
+                .collect(),
             conflicts: Default::default(),
         }
     }
@@ -133,6 +172,62 @@ pub struct NewConcern {
     pub lat: Option<f64>,
     #[serde(default)]
     pub long: Option<f64>,
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default)]
+    pub media_url: Option<String>,
+    #[serde(default)]
+    pub agency: Option<String>,
+    /// Who reported it: kept in this node's local-only store, never replicated.
+    #[serde(default)]
+    pub reporter: Option<Reporter>,
+}
+
+/// A reporter's personal data (local-only).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Reporter {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub email: Option<String>,
+    #[serde(default)]
+    pub phone: Option<String>,
+}
+
+impl Reporter {
+    fn is_empty(&self) -> bool {
+        self.name.is_none() && self.email.is_none() && self.phone.is_none()
+    }
+
+    fn validate(&self) -> Result<(), ApiError> {
+        for (field, value) in [
+            ("name", &self.name),
+            ("email", &self.email),
+            ("phone", &self.phone),
+        ] {
+            if value
+                .as_ref()
+                .is_some_and(|v| v.trim().is_empty() || v.chars().count() > 200)
+            {
+                return Err(ApiError::bad_request(format!(
+                    "reporter {field} must be 1 to 200 characters"
+                )));
+            }
+        }
+        if self.email.as_ref().is_some_and(|e| !e.contains('@')) {
+            return Err(ApiError::bad_request("reporter email has no '@'"));
+        }
+        Ok(())
+    }
+}
+
+/// Body of `POST /api/v1/concerns/{id}/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NewConcernStatus {
+    /// `received`, `in_process`, `processed` or `rejected`.
+    pub status: String,
+    #[serde(default)]
+    pub note: String,
 }
 
 /// Query of `GET /api/v1/concerns`.
@@ -147,6 +242,7 @@ pub fn common_routes() -> Router<Handle> {
         .route("/api/v1/status", get(status))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/concerns", get(list_concerns))
+        .route("/api/v1/concerns/{id}", get(one_concern))
         .merge(crate::workflow_api::views())
 }
 
@@ -154,6 +250,8 @@ pub fn common_routes() -> Router<Handle> {
 pub fn quarter_router(handle: Handle) -> Router {
     common_routes()
         .route("/api/v1/concerns", post(add_concern))
+        .route("/api/v1/concerns/{id}/status", post(concern_status))
+        .route("/api/v1/concerns/{id}/reporter", get(concern_reporter))
         .merge(crate::workflow_api::quarter_actions())
         .fallback(no_such_route)
         .with_state(handle)
@@ -194,6 +292,88 @@ pub async fn same_machine_only(
     }
 }
 
+/// A fresh random reference (32 hex digits).
+fn uuid_like() -> String {
+    iq_protocol::workflows::new_id().replace('-', "")
+}
+
+/// `GET /api/v1/concerns/{id}`: one concern, with its notes and conflicts.
+async fn one_concern(
+    State(handle): State<Handle>,
+    Path(id): Path<String>,
+) -> Result<Json<ConcernView>, ApiError> {
+    let found = handle
+        .read(move |view| {
+            concerns_in(&view, None)
+                .into_iter()
+                .find(|c| c.id == id)
+                .ok_or(id)
+        })
+        .await?;
+    found
+        .map(Json)
+        .map_err(|id| ApiError::not_found(format!("no concern '{id}' (or it is hidden)")))
+}
+
+/// `POST /api/v1/concerns/{id}/status`: the quarter moves its concern on.
+async fn concern_status(
+    State(handle): State<Handle>,
+    Path(id): Path<String>,
+    body: Result<Json<NewConcernStatus>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<ConcernView>, ApiError> {
+    let Json(body) =
+        body.map_err(|e| ApiError::bad_request(format!("invalid status: {}", e.body_text())))?;
+    let own = handle.read(|view| view.own_doc.clone()).await?;
+    let DocId::Quarter(slug) = own.clone() else {
+        return Err(ApiError::bad_request("only quarter nodes change concerns"));
+    };
+    let now = now_ms();
+    let concern = handle
+        .write(own, move |tx| {
+            let Some(mut c) = schema::item_in::<Concern>(tx, &id)? else {
+                return Err(SchemaError::NotFound(format!(
+                    "this quarter has no concern '{id}'"
+                )));
+            };
+            c.set_status(body.status.trim(), &body.note, now)?;
+            schema::insert(c, tx)
+        })
+        .await?;
+    Ok(Json(ConcernView::new(&slug, concern)))
+}
+
+/// `GET /api/v1/concerns/{id}/reporter`: the reporter's personal data, from
+/// this node's local-only store (quarter nodes; never replicated).
+async fn concern_reporter(
+    State(handle): State<Handle>,
+    Path(id): Path<String>,
+) -> Result<Json<Reporter>, ApiError> {
+    let reference = handle
+        .read(move |view| {
+            let doc = view.engine.doc(view.own_doc)?;
+            schema::item::<Concern>(doc, &id)
+                .ok()
+                .flatten()?
+                .reporter_ref
+        })
+        .await?
+        .ok_or_else(|| {
+            ApiError::not_found(
+                "this quarter has no such concern, or it has no reporter on record here",
+            )
+        })?;
+    let bytes = handle
+        .local_get(format!("reporter/{reference}"))
+        .await?
+        .ok_or_else(|| {
+            ApiError::not_found(
+                "the reporter's data is not on this node (it stays on the node that recorded it)",
+            )
+        })?;
+    let reporter: Reporter = serde_json::from_slice(&bytes).map_err(|_| ApiError::unavailable())?;
+    Ok(Json(reporter))
+}
+
 /// Answers requests no route matches, pointing to the description.
 pub async fn no_such_route(uri: axum::http::Uri) -> ApiError {
     ApiError::not_found(format!(
@@ -219,14 +399,43 @@ pub fn concerns_in(view: &View<'_>, quarter: Option<&QuarterSlug>) -> Vec<Concer
         if !view.engine.accepts(id) || quarter.is_some_and(|q| q != slug) {
             continue;
         }
+        // The centre's responses to this quarter's escalated concerns.
+        let mut responses: std::collections::BTreeMap<String, Vec<NoteView>> = Default::default();
+        let escalations =
+            schema::items::<iq_protocol::workflows::Escalation>(am).unwrap_or_default();
+        for e in escalations.into_iter().filter(|e| e.kind == "concern") {
+            let key = format!("{slug}/{}", e.id);
+            if let Some(r) = view.city().and_then(|c| {
+                schema::item::<iq_protocol::workflows::Response>(c, &key)
+                    .ok()
+                    .flatten()
+            }) {
+                let to = r
+                    .department
+                    .as_deref()
+                    .map(|d| format!(" to {d}"))
+                    .unwrap_or_default();
+                responses.entry(e.item_id).or_default().push(NoteView {
+                    at: schema::format_time(r.at_ms, true),
+                    at_ms: r.at_ms,
+                    status: format!("escalation {}{to}", r.decision),
+                    note: r.note,
+                    by: "centre".into(),
+                });
+            }
+        }
         match schema::concerns(am) {
             Ok(list) => out.extend(list.into_iter().filter(|c| c.hidden.is_none()).map(|c| {
                 let mut view = ConcernView::new(slug, c);
-                for field in ["category", "description", "status"] {
+                for field in ["category", "description", "status", "detailed_status"] {
                     let values = schema::conflicts::<Concern>(am, &view.id, field);
                     if !values.is_empty() {
                         view.conflicts.insert(field.to_string(), values);
                     }
+                }
+                if let Some(notes) = responses.remove(&view.id) {
+                    view.notes.extend(notes);
+                    view.notes.sort_by_key(|n| n.at_ms);
                 }
                 view
             })),
@@ -293,16 +502,31 @@ async fn add_concern(
     let DocId::Quarter(slug) = own.clone() else {
         return Err(ApiError::bad_request("only quarter nodes record concerns"));
     };
-    let concern = Concern::new(
+    let mut concern = Concern::new(
         body.category.trim().to_string(),
         body.description,
         body.lat,
         body.long,
         now_ms(),
     );
+    concern.address = body.address;
+    concern.media_url = body.media_url;
+    concern.agency = body.agency;
     concern
         .validate()
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if let Some(reporter) = body.reporter.filter(|r| !r.is_empty()) {
+        reporter.validate()?;
+        // Personal data first, local only; the replicated concern gets a
+        // pseudonymous reference to it.
+        let reference = uuid_like();
+        let bytes =
+            serde_json::to_vec(&reporter).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        handle
+            .local_put(format!("reporter/{reference}"), bytes)
+            .await?;
+        concern.reporter_ref = Some(reference);
+    }
     let written = concern.clone();
     handle
         .write(own, move |tx| schema::put_concern(tx, &written))

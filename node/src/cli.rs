@@ -166,6 +166,52 @@ pub enum ConcernCommand {
         lat: Option<f64>,
         #[arg(long, allow_negative_numbers = true)]
         long: Option<f64>,
+        /// Where, in words.
+        #[arg(long)]
+        address: Option<String>,
+        /// A photo or document (http or https URL).
+        #[arg(long)]
+        media_url: Option<String>,
+        /// The department responsible.
+        #[arg(long)]
+        agency: Option<String>,
+        /// Reporter's name (kept on this node only, never replicated).
+        #[arg(long)]
+        reporter_name: Option<String>,
+        /// Reporter's e-mail (kept on this node only).
+        #[arg(long)]
+        reporter_email: Option<String>,
+        /// Reporter's phone (kept on this node only).
+        #[arg(long)]
+        reporter_phone: Option<String>,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Move a concern on: received, in_process, processed (closes it) or rejected (closes it).
+    Status {
+        #[command(flatten)]
+        data: DataArg,
+        id: String,
+        status: String,
+        /// What was done.
+        #[arg(long, default_value = "")]
+        note: String,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// One concern with its status history (and the centre's response) and any conflicting edits.
+    Show {
+        #[command(flatten)]
+        data: DataArg,
+        id: String,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// The reporter's personal data, from this node's local-only store.
+    Reporter {
+        #[command(flatten)]
+        data: DataArg,
+        id: String,
         #[command(flatten)]
         json: JsonArg,
     },
@@ -361,14 +407,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             description,
             lat,
             long,
+            address,
+            media_url,
+            agency,
+            reporter_name,
+            reporter_email,
+            reporter_phone,
             json,
         }) => {
             let client = Client::new(&DataDir::new(&data.data), ROLE)?;
+            let reporter = crate::api::Reporter {
+                name: reporter_name,
+                email: reporter_email,
+                phone: reporter_phone,
+            };
             let body = NewConcern {
                 category,
                 description,
                 lat,
                 long,
+                address,
+                media_url,
+                agency,
+                reporter: Some(reporter),
             };
             let created: ConcernView = client.post("/api/v1/concerns", &body).await?;
             if json.json {
@@ -376,6 +437,37 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 println!("{}", created.id);
             }
+        }
+        Command::Concern(ConcernCommand::Status {
+            data,
+            id,
+            status,
+            note,
+            json,
+        }) => {
+            let c: ConcernView = client(&data)?
+                .post(
+                    &format!("/api/v1/concerns/{id}/status"),
+                    &crate::api::NewConcernStatus { status, note },
+                )
+                .await?;
+            output::emit(&c, json.json, output::print_concern)?;
+        }
+        Command::Concern(ConcernCommand::Show { data, id, json }) => {
+            let c: ConcernView = client(&data)?
+                .get(&format!("/api/v1/concerns/{id}"), &[])
+                .await?;
+            output::emit(&c, json.json, output::print_concern)?;
+        }
+        Command::Concern(ConcernCommand::Reporter { data, id, json }) => {
+            let r: crate::api::Reporter = client(&data)?
+                .get(&format!("/api/v1/concerns/{id}/reporter"), &[])
+                .await?;
+            output::emit(&r, json.json, |r| {
+                println!("name:  {}", r.name.as_deref().unwrap_or("-"));
+                println!("email: {}", r.email.as_deref().unwrap_or("-"));
+                println!("phone: {}", r.phone.as_deref().unwrap_or("-"));
+            })?;
         }
         Command::Concern(ConcernCommand::List {
             data,

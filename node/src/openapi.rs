@@ -51,7 +51,25 @@ pub const ROUTES: &[Route] = &[
         "post",
         "/api/v1/concerns",
         On::Quarter,
-        "Record a concern {category, description, lat?, long?}",
+        "Record a concern {category, description, lat?, long?, address?, media_url?, agency?, reporter?: {name?, email?, phone?}}; the reporter stays on this node",
+    ),
+    r(
+        "get",
+        "/api/v1/concerns/{id}",
+        On::Both,
+        "One concern with its status notes (and the centre's response) and conflicts",
+    ),
+    r(
+        "post",
+        "/api/v1/concerns/{id}/status",
+        On::Quarter,
+        "Move a concern on {status: received|in_process|processed|rejected, note?}",
+    ),
+    r(
+        "get",
+        "/api/v1/concerns/{id}/reporter",
+        On::Quarter,
+        "The reporter's personal data, from this node's local-only store",
     ),
     r(
         "get",

@@ -64,6 +64,45 @@ pub fn print_concerns(list: &[ConcernView]) {
     println!("{} concern(s)", list.len());
 }
 
+/// One concern in full.
+pub fn print_concern(c: &ConcernView) {
+    println!(
+        "{}  [{} / {}] {} in {}",
+        c.id,
+        c.status,
+        c.detailed_status.as_deref().unwrap_or("-"),
+        c.category,
+        c.quarter
+    );
+    println!("    {}", c.description);
+    if let (Some(lat), Some(long)) = (c.lat, c.long) {
+        println!("    at {lat}, {long}");
+    }
+    for (label, value) in [
+        ("address", &c.address),
+        ("media", &c.media_url),
+        ("agency", &c.agency),
+    ] {
+        if let Some(v) = value {
+            println!("    {label}: {v}");
+        }
+    }
+    println!(
+        "    created {}{}",
+        c.created,
+        c.updated
+            .as_deref()
+            .map(|u| format!(", updated {u}"))
+            .unwrap_or_default()
+    );
+    for n in &c.notes {
+        println!("    {} {} ({}): {}", n.at, n.status, n.by, n.note);
+    }
+    for (field, values) in &c.conflicts {
+        println!("    CONFLICT in {field}: {}", values.join(" | "));
+    }
+}
+
 pub fn print_status(s: &Status) {
     println!("peer id:   {}", s.peer_id);
     println!("writes:    {}", s.own_doc);

@@ -804,13 +804,7 @@ mod tests {
     fn concern(id: String) -> Concern {
         Concern {
             id,
-            category: "litter".into(),
-            description: "bins overflowing".into(),
-            lat: None,
-            long: None,
-            status: "open".into(),
-            created_ms: 0,
-            hidden: None,
+            ..Concern::new("litter".into(), "bins overflowing".into(), None, None, 0)
         }
     }
 

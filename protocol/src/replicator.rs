@@ -172,6 +172,20 @@ impl Handle {
         self.run(move |actor| f(actor.view())).await
     }
 
+    /// Writes node-local data (never replicated), durably.
+    pub async fn local_put(&self, key: String, value: Vec<u8>) -> Result<(), ReplicatorError> {
+        self.run(move |actor| actor.store.local_put(&key, &value))
+            .await?
+            .map_err(ReplicatorError::from)
+    }
+
+    /// Reads node-local data.
+    pub async fn local_get(&self, key: String) -> Result<Option<Vec<u8>>, ReplicatorError> {
+        self.run(move |actor| actor.store.local_get(&key))
+            .await?
+            .map_err(ReplicatorError::from)
+    }
+
     /// Reads what a write depends on (the city's frame, a consultation's
     /// deadline…) and writes `doc` in the same step of the actor, so no other
     /// change comes between the check and the write.

@@ -80,7 +80,34 @@ pub struct Concern {
     pub status: String,
     /// Unix time in milliseconds.
     pub created_ms: i64,
+    /// Where, in words (alternative or addition to lat/long).
+    pub address: Option<String>,
+    /// A photo or document (http or https URL).
+    pub media_url: Option<String>,
+    /// `received`, `in_process`, `processed` or `rejected`.
+    pub detailed_status: Option<String>,
+    /// What was done, oldest first.
+    pub notes: Option<Vec<StatusNote>>,
+    /// Last status change (unix ms).
+    pub updated_ms: Option<i64>,
+    /// The department responsible.
+    pub agency: Option<String>,
+    /// Pseudonymous reference to the reporter; name and contact stay in the
+    /// quarter node's local-only store, never in a replicated document.
+    pub reporter_ref: Option<String>,
 }
+
+/// One entry of a concern's status history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Reconcile, Hydrate)]
+pub struct StatusNote {
+    pub at_ms: i64,
+    /// The detailed status set with this note.
+    pub status: String,
+    pub note: String,
+}
+
+/// The detailed statuses of a concern, in their usual order.
+pub const DETAILED_STATUSES: &[&str] = &["received", "in_process", "processed", "rejected"];
 
 impl Concern {
     /// A new open concern with a fresh random id.
@@ -100,7 +127,44 @@ impl Concern {
             status: "open".into(),
             created_ms,
             hidden: None,
+            address: None,
+            media_url: None,
+            detailed_status: Some("received".into()),
+            notes: None,
+            updated_ms: None,
+            agency: None,
+            reporter_ref: None,
         }
+    }
+
+    /// Moves the concern to a detailed status with a note; `processed` and
+    /// `rejected` close it, the others (re)open it.
+    pub fn set_status(&mut self, status: &str, note: &str, now_ms: i64) -> Result<(), SchemaError> {
+        if !DETAILED_STATUSES.contains(&status) {
+            return Err(SchemaError::Invalid(format!(
+                "status '{status}' is not one of {}",
+                DETAILED_STATUSES.join(", ")
+            )));
+        }
+        if note.chars().count() > MAX_DESCRIPTION_CHARS {
+            return Err(SchemaError::Invalid(
+                "note is longer than 4000 characters".into(),
+            ));
+        }
+        self.detailed_status = Some(status.into());
+        self.status = if matches!(status, "processed" | "rejected") {
+            "closed"
+        } else {
+            "open"
+        }
+        .into();
+        self.notes.get_or_insert_with(Vec::new).push(StatusNote {
+            at_ms: now_ms,
+            status: status.into(),
+            note: note.into(),
+        });
+        self.updated_ms = Some(now_ms);
+        Ok(())
     }
 
     /// Checks what a user typed before it is written.
@@ -134,6 +198,23 @@ impl Concern {
         }
         if self.status != "open" && self.status != "closed" {
             return bad("status must be 'open' or 'closed'");
+        }
+        if let Some(a) = &self.address
+            && (a.trim().is_empty() || a.chars().count() > 400)
+        {
+            return bad("address must be 1 to 400 characters");
+        }
+        if let Some(u) = &self.media_url
+            && (u.len() > 2000
+                || !(u.starts_with("https://") || u.starts_with("http://"))
+                || u.contains(char::is_whitespace))
+        {
+            return bad("media URL must be an http(s) URL of at most 2000 characters");
+        }
+        if let Some(a) = &self.agency
+            && (a.trim().is_empty() || a.chars().count() > 200)
+        {
+            return bad("agency must be 1 to 200 characters");
         }
         Ok(())
     }
@@ -480,13 +561,13 @@ mod tests {
     fn concern(id: &str) -> Concern {
         Concern {
             id: id.into(),
-            category: "road-damage".into(),
-            description: "pothole".into(),
-            lat: Some(51.05),
-            long: Some(13.74),
-            status: "open".into(),
-            created_ms: 1,
-            hidden: None,
+            ..Concern::new(
+                "road-damage".into(),
+                "pothole".into(),
+                Some(51.05),
+                Some(13.74),
+                1,
+            )
         }
     }
 
@@ -586,7 +667,7 @@ mod tests {
         doc.transact::<_, _, AutomergeError>(|tx| {
             let concerns = container(tx, "concerns").map_err(|_| AutomergeError::Fail)?;
             let (_, c) = tx.get(&concerns, "c")?.ok_or(AutomergeError::Fail)?;
-            tx.put(&c, "agency", "Straßen- und Tiefbauamt")?;
+            tx.put(&c, "future_field", "Straßen- und Tiefbauamt")?;
             Ok(())
         })
         .expect("newer field");

@@ -257,7 +257,8 @@ impl Item for Escalation {
     }
 }
 
-fn new_id() -> String {
+/// A fresh random id for a new item.
+pub fn new_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 

@@ -204,6 +204,12 @@ fn a_week_in_the_federation() -> Result<()> {
             "lighting",
             "--description",
             "Dark underpass at the tram stop",
+            "--address",
+            "Prohliser Allee 1",
+            "--reporter-name",
+            "Erika Muster",
+            "--reporter-email",
+            "erika@example.org",
         ])?
         .trim()
         .to_owned();
@@ -399,6 +405,20 @@ fn a_week_in_the_federation() -> Result<()> {
         .contains("title is empty")
     );
 
+    let c = prohlis.cli_json(&[
+        "concern",
+        "status",
+        &lamp,
+        "in_process",
+        "--note",
+        "Inspected on site",
+    ])?;
+    assert_eq!(
+        (c["status"].clone(), c["detailed_status"].clone()),
+        (serde_json::json!("open"), serde_json::json!("in_process"))
+    );
+    assert!(cli_err(prohlis, &["concern", "status", &lamp, "fixed"]).contains("not one of"));
+
     // After the deadline, answers are refused.
     std::thread::sleep(Duration::from_secs(4));
     assert!(
@@ -465,6 +485,25 @@ fn a_week_in_the_federation() -> Result<()> {
     let mine = wait_json(prohlis, &["escalations"], "the response at prohlis", |v| {
         v[0]["response"].is_object()
     })?;
+    // … and in the concern's status notes.
+    let shown = prohlis.cli_json(&["concern", "show", &lamp])?;
+    let notes = shown["notes"].as_array().ok_or("no notes")?;
+    assert_eq!(notes.len(), 2, "{shown}");
+    assert_eq!(
+        (notes[0]["by"].clone(), notes[1]["by"].clone()),
+        (serde_json::json!("quarter"), serde_json::json!("centre"))
+    );
+    assert!(notes[1]["note"] == "Lamp repair ordered", "{shown}");
+    // The reporter's personal data stays on the quarter's node.
+    let reporter = prohlis.cli_json(&["concern", "reporter", &lamp])?;
+    assert_eq!(reporter["email"], "erika@example.org");
+    let at_centre = centre.api_get(&format!("/api/v1/concerns/{lamp}"))?;
+    assert_eq!(at_centre["address"], "Prohliser Allee 1");
+    assert!(
+        !at_centre.to_string().contains("erika") && !at_centre.to_string().contains("Muster"),
+        "personal data left the quarter: {at_centre}"
+    );
+    assert!(cli_err(johannstadt, &["concern", "reporter", &lamp]).contains("no such concern"));
     assert_eq!(mine[0]["response"]["decision"], "forwarded");
     assert_eq!(mine[0]["response"]["department"], "Straßen- und Tiefbauamt");
 
