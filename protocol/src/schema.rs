@@ -130,7 +130,9 @@ impl Concern {
             address: None,
             media_url: None,
             detailed_status: Some("received".into()),
-            notes: None,
+            // Created with the concern, so two writers adding notes later
+            // append to the same list instead of each creating one.
+            notes: Some(Vec::new()),
             updated_ms: None,
             agency: None,
             reporter_ref: None,

@@ -462,12 +462,18 @@ impl Cluster {
 
     /// Initialises a quarter node (not started, not on the roster); returns it and its PeerId.
     pub fn init_quarter(&self, slug: &str) -> Result<(Node, String)> {
+        self.init_writer(slug, slug)
+    }
+
+    /// Initialises a further writer node `name` of quarter `slug` (an office
+    /// PC and a laptop); not started, not on the roster.
+    pub fn init_writer(&self, slug: &str, name: &str) -> Result<(Node, String)> {
         let node = Node {
-            name: slug.into(),
+            name: name.into(),
             kind: Kind::Quarter,
-            dir: self.root.path().join(slug),
+            dir: self.root.path().join(name),
             child: None,
-            log: self.root.path().join(format!("{slug}.log")),
+            log: self.root.path().join(format!("{name}.log")),
         };
         let name = slug.to_uppercase();
         let out = node.cli_ok(&[

@@ -627,3 +627,84 @@ fn a_week_in_the_federation() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn two_writers_of_a_quarter_edit_offline_and_the_conflict_is_visible() -> Result<()> {
+    let mut c = Cluster::start(&["prohlis"])?;
+    // The quarter's second writer: a laptop at a street festival.
+    let (mut laptop, laptop_peer) = c.init_writer("prohlis", "prohlis-laptop")?;
+    c.add_to_roster("prohlis", &laptop_peer)?;
+    laptop.start()?;
+    let id = c.quarters[0].add_concern("Broken bench at the festival site")?;
+    wait_until(
+        "the laptop to hold the office's concern",
+        Duration::from_secs(10),
+        || {
+            Ok(laptop
+                .concern_ids(Some("prohlis"))?
+                .contains(&id)
+                .then_some(()))
+        },
+    )?;
+    // Each edits the same concern without having seen the other's edit:
+    // the laptop is away while the office edits, and offline (no centre, no
+    // office) while it edits itself.
+    laptop.stop()?;
+    c.quarters[0].cli_ok(&[
+        "concern",
+        "status",
+        &id,
+        "processed",
+        "--note",
+        "repaired by the office",
+    ])?;
+    c.quarters[0].stop()?;
+    c.center.kill();
+    laptop.start()?;
+    laptop.cli_ok(&[
+        "concern",
+        "status",
+        &id,
+        "rejected",
+        "--note",
+        "not ours: private ground",
+    ])?;
+    c.center.restart()?;
+    c.quarters[0].start()?;
+    // Both edits merge; the field both set lists both values, the same everywhere.
+    let shown = wait_json(
+        &c.quarters[0],
+        &["concern", "show", &id],
+        "the edits to merge at the office",
+        |v| v["notes"].as_array().is_some_and(|n| n.len() == 2),
+    )?;
+    let mut values: Vec<String> = shown["conflicts"]["detailed_status"]
+        .as_array()
+        .ok_or(format!("no conflict shown: {shown}"))?
+        .iter()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect();
+    values.sort();
+    assert_eq!(
+        values,
+        vec!["processed".to_string(), "rejected".to_string()]
+    );
+    let at_laptop = wait_json(
+        &laptop,
+        &["concern", "show", &id],
+        "the edits to merge at the laptop",
+        |v| v["notes"].as_array().is_some_and(|n| n.len() == 2),
+    )?;
+    assert_eq!(
+        at_laptop["detailed_status"], shown["detailed_status"],
+        "the merged value differs between writers"
+    );
+    let at_centre = wait_json(
+        &c.center,
+        &["concerns", "--quarter", "prohlis"],
+        "the merge at the centre",
+        |v| v[0]["notes"].as_array().is_some_and(|n| n.len() == 2),
+    )?;
+    assert_eq!(at_centre[0]["detailed_status"], shown["detailed_status"]);
+    Ok(())
+}
