@@ -681,7 +681,7 @@ mod tests {
         let concerns = container(&doc, "concerns").expect("container");
         let (_, obj) = doc.get(&concerns, "c").expect("get").expect("concern");
         let agency = doc
-            .get(&obj, "agency")
+            .get(&obj, "future_field")
             .expect("get")
             .map(|(v, _)| v.to_string());
         assert_eq!(agency.as_deref(), Some("\"Straßen- und Tiefbauamt\""));
