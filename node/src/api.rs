@@ -292,6 +292,41 @@ pub async fn same_machine_only(
     }
 }
 
+/// The centre's responses to a quarter's escalated items of `kind`
+/// (`concern` or `proposal`), as status notes by item id.
+pub fn response_notes(
+    view: &View<'_>,
+    slug: &QuarterSlug,
+    quarter_doc: &automerge::Automerge,
+    kind: &str,
+) -> std::collections::BTreeMap<String, Vec<NoteView>> {
+    let mut out: std::collections::BTreeMap<String, Vec<NoteView>> = Default::default();
+    let Some(city) = view.city() else { return out };
+    let escalations =
+        schema::items::<iq_protocol::workflows::Escalation>(quarter_doc).unwrap_or_default();
+    for e in escalations.into_iter().filter(|e| e.kind == kind) {
+        let key = format!("{slug}/{}", e.id);
+        if let Some(r) = schema::item::<iq_protocol::workflows::Response>(city, &key)
+            .ok()
+            .flatten()
+        {
+            let to = r
+                .department
+                .as_deref()
+                .map(|d| format!(" to {d}"))
+                .unwrap_or_default();
+            out.entry(e.item_id).or_default().push(NoteView {
+                at: schema::format_time(r.at_ms, true),
+                at_ms: r.at_ms,
+                status: format!("escalation {}{to}", r.decision),
+                note: r.note,
+                by: "centre".into(),
+            });
+        }
+    }
+    out
+}
+
 /// A fresh random reference (32 hex digits).
 fn uuid_like() -> String {
     iq_protocol::workflows::new_id().replace('-', "")
@@ -399,31 +434,7 @@ pub fn concerns_in(view: &View<'_>, quarter: Option<&QuarterSlug>) -> Vec<Concer
         if !view.engine.accepts(id) || quarter.is_some_and(|q| q != slug) {
             continue;
         }
-        // The centre's responses to this quarter's escalated concerns.
-        let mut responses: std::collections::BTreeMap<String, Vec<NoteView>> = Default::default();
-        let escalations =
-            schema::items::<iq_protocol::workflows::Escalation>(am).unwrap_or_default();
-        for e in escalations.into_iter().filter(|e| e.kind == "concern") {
-            let key = format!("{slug}/{}", e.id);
-            if let Some(r) = view.city().and_then(|c| {
-                schema::item::<iq_protocol::workflows::Response>(c, &key)
-                    .ok()
-                    .flatten()
-            }) {
-                let to = r
-                    .department
-                    .as_deref()
-                    .map(|d| format!(" to {d}"))
-                    .unwrap_or_default();
-                responses.entry(e.item_id).or_default().push(NoteView {
-                    at: schema::format_time(r.at_ms, true),
-                    at_ms: r.at_ms,
-                    status: format!("escalation {}{to}", r.decision),
-                    note: r.note,
-                    by: "centre".into(),
-                });
-            }
-        }
+        let mut responses = response_notes(view, slug, am, "concern");
         match schema::concerns(am) {
             Ok(list) => out.extend(list.into_iter().filter(|c| c.hidden.is_none()).map(|c| {
                 let mut view = ConcernView::new(slug, c);

@@ -124,6 +124,9 @@ pub enum Command {
     Escalations {
         #[command(flatten)]
         data: DataArg,
+        /// Only this quarter's escalations.
+        #[arg(long)]
+        quarter: Option<String>,
         #[command(flatten)]
         json: JsonArg,
     },
@@ -504,9 +507,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             reason,
             json,
         } => workflow_cli::escalate(data, kind, id, reason, json.json, client).await?,
-        Command::Escalations { data, json } => {
-            workflow_cli::escalations(data, json.json, client).await?
-        }
+        Command::Escalations {
+            data,
+            quarter,
+            json,
+        } => workflow_cli::escalations(data, quarter, json.json, client).await?,
         Command::Hide {
             data,
             kind,

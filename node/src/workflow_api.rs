@@ -139,6 +139,8 @@ pub struct ProposalView {
     #[serde(flatten)]
     pub proposal: Proposal,
     pub support_count: usize,
+    /// The centre's responses if the proposal was escalated.
+    pub responses: Vec<crate::api::NoteView>,
 }
 
 /// `?quarter=SLUG`
@@ -158,11 +160,13 @@ async fn list_proposals(
                 if q.quarter.as_deref().is_some_and(|s| s != slug.as_str()) {
                     continue;
                 }
+                let mut responses = crate::api::response_notes(&v, &slug, doc, "proposal");
                 for p in schema::items::<Proposal>(doc).unwrap_or_default() {
                     if p.hidden.is_none() {
                         out.push(ProposalView {
                             quarter: slug.to_string(),
                             support_count: p.supports.len(),
+                            responses: responses.remove(&p.id).unwrap_or_default(),
                             proposal: p,
                         });
                     }

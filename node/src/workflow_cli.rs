@@ -393,10 +393,16 @@ pub async fn escalate(
 
 pub async fn escalations(
     data: DataArg,
+    quarter: Option<String>,
     json: bool,
     client: impl Fn(&DataArg) -> anyhow::Result<Client>,
 ) -> anyhow::Result<()> {
-    let list: Vec<InboxEntry> = client(&data)?.get("/api/v1/escalations", &[]).await?;
+    let q: Vec<(&str, &str)> = quarter
+        .as_deref()
+        .map(|q| ("quarter", q))
+        .into_iter()
+        .collect();
+    let list: Vec<InboxEntry> = client(&data)?.get("/api/v1/escalations", &q).await?;
     output::emit(&list, json, |list| output::print_escalations(list))
 }
 

@@ -259,6 +259,18 @@ fn a_week_in_the_federation() -> Result<()> {
     assert_eq!(p["status"], "qualified", "two supports should qualify: {p}");
     assert_eq!(p["supports"].as_object().map(|s| s.len()), Some(2));
     johannstadt.cli_ok(&["proposal", "status", &bench, "accepted"])?;
+    let bench_escalation = johannstadt
+        .cli_ok(&[
+            "escalate",
+            "--kind",
+            "proposal",
+            "--id",
+            &bench,
+            "--reason",
+            "Needs the parks department's approval",
+        ])?
+        .trim()
+        .to_owned();
 
     johannstadt.cli_ok(&[
         "consultation",
@@ -443,11 +455,19 @@ fn a_week_in_the_federation() -> Result<()> {
     let inbox = wait_json(
         centre,
         &["inbox"],
-        "the escalation in the centre's inbox",
-        |v| v.as_array().is_some_and(|a| a.len() == 1),
+        "both escalations in the centre's inbox",
+        |v| v.as_array().is_some_and(|a| a.len() == 2),
     )?;
-    assert_eq!(inbox[0]["quarter"], "prohlis");
-    assert_eq!(inbox[0]["item"], "Dark underpass at the tram stop");
+    // Oldest first: Johannstadt's proposal, then Prohlis's concern.
+    assert_eq!(
+        (inbox[0]["quarter"].clone(), inbox[0]["item"].clone()),
+        (
+            serde_json::json!("johannstadt"),
+            serde_json::json!("Benches at the Elbe meadows")
+        )
+    );
+    assert_eq!(inbox[1]["quarter"], "prohlis");
+    assert_eq!(inbox[1]["item"], "Dark underpass at the tram stop");
     assert!(
         cli_err(
             centre,
@@ -478,13 +498,27 @@ fn a_week_in_the_federation() -> Result<()> {
         "--note",
         "Lamp repair ordered",
     ])?;
+    centre.cli_ok(&[
+        "respond",
+        "--quarter",
+        "johannstadt",
+        "--escalation",
+        &bench_escalation,
+        "--decision",
+        "accepted",
+        "--note",
+        "Approved by the parks department",
+    ])?;
     wait_json(centre, &["inbox"], "the inbox to empty", |v| {
         v.as_array().is_some_and(|a| a.is_empty())
     })?;
     // The response shows where the matter started.
-    let mine = wait_json(prohlis, &["escalations"], "the response at prohlis", |v| {
-        v[0]["response"].is_object()
-    })?;
+    let mine = wait_json(
+        prohlis,
+        &["escalations", "--quarter", "prohlis"],
+        "the response at prohlis",
+        |v| v[0]["response"].is_object(),
+    )?;
     // … and in the concern's status notes.
     let shown = prohlis.cli_json(&["concern", "show", &lamp])?;
     let notes = shown["notes"].as_array().ok_or("no notes")?;
@@ -494,6 +528,17 @@ fn a_week_in_the_federation() -> Result<()> {
         (serde_json::json!("quarter"), serde_json::json!("centre"))
     );
     assert!(notes[1]["note"] == "Lamp repair ordered", "{shown}");
+    // The response to the escalated proposal shows on the proposal.
+    let proposals = wait_json(
+        johannstadt,
+        &["proposal", "list", "--quarter", "johannstadt"],
+        "the response on the proposal",
+        |v| v[0]["responses"].as_array().is_some_and(|r| r.len() == 1),
+    )?;
+    assert_eq!(
+        proposals[0]["responses"][0]["note"],
+        "Approved by the parks department"
+    );
     // The reporter's personal data stays on the quarter's node.
     let reporter = prohlis.cli_json(&["concern", "reporter", &lamp])?;
     assert_eq!(reporter["email"], "erika@example.org");
