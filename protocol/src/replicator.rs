@@ -104,6 +104,8 @@ pub enum ReplicatorError {
     Listen { addr: String, reason: String },
     #[error("node key: {0}")]
     Key(String),
+    #[error("the replicator task ended abnormally: {0}")]
+    Crashed(String),
     #[error("stored document {doc} cannot be loaded: {reason}")]
     Load { doc: DocId, reason: String },
     #[error("the node has stopped")]
@@ -391,10 +393,7 @@ impl Replicator {
     pub async fn wait(self) -> Result<(), ReplicatorError> {
         match self.task.await {
             Ok(r) => r,
-            Err(e) => Err(ReplicatorError::Load {
-                doc: DocId::City,
-                reason: format!("replicator task failed: {e}"),
-            }),
+            Err(e) => Err(ReplicatorError::Crashed(e.to_string())),
         }
     }
 
@@ -585,7 +584,7 @@ impl Actor {
                 _ = tick.tick() => self.handle_tick(),
             }
             if let Some(err) = self.fatal.take() {
-                tracing::error!(error = %err, "stopping: the store cannot make data durable");
+                tracing::error!(error = %err, "stopping the node");
                 return Err(err);
             }
         }
