@@ -210,7 +210,7 @@ pub async fn run(dir: Option<PathBuf>, once: bool) -> anyhow::Result<()> {
             let list: Vec<ConcernView> = client.get("/api/v1/concerns", &[]).await?;
             if list.len() >= CONCERNS.len() {
                 println!(
-                    "{slug} holds all {} concerns of the city (relayed by the centre)",
+                    "{slug} holds all {} concerns of the city",
                     list.len()
                 );
                 break;
