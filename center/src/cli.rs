@@ -40,6 +40,10 @@ pub enum Command {
         data: DataArg,
         #[command(flatten)]
         addr: AddrArgs,
+        /// Run the federation as a libp2p private network: generates
+        /// DIR/swarm.key, which every quarter node needs (`iq-node init --psk`).
+        #[arg(long)]
+        private_network: bool,
     },
     /// Run the centre until ctrl-c.
     Run {
@@ -166,6 +170,7 @@ pub fn init_center(
     data: &DataDir,
     listen: Option<String>,
     api: Option<SocketAddr>,
+    private_network: bool,
 ) -> anyhow::Result<(Config, PeerId)> {
     let listen = match listen {
         Some(l) => {
@@ -184,8 +189,10 @@ pub fn init_center(
         api,
         quarter: None,
         center: None,
+        private_network,
     };
-    let identity = data.init(&config)?;
+    let psk = private_network.then(DataDir::new_psk_file);
+    let identity = data.init(&config, psk.as_deref())?;
     Ok((config, identity.peer_id()))
 }
 
@@ -230,18 +237,32 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Init {
             data,
             addr: AddrArgs { listen, api },
+            private_network,
         } => {
-            let (config, peer_id) = init_center(&DataDir::new(&data.data), listen, api)?;
+            let dir = DataDir::new(&data.data);
+            let (config, peer_id) = init_center(&dir, listen, api, private_network)?;
             println!("initialised centre in {}", data.data.display());
             println!("peer id:  {peer_id}");
             println!("listen:   {}/p2p/{peer_id}", config.listen);
             println!("api:      http://{}", config.api);
             println!();
             println!("quarter nodes use the listen address as --center:");
+            let psk = if private_network {
+                format!(" --psk {}", dir.psk_path().display())
+            } else {
+                String::new()
+            };
             println!(
-                "  iq-node init --data <dir> --quarter <slug> --name <name> --center {}/p2p/{peer_id}",
+                "  iq-node init --data <dir> --quarter <slug> --name <name> --center {}/p2p/{peer_id}{psk}",
                 config.listen
             );
+            if private_network {
+                println!();
+                println!(
+                    "private network: every node needs a copy of {} (keep it secret)",
+                    dir.psk_path().display()
+                );
+            }
         }
         Command::Run { data } => {
             init_tracing(cli.log_format);

@@ -130,7 +130,7 @@ pub async fn run(dir: Option<PathBuf>, once: bool) -> anyhow::Result<()> {
     println!();
 
     let center_dir = DataDir::new(root.join("center"));
-    let (_, center_id) = init_center(&center_dir, None, None)?;
+    let (_, center_id) = init_center(&center_dir, None, None, false)?;
     let center = Daemon::start(center_dir.clone(), Role::Center, api::router).await?;
     println!(
         "centre        {}  api http://{}",
@@ -148,6 +148,7 @@ pub async fn run(dir: Option<PathBuf>, once: bool) -> anyhow::Result<()> {
                 center: center.listen.clone(),
                 listen: None,
                 api: None,
+                psk: None,
             },
         )?;
         let peer = peer.parse().context("fresh PeerId")?;
@@ -209,10 +210,7 @@ pub async fn run(dir: Option<PathBuf>, once: bool) -> anyhow::Result<()> {
         loop {
             let list: Vec<ConcernView> = client.get("/api/v1/concerns", &[]).await?;
             if list.len() >= CONCERNS.len() {
-                println!(
-                    "{slug} holds all {} concerns of the city",
-                    list.len()
-                );
+                println!("{slug} holds all {} concerns of the city", list.len());
                 break;
             }
             if started.elapsed() > deadline {

@@ -67,6 +67,9 @@ pub enum Command {
         center: String,
         #[command(flatten)]
         addr: AddrArgs,
+        /// The federation's pre-shared key file (`swarm.key` from `iq-center init --private-network`).
+        #[arg(long, value_name = "FILE")]
+        psk: Option<std::path::PathBuf>,
     },
     /// Run the node until ctrl-c.
     Run {
@@ -287,6 +290,8 @@ pub struct QuarterInit {
     pub center: String,
     pub listen: Option<String>,
     pub api: Option<SocketAddr>,
+    /// The federation's pre-shared key file (private networks).
+    pub psk: Option<std::path::PathBuf>,
 }
 
 /// Default libp2p listen address: loopback with a port chosen now, so the
@@ -332,6 +337,17 @@ pub fn init_quarter(data: &DataDir, init: QuarterInit) -> anyhow::Result<(Config
         Some(a) => a,
         None => default_api()?,
     };
+    let psk = match &init.psk {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("--psk {}: {e}", path.display()))?;
+            text.parse::<iq_protocol::transport::PreSharedKey>().map_err(|e| {
+                anyhow::anyhow!("--psk {}: not a libp2p pre-shared key file ({e}); copy the centre's swarm.key", path.display())
+            })?;
+            Some(text)
+        }
+        None => None,
+    };
     let config = Config {
         role: Role::Quarter,
         listen,
@@ -341,8 +357,9 @@ pub fn init_quarter(data: &DataDir, init: QuarterInit) -> anyhow::Result<(Config
             name: init.name.trim().to_string(),
         }),
         center: Some(init.center),
+        private_network: psk.is_some(),
     };
-    let identity = data.init(&config)?;
+    let identity = data.init(&config, psk.as_deref())?;
     Ok((config, identity.peer_id().to_string()))
 }
 
@@ -363,6 +380,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             center,
             addr: AddrArgs { listen, api },
+            psk,
         } => {
             let dir = DataDir::new(&data.data);
             let (config, peer_id) = init_quarter(
@@ -373,6 +391,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     center,
                     listen,
                     api,
+                    psk,
                 },
             )?;
             println!("initialised quarter node in {}", data.data.display());

@@ -103,6 +103,11 @@ impl Daemon {
                 (DocId::quarter(&quarter.slug), Some(center))
             }
         };
+        let psk = if config.private_network {
+            Some(data.psk()?)
+        } else {
+            None
+        };
         let store = Store::open(&data.store_path())?;
         let replicator = Replicator::spawn(ReplicatorConfig {
             identity,
@@ -111,6 +116,7 @@ impl Daemon {
             listen: listen.clone(),
             center,
             store,
+            psk,
         })
         .await?;
         let listener = tokio::net::TcpListener::bind(config.api)

@@ -24,6 +24,7 @@ const IDENTITY: &str = "identity.key";
 const LOCK: &str = "lock";
 const API_ADDR: &str = "api.addr";
 const STORE: &str = "store";
+const PSK: &str = "swarm.key";
 
 /// Why the data directory could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +108,10 @@ pub struct Config {
     /// the node's trust anchor.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub center: Option<String>,
+    /// Run as a libp2p private network with the pre-shared key in
+    /// `DIR/swarm.key`: peers without the key are dropped before Noise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub private_network: bool,
 }
 
 /// A node's data directory.
@@ -149,7 +154,8 @@ impl DataDir {
     /// Initialises a new data directory: key first, config last, so a
     /// directory counts as initialised only once everything is in place.
     /// A key left by an interrupted `init` is reused.
-    pub fn init(&self, config: &Config) -> Result<Identity, DataDirError> {
+    /// `psk` is the federation's pre-shared key file, for private networks.
+    pub fn init(&self, config: &Config, psk: Option<&str>) -> Result<Identity, DataDirError> {
         if self.path.join(CONFIG).exists() {
             return Err(DataDirError::AlreadyInitialised(self.show()));
         }
@@ -163,6 +169,10 @@ impl DataDir {
             id.save_new(&key)?;
             id
         };
+        if let Some(psk) = psk {
+            let _ = fs::remove_file(self.psk_path()); // left by an interrupted init
+            self.write_psk(psk)?;
+        }
         let text = toml::to_string_pretty(config).map_err(|e| DataDirError::BadConfig {
             path: self.path.join(CONFIG).display().to_string(),
             reason: e.to_string(),
@@ -192,6 +202,42 @@ impl DataDir {
     pub fn identity(&self) -> Result<Identity, DataDirError> {
         self.check_initialised()?;
         Ok(Identity::load(&self.path.join(IDENTITY))?)
+    }
+
+    /// Where the federation's pre-shared key lives.
+    pub fn psk_path(&self) -> PathBuf {
+        self.path.join(PSK)
+    }
+
+    /// A new random pre-shared key file (libp2p's `/key/swarm/psk/1.0.0/` format).
+    pub fn new_psk_file() -> String {
+        let secret = Identity::generate().ed25519_secret().unwrap_or([0; 32]);
+        let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+        format!("/key/swarm/psk/1.0.0/\n/base16/\n{hex}\n")
+    }
+
+    /// Writes the federation's pre-shared key (0600), refusing to overwrite.
+    pub fn write_psk(&self, psk_file_text: &str) -> Result<(), DataDirError> {
+        let path = self.psk_path();
+        let mut opts = OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let mut f = opts.open(&path).map_err(io_err(&path))?;
+        f.write_all(psk_file_text.as_bytes())
+            .map_err(io_err(&path))?;
+        f.sync_all().map_err(io_err(&path))
+    }
+
+    /// Reads the federation's pre-shared key file.
+    pub fn psk(&self) -> Result<libp2p::pnet::PreSharedKey, DataDirError> {
+        let path = self.psk_path();
+        let text = fs::read_to_string(&path).map_err(io_err(&path))?;
+        text.parse()
+            .map_err(|e: libp2p::pnet::KeyParseError| DataDirError::BadConfig {
+                path: path.display().to_string(),
+                reason: format!("not a libp2p pre-shared key file ({e})"),
+            })
     }
 
     pub fn store_path(&self) -> PathBuf {
@@ -274,6 +320,7 @@ mod tests {
             api: "127.0.0.1:2".parse().expect("addr"),
             quarter: None,
             center: None,
+            private_network: false,
         }
     }
 
@@ -304,9 +351,9 @@ mod tests {
     fn init_then_lock_is_exclusive() {
         let dir = tempfile::tempdir().expect("tempdir");
         let dd = DataDir::new(dir.path());
-        dd.init(&config()).expect("init");
+        dd.init(&config(), None).expect("init");
         assert!(matches!(
-            dd.init(&config()),
+            dd.init(&config(), None),
             Err(DataDirError::AlreadyInitialised(_))
         ));
         assert_eq!(dd.config(Role::Center).expect("config"), config());

@@ -91,6 +91,8 @@ pub struct ReplicatorConfig {
     /// Quarter nodes: the centre's PeerId and address.
     pub center: Option<(PeerId, Multiaddr)>,
     pub store: Store,
+    /// The federation's pre-shared key, if it runs as a private network.
+    pub psk: Option<transport::PreSharedKey>,
 }
 
 /// Why the replicator could not start or stopped.
@@ -493,7 +495,7 @@ impl Actor {
                 })?;
             tracing::debug!(doc = %stored.id, chunks = stored.chunks.len(), elapsed = ?loading.elapsed(), "document loaded");
         }
-        let swarm = transport::build_swarm(&config.identity)?;
+        let swarm = transport::build_swarm(&config.identity, config.psk)?;
         let mut actor = Self {
             engine,
             store: config.store,

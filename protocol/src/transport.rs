@@ -3,8 +3,12 @@
 
 use std::time::Duration;
 
+use libp2p::Transport as _;
 use libp2p::allow_block_list::{self, AllowedPeers};
 use libp2p::connection_limits::{self, ConnectionLimits};
+use libp2p::core::upgrade::Version;
+use libp2p::pnet::PnetConfig;
+pub use libp2p::pnet::PreSharedKey;
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{StreamProtocol, Swarm, noise, tcp, yamux};
@@ -54,7 +58,7 @@ pub struct Behaviour {
 }
 
 /// Builds the swarm for `identity`.
-pub fn build_swarm(identity: &Identity) -> Result<Swarm<Behaviour>, TransportError> {
+fn behaviour() -> Behaviour {
     let codec = request_response::cbor::codec::Codec::default()
         .set_request_size_maximum(wire::MAX_REQUEST_BYTES)
         .set_response_size_maximum(wire::MAX_RESPONSE_BYTES);
@@ -65,31 +69,62 @@ pub fn build_swarm(identity: &Identity) -> Result<Swarm<Behaviour>, TransportErr
         .with_max_pending_incoming(Some(MAX_PENDING_INCOMING))
         .with_max_established_per_peer(Some(MAX_ESTABLISHED_PER_PEER))
         .with_max_established(Some(MAX_ESTABLISHED));
-    let swarm = libp2p::SwarmBuilder::with_existing_identity(identity.keypair().clone())
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            || {
-                let mut cfg = yamux::Config::default();
-                cfg.set_max_num_streams(MAX_STREAMS_PER_CONNECTION);
-                cfg
-            },
-        )?
-        .with_behaviour(|_| Behaviour {
-            allow: allow_block_list::Behaviour::default(),
-            limits: connection_limits::Behaviour::new(limits),
-            sync: request_response::Behaviour::with_codec(
-                codec,
-                [(
-                    StreamProtocol::new(wire::SYNC_PROTOCOL),
-                    ProtocolSupport::Full,
-                )],
-                config,
-            ),
-        })
-        .map_err(|e| TransportError::Build(e.to_string()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_TIMEOUT))
-        .build();
+    Behaviour {
+        allow: allow_block_list::Behaviour::default(),
+        limits: connection_limits::Behaviour::new(limits),
+        sync: request_response::Behaviour::with_codec(
+            codec,
+            [(
+                StreamProtocol::new(wire::SYNC_PROTOCOL),
+                ProtocolSupport::Full,
+            )],
+            config,
+        ),
+    }
+}
+
+fn yamux_config() -> yamux::Config {
+    let mut cfg = yamux::Config::default();
+    cfg.set_max_num_streams(MAX_STREAMS_PER_CONNECTION);
+    cfg
+}
+
+/// Builds the swarm for `identity`. With a pre-shared key (libp2p private
+/// networks), every connection first proves knowledge of the key, so
+/// strangers are dropped before the Noise handshake.
+pub fn build_swarm(
+    identity: &Identity,
+    psk: Option<PreSharedKey>,
+) -> Result<Swarm<Behaviour>, TransportError> {
+    let builder =
+        libp2p::SwarmBuilder::with_existing_identity(identity.keypair().clone()).with_tokio();
+    let swarm = match psk {
+        None => builder
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux_config,
+            )?
+            .with_behaviour(|_| behaviour())
+            .map_err(|e| TransportError::Build(e.to_string()))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_TIMEOUT))
+            .build(),
+        Some(psk) => builder
+            .with_other_transport(|key| {
+                let noise = noise::Config::new(key)
+                    .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
+                let transport = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                    .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+                    .upgrade(Version::V1)
+                    .authenticate(noise)
+                    .multiplex(yamux_config());
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(transport)
+            })
+            .map_err(|e| TransportError::Build(e.to_string()))?
+            .with_behaviour(|_| behaviour())
+            .map_err(|e| TransportError::Build(e.to_string()))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_TIMEOUT))
+            .build(),
+    };
     Ok(swarm)
 }

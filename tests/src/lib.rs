@@ -408,6 +408,8 @@ pub struct Cluster {
     pub quarters: Vec<Node>,
     /// The centre's libp2p address with `/p2p/<PeerId>`.
     pub center_addr: String,
+    /// Runs as a libp2p private network (pre-shared key).
+    pub private: bool,
     /// Kept so the directory lives as long as the cluster.
     pub root: tempfile::TempDir,
 }
@@ -429,6 +431,16 @@ impl Cluster {
     /// Inits and starts a centre and quarters with these slugs, and puts
     /// them on the roster.
     pub fn start(slugs: &[&str]) -> Result<Self> {
+        Self::start_with(slugs, false)
+    }
+
+    /// Like [`Cluster::start`], as a private network: the centre generates a
+    /// pre-shared key and every quarter node is initialised with it.
+    pub fn start_private(slugs: &[&str]) -> Result<Self> {
+        Self::start_with(slugs, true)
+    }
+
+    fn start_with(slugs: &[&str], private: bool) -> Result<Self> {
         let root = tempfile::Builder::new()
             .prefix("iq-test-")
             .tempdir()
@@ -440,13 +452,19 @@ impl Cluster {
             child: None,
             log: root.path().join("center.log"),
         };
-        let out = center.cli_ok(&["init"])?;
+        let init: &[&str] = if private {
+            &["init", "--private-network"]
+        } else {
+            &["init"]
+        };
+        let out = center.cli_ok(init)?;
         let center_addr = listen_line(&out)?;
         center.start()?;
         let mut cluster = Self {
             center,
             quarters: Vec::new(),
             center_addr,
+            private,
             root,
         };
         for slug in slugs {
@@ -468,6 +486,12 @@ impl Cluster {
     /// Initialises a further writer node `name` of quarter `slug` (an office
     /// PC and a laptop); not started, not on the roster.
     pub fn init_writer(&self, slug: &str, name: &str) -> Result<(Node, String)> {
+        self.init_node(slug, name, self.private)
+    }
+
+    /// Initialises quarter node `name` of `slug`, with the federation's
+    /// pre-shared key or (`with_psk == false`) without it.
+    pub fn init_node(&self, slug: &str, name: &str, with_psk: bool) -> Result<(Node, String)> {
         let node = Node {
             name: name.into(),
             kind: Kind::Quarter,
@@ -476,7 +500,9 @@ impl Cluster {
             log: self.root.path().join(format!("{name}.log")),
         };
         let name = slug.to_uppercase();
-        let out = node.cli_ok(&[
+        let psk = self.center.dir.join("swarm.key");
+        let psk = psk.to_str().ok_or("temporary path is not UTF-8")?;
+        let mut args = vec![
             "init",
             "--quarter",
             slug,
@@ -484,7 +510,11 @@ impl Cluster {
             &name,
             "--center",
             &self.center_addr,
-        ])?;
+        ];
+        if with_psk {
+            args.extend(["--psk", psk]);
+        }
+        let out = node.cli_ok(&args)?;
         let peer = peer_id_line(&out)?;
         Ok((node, peer))
     }

@@ -214,3 +214,32 @@ fn insiders_cannot_forge_and_hostile_messages_cannot_take_the_centre_down() -> R
     );
     Ok(())
 }
+
+#[test]
+fn a_private_network_drops_peers_without_the_key() -> Result<()> {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let c = Cluster::start_private(&["prohlis"])?;
+    c.wait_converged(Duration::from_secs(10))?;
+    canary(&c, &c.quarters[0], "private network")?;
+    // Even a key on the roster is refused without the pre-shared key.
+    let (mut outsider, outsider_peer) = c.init_node("johannstadt", "johannstadt", false)?;
+    c.add_to_roster("johannstadt", &outsider_peer)?;
+    outsider.start()?;
+    let id = outsider.add_concern("written without the federation's key")?;
+    wait_until(
+        "the centre to refuse the outsider",
+        Duration::from_secs(10),
+        || Ok((refusals(&c.center)?["connections"].as_u64().unwrap_or(0) > 0).then_some(())),
+    )?;
+    let reports = attack(&c, &c.quarters[0], "connect", &[])?;
+    assert_ne!(
+        reports[0]["outcome"], "connected",
+        "a peer without the pre-shared key connected: {reports:?}"
+    );
+    canary(&c, &c.quarters[0], "outsider")?;
+    assert!(
+        !c.center.concern_ids(None)?.contains(&id),
+        "a node without the key got a concern through"
+    );
+    Ok(())
+}

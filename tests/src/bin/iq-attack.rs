@@ -259,7 +259,7 @@ async fn run(args: Args) -> Result<(), String> {
         return Err("--target must end in /p2p/<PeerId>".into());
     };
     let mut todo = requests(&args, &identity)?;
-    let mut swarm = transport::build_swarm(&identity).map_err(|e| e.to_string())?;
+    let mut swarm = transport::build_swarm(&identity, None).map_err(|e| e.to_string())?;
     swarm.behaviour_mut().allow.allow_peer(target_peer);
     swarm.dial(target).map_err(|e| e.to_string())?;
     let deadline = tokio::time::sleep(Duration::from_secs(20));
