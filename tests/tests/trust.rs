@@ -243,3 +243,44 @@ fn a_private_network_drops_peers_without_the_key() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_connection_flood_stays_within_the_bounds() -> Result<()> {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let c = Cluster::start(&["johannstadt"])?;
+    c.wait_converged(Duration::from_secs(10))?;
+    let rss_before = c.center.rss_kib().ok_or("no RSS for the centre")?;
+    // The centre's libp2p port, from its listen address.
+    let port: u16 = c
+        .center_addr
+        .split('/')
+        .skip_while(|p| *p != "tcp")
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .ok_or("no tcp port in the centre's address")?;
+    // 300 TCP connections that never finish a handshake, held open at once.
+    let flood: Vec<std::net::TcpStream> = (0..300)
+        .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    assert!(
+        flood.len() > 100,
+        "could not open the flood: {}",
+        flood.len()
+    );
+    canary(&c, &c.quarters[0], "connection flood")?;
+    assert!(c.center.is_alive(), "the centre died under the flood");
+    drop(flood);
+    wait_until(
+        "the refused connections to be counted",
+        Duration::from_secs(10),
+        || Ok((refusals(&c.center)?["connections"].as_u64().unwrap_or(0) > 0).then_some(())),
+    )?;
+    let rss_after = c.center.rss_kib().ok_or("no RSS for the centre")?;
+    let growth_mib = rss_after.saturating_sub(rss_before) / 1024;
+    assert!(
+        growth_mib < 64,
+        "the centre grew by {growth_mib} MiB under a connection flood"
+    );
+    canary(&c, &c.quarters[0], "after the flood")?;
+    Ok(())
+}
