@@ -247,7 +247,7 @@ fn a_private_network_drops_peers_without_the_key() -> Result<()> {
 #[test]
 fn a_connection_flood_stays_within_the_bounds() -> Result<()> {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let c = Cluster::start(&["johannstadt"])?;
+    let mut c = Cluster::start(&["johannstadt"])?;
     c.wait_converged(Duration::from_secs(10))?;
     let rss_before = c.center.rss_kib().ok_or("no RSS for the centre")?;
     // The centre's libp2p port, from its listen address.
