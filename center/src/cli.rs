@@ -190,6 +190,7 @@ pub fn init_center(
         quarter: None,
         center: None,
         private_network,
+        advertise: None,
     };
     let psk = private_network.then(DataDir::new_psk_file);
     let identity = data.init(&config, psk.as_deref())?;

@@ -149,6 +149,7 @@ pub async fn run(dir: Option<PathBuf>, once: bool) -> anyhow::Result<()> {
                 listen: None,
                 api: None,
                 psk: None,
+                advertise: None,
             },
         )?;
         let peer = peer.parse().context("fresh PeerId")?;

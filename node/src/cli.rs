@@ -70,6 +70,10 @@ pub enum Command {
         /// The federation's pre-shared key file (`swarm.key` from `iq-center init --private-network`).
         #[arg(long, value_name = "FILE")]
         psk: Option<std::path::PathBuf>,
+        /// The address other quarters dial for direct sync [default: --listen,
+        /// unless it is a wildcard such as 0.0.0.0].
+        #[arg(long, value_name = "MULTIADDR")]
+        advertise: Option<String>,
     },
     /// Run the node until ctrl-c.
     Run {
@@ -292,6 +296,8 @@ pub struct QuarterInit {
     pub api: Option<SocketAddr>,
     /// The federation's pre-shared key file (private networks).
     pub psk: Option<std::path::PathBuf>,
+    /// The address other quarters dial for direct sync.
+    pub advertise: Option<String>,
 }
 
 /// Default libp2p listen address: loopback with a port chosen now, so the
@@ -337,6 +343,13 @@ pub fn init_quarter(data: &DataDir, init: QuarterInit) -> anyhow::Result<(Config
         Some(a) => a,
         None => default_api()?,
     };
+    if let Some(a) = &init.advertise {
+        let _: iq_protocol::Multiaddr = a.parse().map_err(|e| {
+            anyhow::anyhow!(
+                "--advertise {a:?} is not a multiaddr ({e}); expected e.g. /ip4/192.0.2.10/tcp/4001"
+            )
+        })?;
+    }
     let psk = match &init.psk {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -358,6 +371,7 @@ pub fn init_quarter(data: &DataDir, init: QuarterInit) -> anyhow::Result<(Config
         }),
         center: Some(init.center),
         private_network: psk.is_some(),
+        advertise: init.advertise,
     };
     let identity = data.init(&config, psk.as_deref())?;
     Ok((config, identity.peer_id().to_string()))
@@ -381,6 +395,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             center,
             addr: AddrArgs { listen, api },
             psk,
+            advertise,
         } => {
             let dir = DataDir::new(&data.data);
             let (config, peer_id) = init_quarter(
@@ -392,6 +407,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     listen,
                     api,
                     psk,
+                    advertise,
                 },
             )?;
             println!("initialised quarter node in {}", data.data.display());

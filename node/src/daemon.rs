@@ -103,6 +103,14 @@ impl Daemon {
                 (DocId::quarter(&quarter.slug), Some(center))
             }
         };
+        let advertise = match &config.advertise {
+            Some(a) => Some(a.parse::<Multiaddr>().map_err(|e| DaemonError::Config {
+                what: "advertise address",
+                value: a.clone(),
+                reason: e.to_string(),
+            })?),
+            None => None,
+        };
         let psk = if config.private_network {
             Some(data.psk()?)
         } else {
@@ -114,6 +122,7 @@ impl Daemon {
             role,
             own_doc,
             listen: listen.clone(),
+            advertise,
             center,
             store,
             psk,

@@ -112,6 +112,10 @@ pub struct Config {
     /// `DIR/swarm.key`: peers without the key are dropped before Noise.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub private_network: bool,
+    /// Quarter nodes: the address other quarters dial for direct sync, when
+    /// `listen` is a wildcard (0.0.0.0) or not reachable as is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
 }
 
 /// A node's data directory.
@@ -321,6 +325,7 @@ mod tests {
             quarter: None,
             center: None,
             private_network: false,
+            advertise: None,
         }
     }
 

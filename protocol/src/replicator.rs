@@ -88,6 +88,9 @@ pub struct ReplicatorConfig {
     /// The document this node writes (`city` or its quarter's).
     pub own_doc: DocId,
     pub listen: Multiaddr,
+    /// Quarter nodes: the address other quarters should dial, when `listen`
+    /// is a wildcard or not reachable as is.
+    pub advertise: Option<Multiaddr>,
     /// Quarter nodes: the centre's PeerId and address.
     pub center: Option<(PeerId, Multiaddr)>,
     pub store: Store,
@@ -414,6 +417,7 @@ pub struct Actor {
     peer_id: PeerId,
     own_doc: DocId,
     listen: Multiaddr,
+    advertise: Option<Multiaddr>,
     center: Option<(PeerId, Multiaddr)>,
     /// Peers this node syncs with (centre: roster writers; quarter: the centre).
     allowed: BTreeSet<PeerId>,
@@ -504,6 +508,7 @@ impl Actor {
             peer_id: config.identity.peer_id(),
             own_doc: config.own_doc,
             listen: config.listen,
+            advertise: config.advertise,
             center: config.center,
             allowed: BTreeSet::new(),
             connected: BTreeSet::new(),
@@ -825,12 +830,14 @@ impl Actor {
                 || matches!(p, libp2p::multiaddr::Protocol::Ip6(ip) if ip.is_unspecified())
                 || matches!(p, libp2p::multiaddr::Protocol::Tcp(0))
         });
-        if wildcard {
-            return;
-        }
+        let addr = match (&self.advertise, wildcard) {
+            (Some(a), _) => a.clone(),
+            (None, false) => self.listen.clone(),
+            (None, true) => return,
+        };
         let entry = schema::NodeAddr {
             peer: self.peer_id.to_string(),
-            addr: self.listen.to_string(),
+            addr: addr.to_string(),
         };
         let current = self.engine.doc(&self.own_doc).and_then(|d| {
             schema::item::<schema::NodeAddr>(d, &entry.peer)

@@ -62,7 +62,7 @@ fn bad_init_arguments_are_refused_without_writing_anything() {
     let d = dir.to_str().expect("utf8");
     let good_center =
         "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWRgmzwbghT4CuAChbMgNBbZfYbqbC2SxzaKdJKuPmJMCK";
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
         (
             &[
                 "--quarter",
@@ -106,6 +106,19 @@ fn bad_init_arguments_are_refused_without_writing_anything() {
                 good_center,
             ],
             "--name is empty",
+        ),
+        (
+            &[
+                "--quarter",
+                "prohlis",
+                "--name",
+                "P",
+                "--center",
+                good_center,
+                "--advertise",
+                "nowhere",
+            ],
+            "--advertise \"nowhere\" is not a multiaddr",
         ),
     ];
     for (args, needle) in cases {
