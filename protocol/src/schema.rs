@@ -463,15 +463,7 @@ fn container(doc: &impl ReadDoc, name: &'static str) -> Result<automerge::ObjId,
 
 /// All concerns of a quarter document, newest first.
 pub fn concerns(doc: &Automerge) -> Result<Vec<Concern>, SchemaError> {
-    let obj = container(doc, "concerns")?;
-    let mut out = Vec::new();
-    for item in doc.map_range(&obj, ..) {
-        match autosurgeon::hydrate_prop::<_, Concern, _, _>(doc, &obj, item.key.as_ref()) {
-            Ok(c) => out.push(c),
-            // One malformed entry must not hide the others.
-            Err(e) => tracing::warn!(key = %item.key, error = %e, "skipping malformed concern"),
-        }
-    }
+    let mut out = items::<Concern>(doc)?;
     out.sort_by(|a, b| b.created_ms.cmp(&a.created_ms).then(a.id.cmp(&b.id)));
     Ok(out)
 }
@@ -486,9 +478,7 @@ pub fn concern_count(doc: &Automerge) -> usize {
 /// Writes one concern into a quarter document.
 pub fn put_concern(doc: &mut Transaction<'_>, concern: &Concern) -> Result<(), SchemaError> {
     concern.validate()?;
-    let obj = container(doc, "concerns")?;
-    autosurgeon::reconcile_prop(doc, &obj, concern.id.as_str(), concern)?;
-    Ok(())
+    put_item(doc, concern)
 }
 
 /// The roster in a city document, by slug.
