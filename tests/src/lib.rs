@@ -3,7 +3,8 @@
 //! `restart`, `stop`) and bounded waits (`wait_until`).
 //!
 //! The binaries are built once per test run (`cargo build --bins` for the
-//! same profile) so `cargo test` alone is enough.
+//! same profile) so `cargo test` alone is enough; `IQ_BIN_DIR` uses binaries
+//! built elsewhere instead.
 //!
 //! # Layout
 //! - [`Cluster`]: a centre plus quarter nodes, created through the CLIs.
@@ -18,6 +19,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod jepsen;
+pub mod netns;
+
+pub use netns::Netns;
+
 /// A test failure with a readable message.
 pub type Result<T> = std::result::Result<T, String>;
 
@@ -29,9 +35,14 @@ pub enum Kind {
 }
 
 /// Directory holding the built binaries (built once per test process).
+/// `IQ_BIN_DIR` points at binaries built elsewhere and skips the build, so
+/// a long run keeps its binaries while the tree changes.
 pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("IQ_BIN_DIR") {
+            return PathBuf::from(dir);
+        }
         let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
         let workspace = manifest.parent().map(Path::to_path_buf).unwrap_or(manifest);
         let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -93,6 +104,8 @@ pub struct Node {
     pub dir: PathBuf,
     child: Option<Child>,
     log: PathBuf,
+    /// The network namespace the node runs in, if it is a test host.
+    pub netns: Option<String>,
 }
 
 impl Node {
@@ -103,9 +116,39 @@ impl Node {
         })
     }
 
+    /// A command running this node's binary, inside its namespace if any.
+    fn command(&self) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns]).arg(self.bin());
+                cmd
+            }
+            None => Command::new(self.bin()),
+        }
+    }
+
+    /// Runs `call` where the node's API is reachable (its namespace).
+    fn http<T: Send>(&self, call: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+        match &self.netns {
+            Some(ns) => Netns::run_in(ns, call),
+            None => call(),
+        }
+    }
+
+    /// A handle for calling this node's API from another thread while the
+    /// node itself is killed and restarted.
+    pub fn endpoint(&self) -> Endpoint {
+        Endpoint {
+            name: self.name.clone(),
+            dir: self.dir.clone(),
+            netns: self.netns.clone(),
+        }
+    }
+
     /// Runs a CLI command of this node's binary with `--data` appended.
     pub fn cli(&self, args: &[&str]) -> Output {
-        let mut cmd = Command::new(self.bin());
+        let mut cmd = self.command();
         cmd.args(args)
             .arg("--data")
             .arg(&self.dir)
@@ -147,7 +190,8 @@ impl Node {
             .open(&self.log)
             .map_err(|e| e.to_string())?;
         let err = log.try_clone().map_err(|e| e.to_string())?;
-        let child = Command::new(self.bin())
+        let child = self
+            .command()
             .args(["run", "--data"])
             .arg(&self.dir)
             .env("IQ_LOG", "info,libp2p=warn")
@@ -199,8 +243,12 @@ impl Node {
     /// `GET` on the node's HTTP API; non-2xx answers are errors.
     pub fn api_get(&self, path: &str) -> Result<Value> {
         let url = format!("{}{path}", self.api_base()?);
+        self.http(|| Self::get_json(&url))
+    }
+
+    fn get_json(url: &str) -> Result<Value> {
         let mut resp = Self::agent()
-            .get(&url)
+            .get(url)
             .call()
             .map_err(|e| format!("GET {url}: {e}"))?;
         let status = resp.status();
@@ -217,8 +265,12 @@ impl Node {
     /// `POST` JSON to the node's HTTP API; returns (status, body).
     pub fn api_post(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
         let url = format!("{}{path}", self.api_base()?);
+        self.http(|| Self::post_json(&url, body))
+    }
+
+    fn post_json(url: &str, body: &Value) -> Result<(u16, Value)> {
         let mut resp = Self::agent()
-            .post(&url)
+            .post(url)
             .send_json(body)
             .map_err(|e| format!("POST {url}: {e}"))?;
         let status = resp.status().as_u16();
@@ -237,12 +289,16 @@ impl Node {
         body: Option<&Value>,
     ) -> Result<(u16, String)> {
         let url = format!("{}{path}", self.api_base()?);
+        self.http(|| Self::call_text(method, &url, body))
+    }
+
+    fn call_text(method: &str, url: &str, body: Option<&Value>) -> Result<(u16, String)> {
         let agent = Self::agent();
         let result = match (method, body) {
-            ("get", _) => agent.get(&url).call(),
-            ("delete", _) => agent.delete(&url).call(),
-            ("post", Some(b)) => agent.post(&url).send_json(b),
-            ("post", None) => agent.post(&url).send_empty(),
+            ("get", _) => agent.get(url).call(),
+            ("delete", _) => agent.delete(url).call(),
+            ("post", Some(b)) => agent.post(url).send_json(b),
+            ("post", None) => agent.post(url).send_empty(),
             (m, _) => return Err(format!("unsupported method {m}")),
         };
         let mut resp = result.map_err(|e| format!("{method} {url}: {e}"))?;
@@ -363,6 +419,25 @@ impl Node {
         self.start()
     }
 
+    /// SIGSTOP: the process freezes with its connections open.
+    pub fn pause(&self) -> Result<()> {
+        self.signal(nix::sys::signal::Signal::SIGSTOP)
+    }
+
+    /// SIGCONT after [`Node::pause`].
+    pub fn resume(&self) -> Result<()> {
+        self.signal(nix::sys::signal::Signal::SIGCONT)
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) -> Result<()> {
+        let child = self
+            .child
+            .as_ref()
+            .ok_or_else(|| format!("{} is not running", self.name))?;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, signal).map_err(|e| format!("{signal} to {}: {e}", self.name))
+    }
+
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }
@@ -395,6 +470,28 @@ impl Node {
     }
 }
 
+/// A node's API, callable from any thread while the node itself is killed,
+/// paused and restarted by the thread that owns the [`Node`].
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub name: String,
+    dir: PathBuf,
+    netns: Option<String>,
+}
+
+impl Endpoint {
+    /// Runs `call` with the API's base URL, inside the node's namespace.
+    pub fn call<T: Send>(&self, call: impl FnOnce(&str) -> Result<T> + Send) -> Result<T> {
+        let addr = std::fs::read_to_string(self.dir.join("api.addr"))
+            .map_err(|e| format!("{}: no api.addr ({e})", self.name))?;
+        let base = format!("http://{}", addr.trim());
+        match &self.netns {
+            Some(ns) => Netns::run_in(ns, || call(&base)),
+            None => call(&base),
+        }
+    }
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill();
@@ -412,6 +509,22 @@ pub struct Cluster {
     pub private: bool,
     /// Kept so the directory lives as long as the cluster.
     pub root: tempfile::TempDir,
+    /// The test hosts, when each node runs in a namespace of its own
+    /// (declared last: dropped after the nodes are killed).
+    pub net: Option<Netns>,
+}
+
+/// `--listen` and `--api` for a node on test host `i`, if there are hosts.
+fn host_addr_args(net: Option<&Netns>, i: usize) -> Vec<String> {
+    match net {
+        Some(net) => vec![
+            "--listen".into(),
+            format!("/ip4/{}/tcp/7000", net.addr(i)),
+            "--api".into(),
+            "127.0.0.1:8000".into(),
+        ],
+        None => Vec::new(),
+    }
 }
 
 /// The PeerId printed on the `peer id:` line of `init`.
@@ -440,7 +553,17 @@ impl Cluster {
         Self::start_with(slugs, true)
     }
 
+    /// Like [`Cluster::start`], each node on its own test host (network
+    /// namespace) of `net`: host 0 is the centre, host `i` quarter `i`.
+    pub fn start_on_hosts(slugs: &[&str], net: Netns) -> Result<Self> {
+        Self::start_on(slugs, false, Some(net))
+    }
+
     fn start_with(slugs: &[&str], private: bool) -> Result<Self> {
+        Self::start_on(slugs, private, None)
+    }
+
+    fn start_on(slugs: &[&str], private: bool, net: Option<Netns>) -> Result<Self> {
         let root = tempfile::Builder::new()
             .prefix("iq-test-")
             .tempdir()
@@ -450,14 +573,16 @@ impl Cluster {
             kind: Kind::Center,
             dir: root.path().join("center"),
             child: None,
+            netns: net.as_ref().map(|n| n.host(0).to_owned()),
             log: root.path().join("center.log"),
         };
-        let init: &[&str] = if private {
-            &["init", "--private-network"]
-        } else {
-            &["init"]
-        };
-        let out = center.cli_ok(init)?;
+        let mut init = vec!["init".to_owned()];
+        if private {
+            init.push("--private-network".into());
+        }
+        init.extend(host_addr_args(net.as_ref(), 0));
+        let init: Vec<&str> = init.iter().map(String::as_str).collect();
+        let out = center.cli_ok(&init)?;
         let center_addr = listen_line(&out)?;
         center.start()?;
         let mut cluster = Self {
@@ -466,6 +591,7 @@ impl Cluster {
             center_addr,
             private,
             root,
+            net,
         };
         for slug in slugs {
             let (node, peer) = cluster.init_quarter(slug)?;
@@ -492,11 +618,14 @@ impl Cluster {
     /// Initialises quarter node `name` of `slug`, with the federation's
     /// pre-shared key or (`with_psk == false`) without it.
     pub fn init_node(&self, slug: &str, name: &str, with_psk: bool) -> Result<(Node, String)> {
+        let host = self.quarters.len() + 1;
+        let net = self.net.as_ref();
         let node = Node {
             name: name.into(),
             kind: Kind::Quarter,
             dir: self.root.path().join(name),
             child: None,
+            netns: net.map(|n| n.host(host).to_owned()),
             log: self.root.path().join(format!("{name}.log")),
         };
         let name = slug.to_uppercase();
@@ -514,6 +643,8 @@ impl Cluster {
         if with_psk {
             args.extend(["--psk", psk]);
         }
+        let addr_args = host_addr_args(net, host);
+        args.extend(addr_args.iter().map(String::as_str));
         let out = node.cli_ok(&args)?;
         let peer = peer_id_line(&out)?;
         Ok((node, peer))
@@ -530,6 +661,61 @@ impl Cluster {
     /// All nodes, centre first.
     pub fn nodes(&self) -> impl Iterator<Item = &Node> {
         std::iter::once(&self.center).chain(self.quarters.iter())
+    }
+
+    /// Node `i`: 0 is the centre, `i` the `i`-th quarter (start order),
+    /// the same numbering as the test hosts.
+    pub fn node(&mut self, i: usize) -> &mut Node {
+        match i {
+            0 => &mut self.center,
+            i => &mut self.quarters[i - 1],
+        }
+    }
+
+    /// SIGKILL node `i`.
+    pub fn kill(&mut self, i: usize) {
+        self.node(i).kill();
+    }
+
+    /// Starts node `i` again; fails unless it opens cleanly and serves.
+    pub fn restart(&mut self, i: usize) -> Result<()> {
+        self.node(i).restart()
+    }
+
+    /// SIGSTOP node `i`.
+    pub fn pause(&mut self, i: usize) -> Result<()> {
+        self.node(i).pause()
+    }
+
+    /// SIGCONT node `i`.
+    pub fn resume(&mut self, i: usize) -> Result<()> {
+        self.node(i).resume()
+    }
+
+    fn hosts(&mut self) -> Result<&mut Netns> {
+        self.net
+            .as_mut()
+            .ok_or_else(|| "partitions need test hosts: start with Cluster::start_on_hosts".into())
+    }
+
+    /// Drops all packets between nodes `a` and `b`.
+    pub fn cut(&mut self, a: usize, b: usize) -> Result<()> {
+        self.hosts()?.cut(a, b)
+    }
+
+    /// Cuts node `i` off from every other node.
+    pub fn isolate(&mut self, i: usize) -> Result<()> {
+        for other in 0..=self.quarters.len() {
+            if other != i {
+                self.cut(i, other)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every network cut.
+    pub fn heal(&mut self) -> Result<()> {
+        self.hosts()?.heal()
     }
 
     pub fn quarter(&mut self, slug: &str) -> &mut Node {
