@@ -514,17 +514,21 @@ pub struct Cluster {
     pub net: Option<Netns>,
 }
 
-/// `--listen` and `--api` for a node on test host `i`, if there are hosts.
+/// `--listen` and `--api` (and `--advertise`) for a node on test host `i`,
+/// if there are hosts. Host 0 is the centre.
 fn host_addr_args(net: Option<&Netns>, i: usize) -> Vec<String> {
-    match net {
-        Some(net) => vec![
-            "--listen".into(),
-            format!("/ip4/{}/tcp/7000", net.addr(i)),
-            "--api".into(),
-            "127.0.0.1:8000".into(),
-        ],
-        None => Vec::new(),
+    let Some(net) = net else {
+        return Vec::new();
+    };
+    let own = format!("/ip4/{}/tcp/7000", net.addr(i));
+    let mut args = vec!["--api".into(), "127.0.0.1:8000".into()];
+    if net.wildcard && i > 0 {
+        args.extend(["--listen".into(), "/ip4/0.0.0.0/tcp/7000".into()]);
+        args.extend(["--advertise".into(), own]);
+    } else {
+        args.extend(["--listen".into(), own]);
     }
+    args
 }
 
 /// The PeerId printed on the `peer id:` line of `init`.

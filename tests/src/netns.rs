@@ -24,6 +24,8 @@ pub struct Netns {
     hosts: Vec<String>,
     /// Directed pairs (from, to) whose packets are currently dropped.
     cut: BTreeSet<(usize, usize)>,
+    /// Quarter nodes listen on 0.0.0.0 and advertise their host address.
+    pub wildcard: bool,
 }
 
 fn ip(args: &[&str]) -> Result<()> {
@@ -64,6 +66,7 @@ impl Netns {
             hub: format!("{tag}h"),
             hosts: Vec::new(),
             cut: BTreeSet::new(),
+            wildcard: false,
         };
         ip(&["netns", "add", &net.hub])?;
         ip(&["-n", &net.hub, "link", "add", "br0", "type", "bridge"])?;

@@ -9,8 +9,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use iq_tests::Result;
 use iq_tests::jepsen::{self, Config, Fault};
+use iq_tests::{Cluster, Netns, Result, wait_until};
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -95,5 +95,41 @@ fn long_run() -> Result<()> {
     }
     eprintln!("{table}");
     assert!(invalid.is_empty(), "invalid seeds: {invalid:?}");
+    Ok(())
+}
+
+/// Quarter offices' nodes often listen on every interface; they then
+/// advertise the address other quarters can dial (`--advertise`). On real
+/// test hosts, with the centre cut off, two such quarters still exchange
+/// their documents directly, and everyone converges once the cut heals.
+#[test]
+fn quarters_on_wildcard_addresses_sync_directly_while_the_centre_is_cut_off() -> Result<()> {
+    if let Err(why) = Netns::available() {
+        panic!("this test needs test hosts (root and iproute2's ip): {why}");
+    }
+    let mut net = Netns::create(3)?;
+    net.wildcard = true;
+    let mut c = Cluster::start_on_hosts(&["johannstadt", "prohlis"], net)?;
+    c.wait_converged(Duration::from_secs(30))?;
+    c.isolate(0)?;
+    let from_j = c.quarters[0].add_concern("written while the centre is cut off")?;
+    let from_p = c.quarters[1].add_concern("also written while the centre is cut off")?;
+    wait_until(
+        "the quarters to exchange their concerns directly",
+        Duration::from_secs(30),
+        || {
+            let at_p = c.quarters[1].concern_ids(Some("johannstadt"))?;
+            let at_j = c.quarters[0].concern_ids(Some("prohlis"))?;
+            Ok((at_p.contains(&from_j) && at_j.contains(&from_p)).then_some(()))
+        },
+    )?;
+    assert!(
+        !c.center.concern_ids(None)?.contains(&from_j),
+        "the centre was cut off, yet it got the concern: the cut is not real"
+    );
+    c.heal()?;
+    c.wait_converged(Duration::from_secs(60))?;
+    let at_centre = c.center.concern_ids(None)?;
+    assert!(at_centre.contains(&from_j) && at_centre.contains(&from_p));
     Ok(())
 }
