@@ -206,6 +206,8 @@ pub struct Report {
     pub restarts: usize,
     pub acknowledged: usize,
     pub failed: usize,
+    /// Failed operations by reason ("connection refused", "503: …").
+    pub failed_reasons: BTreeMap<String, usize>,
     pub indeterminate: usize,
     /// Indeterminate operations whose item ended up present everywhere.
     pub indeterminate_present: usize,
@@ -241,6 +243,9 @@ impl fmt::Display for Report {
             "operations:    {} acknowledged, {} failed, {} indeterminate ({} of them present)",
             self.acknowledged, self.failed, self.indeterminate, self.indeterminate_present
         )?;
+        for (reason, n) in &self.failed_reasons {
+            writeln!(f, "  failed {n}×: {reason}")?;
+        }
         writeln!(
             f,
             "checker:       {} lost, {} missing somewhere, {} failed-but-present",
@@ -400,8 +405,10 @@ fn check(ops: &[Op], holdings: &[(String, BTreeMap<String, String>)], report: &m
                     report.missing.push((item, without));
                 }
             }
-            Outcome::Failed(_) => {
+            Outcome::Failed(why) => {
                 report.failed += 1;
+                let reason: String = why.chars().take(60).collect();
+                *report.failed_reasons.entry(reason).or_default() += 1;
                 if !nowhere {
                     report.unexpected.push(item);
                 }
@@ -447,6 +454,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
         restarts: 0,
         acknowledged: 0,
         failed: 0,
+        failed_reasons: BTreeMap::new(),
         indeterminate: 0,
         indeterminate_present: 0,
         lost: Vec::new(),
@@ -534,6 +542,7 @@ mod tests {
             restarts: 0,
             acknowledged: 0,
             failed: 0,
+            failed_reasons: BTreeMap::new(),
             indeterminate: 0,
             indeterminate_present: 0,
             lost: Vec::new(),
