@@ -133,3 +133,33 @@ fn quarters_on_wildcard_addresses_sync_directly_while_the_centre_is_cut_off() ->
     assert!(at_centre.contains(&from_j) && at_centre.contains(&from_p));
     Ok(())
 }
+
+/// A partition much longer than the nemesis' steps: the centre cut off for
+/// `IQ_CUT_SECS` (default 120) while a quarter keeps writing. TCP backs off
+/// its retransmissions during the cut; this shows how long the federation
+/// then takes to converge after the heal (docs/testing.md).
+#[test]
+#[ignore = "long: minutes of partition, see docs/testing.md"]
+fn long_partition_then_heal() -> Result<()> {
+    let secs = env_u64("IQ_CUT_SECS", 120);
+    let mut c = Cluster::start_on_hosts(&["johannstadt", "prohlis"], Netns::create(3)?)?;
+    c.wait_converged(Duration::from_secs(30))?;
+    c.isolate(0)?;
+    let end = std::time::Instant::now() + Duration::from_secs(secs);
+    let mut written = Vec::new();
+    while std::time::Instant::now() < end {
+        written.push(c.quarters[0].add_concern("written during a long cut")?);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    c.heal()?;
+    let healed = std::time::Instant::now();
+    c.wait_converged(Duration::from_secs(300))?;
+    eprintln!(
+        "centre cut off for {secs} s, {} concerns written meanwhile: converged {:.1} s after the heal",
+        written.len(),
+        healed.elapsed().as_secs_f64()
+    );
+    let at_centre = c.center.concern_ids(None)?;
+    assert!(written.iter().all(|id| at_centre.contains(id)));
+    Ok(())
+}
