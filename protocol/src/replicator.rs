@@ -941,6 +941,15 @@ impl Actor {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Sync(event)) => self.handle_sync(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(libp2p::ping::Event {
+                peer,
+                connection,
+                result: Err(failure),
+            })) if !matches!(failure, libp2p::ping::Failure::Unsupported) => {
+                // (A peer without ping, an older node, keeps its connection.)
+                tracing::info!(%peer, %failure, "ping failed; closing the connection to redial");
+                self.swarm.close_connection(connection);
+            }
             SwarmEvent::IncomingConnectionError {
                 error,
                 send_back_addr,

@@ -11,7 +11,7 @@ use libp2p::pnet::PnetConfig;
 pub use libp2p::pnet::PreSharedKey;
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{StreamProtocol, Swarm, noise, tcp, yamux};
+use libp2p::{StreamProtocol, Swarm, noise, ping, tcp, yamux};
 
 use crate::identity::Identity;
 use crate::wire::{self, Request, Response};
@@ -21,6 +21,13 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Connections stay open while idle: peers push changes over them at once.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// Every connection is pinged this often; a ping unanswered within
+/// [`PING_TIMEOUT`] closes the connection, so a connection that a network
+/// partition silently broke is redialled instead of waiting for TCP's
+/// retransmission backoff (up to two minutes) after the network heals.
+pub const PING_INTERVAL: Duration = Duration::from_secs(10);
+pub const PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Yamux streams one connection may have open (yamux's default is 512).
 /// Sync keeps at most one request per (peer, document) in flight in each
@@ -55,6 +62,8 @@ pub struct Behaviour {
     pub allow: allow_block_list::Behaviour<AllowedPeers>,
     pub limits: connection_limits::Behaviour,
     pub sync: request_response::cbor::Behaviour<Request, Response>,
+    /// Liveness of each connection (see [`PING_INTERVAL`]).
+    pub ping: ping::Behaviour,
 }
 
 /// Builds the swarm for `identity`.
@@ -79,6 +88,11 @@ fn behaviour() -> Behaviour {
                 ProtocolSupport::Full,
             )],
             config,
+        ),
+        ping: ping::Behaviour::new(
+            ping::Config::new()
+                .with_interval(PING_INTERVAL)
+                .with_timeout(PING_TIMEOUT),
         ),
     }
 }
