@@ -278,6 +278,31 @@ impl Store {
         self.durable()
     }
 
+    /// Writes a node-local value durably unless `key` already holds one;
+    /// returns whether it was written.
+    pub fn local_put_new(&self, key: &str, value: &[u8]) -> Result<bool, StoreError> {
+        let swapped = self
+            .local
+            .compare_and_swap(key, None as Option<&[u8]>, Some(value))?;
+        if swapped.is_err() {
+            return Ok(false);
+        }
+        self.durable()?;
+        Ok(true)
+    }
+
+    /// Node-local values whose keys start with `prefix`, in key order.
+    pub fn local_scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.local.scan_prefix(prefix) {
+            let (k, v) = entry?;
+            if let Ok(key) = std::str::from_utf8(&k) {
+                out.push((key.to_owned(), v.to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
     /// Bytes the store occupies on disk.
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
