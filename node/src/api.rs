@@ -114,6 +114,9 @@ pub struct ConcernView {
     /// written (the one shown above is automerge's deterministic pick).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub conflicts: std::collections::BTreeMap<String, Vec<String>>,
+    /// Answers to the service's questions (Open311 attributes): code → values.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub attributes: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// One status note as the API shows it.
@@ -159,6 +162,7 @@ impl ConcernView {
                 })
                 .collect(),
             conflicts: Default::default(),
+            attributes: c.attributes.unwrap_or_default(),
         }
     }
 }

@@ -302,6 +302,15 @@ struct RequestOut {
     detailed_status: Option<String>,
     /// The quarter that holds the request.
     jurisdiction_id: String,
+    /// The answers given to the service's attributes.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    attributes: Vec<AnswerOut>,
+}
+
+#[derive(Debug, Serialize)]
+struct AnswerOut {
+    code: String,
+    values: Vec<String>,
 }
 
 /// Unix ms of the last change a reader can see: creation, a status note or
@@ -358,6 +367,11 @@ fn request_out(c: ConcernView, config: &Open311Config) -> RequestOut {
         media_url: c.media_url,
         detailed_status: c.detailed_status.map(|s| s.to_uppercase()),
         jurisdiction_id: c.quarter,
+        attributes: c
+            .attributes
+            .into_iter()
+            .map(|(code, values)| AnswerOut { code, values })
+            .collect(),
     }
 }
 
