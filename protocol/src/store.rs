@@ -356,6 +356,26 @@ mod tests {
     }
 
     #[test]
+    fn local_values_are_written_once_scanned_by_prefix_and_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path()).expect("open");
+            assert!(store.local_put_new("keys/a", b"1").expect("put"));
+            assert!(!store.local_put_new("keys/a", b"2").expect("put again"));
+            store.local_put("keys/b", b"3").expect("put b");
+            store.local_put("other/c", b"4").expect("put c");
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(
+            store.local_scan("keys/").expect("scan"),
+            vec![
+                ("keys/a".to_string(), b"1".to_vec()),
+                ("keys/b".to_string(), b"3".to_vec())
+            ]
+        );
+    }
+
+    #[test]
     fn compaction_replaces_chunks_with_a_snapshot() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
