@@ -792,6 +792,7 @@ fn run_app(args: &[&str]) -> Result<Value> {
         .arg(&script)
         .args(args)
         .env("NO_PROXY", "127.0.0.1,localhost")
+        .env("no_proxy", "127.0.0.1,localhost")
         .output()
         .map_err(|e| {
             format!(
