@@ -328,6 +328,27 @@ mod tests {
     }
 
     #[test]
+    fn a_citys_file_in_the_data_directory_replaces_the_default() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let default = Open311Config::load(dir.path()).expect("default");
+        assert!(default.service("road-damage").is_some());
+        let path = dir.path().join(FILE_NAME);
+        std::fs::write(
+            &path,
+            "changeset = \"2026-02-01T00:00:00+01:00\"\n[[service]]\ncode = \"benches\"\nname = \"Bänke\"\n",
+        )
+        .expect("write");
+        let city = Open311Config::load(dir.path()).expect("city file");
+        assert_eq!(city.codes(), "benches");
+        std::fs::write(&path, "changeset = \"soon\"\nservice = []\n").expect("write");
+        let err = Open311Config::load(dir.path()).unwrap_err();
+        assert!(
+            err.contains("open311.toml") && err.contains("changeset"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn broken_settings_say_what_is_wrong() {
         let dup = "changeset = \"2026-01-01\"\n[[service]]\ncode = \"a\"\nname = \"A\"\n[[service]]\ncode = \"a\"\nname = \"B\"\n";
         assert!(Open311Config::parse(dup).unwrap_err().contains("twice"));
