@@ -114,6 +114,9 @@ pub struct ConcernView {
     /// written (the one shown above is automerge's deterministic pick).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub conflicts: std::collections::BTreeMap<String, Vec<String>>,
+    /// Answers to the service's questions (Open311 attributes): code → values.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub attributes: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// One status note as the API shows it.
@@ -159,6 +162,7 @@ impl ConcernView {
                 })
                 .collect(),
             conflicts: Default::default(),
+            attributes: c.attributes.unwrap_or_default(),
         }
     }
 }
@@ -192,18 +196,30 @@ pub struct Reporter {
     pub email: Option<String>,
     #[serde(default)]
     pub phone: Option<String>,
+    /// The app's device id (Open311 `device_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+    /// The citizen's account in the app (Open311 `account_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account_id: Option<String>,
 }
 
 impl Reporter {
-    fn is_empty(&self) -> bool {
-        self.name.is_none() && self.email.is_none() && self.phone.is_none()
+    pub fn is_empty(&self) -> bool {
+        self.name.is_none()
+            && self.email.is_none()
+            && self.phone.is_none()
+            && self.device_id.is_none()
+            && self.account_id.is_none()
     }
 
-    fn validate(&self) -> Result<(), ApiError> {
+    pub fn validate(&self) -> Result<(), ApiError> {
         for (field, value) in [
             ("name", &self.name),
             ("email", &self.email),
             ("phone", &self.phone),
+            ("device_id", &self.device_id),
+            ("account_id", &self.account_id),
         ] {
             if value
                 .as_ref()
@@ -253,6 +269,7 @@ pub fn quarter_router(handle: Handle) -> Router {
         .route("/api/v1/concerns/{id}/status", post(concern_status))
         .route("/api/v1/concerns/{id}/reporter", get(concern_reporter))
         .merge(crate::workflow_api::quarter_actions())
+        .merge(crate::open311::keys::routes())
         .fallback(no_such_route)
         .with_state(handle)
 }

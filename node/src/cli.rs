@@ -13,6 +13,7 @@ use iq_protocol::{Multiaddr, QuarterSlug};
 use crate::api::{self, ConcernView, NewConcern};
 use crate::client::Client;
 use crate::daemon::{self, Daemon};
+use crate::open311::keys;
 use crate::output;
 use crate::workflow_cli;
 
@@ -151,6 +152,9 @@ pub enum Command {
         #[command(flatten)]
         json: JsonArg,
     },
+    /// Open311 API keys for citizen apps: create, list, revoke.
+    #[command(subcommand)]
+    Apikey(ApikeyCommand),
     /// Peers, documents, heads and last sync of the running node.
     Status {
         #[command(flatten)]
@@ -232,6 +236,35 @@ pub enum ConcernCommand {
         /// Only this quarter's concerns.
         #[arg(long)]
         quarter: Option<String>,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApikeyCommand {
+    /// Create a key for an app; prints the key (shown this once).
+    Create {
+        #[command(flatten)]
+        data: DataArg,
+        /// A name for the key, e.g. the app's: letters, digits, '-', '_', '.'.
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// List the keys' names and dates (never the keys).
+    List {
+        #[command(flatten)]
+        data: DataArg,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Revoke a key by its name: posts with it are refused at once.
+    Revoke {
+        #[command(flatten)]
+        data: DataArg,
+        name: String,
         #[command(flatten)]
         json: JsonArg,
     },
@@ -458,6 +491,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 name: reporter_name,
                 email: reporter_email,
                 phone: reporter_phone,
+                device_id: None,
+                account_id: None,
             };
             let body = NewConcern {
                 category,
@@ -505,6 +540,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("name:  {}", r.name.as_deref().unwrap_or("-"));
                 println!("email: {}", r.email.as_deref().unwrap_or("-"));
                 println!("phone: {}", r.phone.as_deref().unwrap_or("-"));
+                if let Some(device) = &r.device_id {
+                    println!("device: {device}");
+                }
+                if let Some(account) = &r.account_id {
+                    println!("account: {account}");
+                }
             })?;
         }
         Command::Concern(ConcernCommand::List {
@@ -554,6 +595,42 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             reason,
             json,
         } => workflow_cli::hide(data, kind, id, reason, json.json, client).await?,
+        Command::Apikey(ApikeyCommand::Create { data, name, json }) => {
+            let created: keys::NewKey = client(&data)?
+                .post("/api/v1/apikeys", &keys::CreateKey { name })
+                .await?;
+            output::emit(&created, json.json, |k| println!("{}", k.key))?;
+        }
+        Command::Apikey(ApikeyCommand::List { data, json }) => {
+            let list: Vec<keys::KeyView> = client(&data)?.get("/api/v1/apikeys", &[]).await?;
+            output::emit(&list, json.json, |list| {
+                if list.is_empty() {
+                    println!("no API keys; create one with `iq-node apikey create --name APP`");
+                }
+                for k in list {
+                    let state = match &k.revoked {
+                        Some(at) => format!("revoked {at}"),
+                        None => "active".into(),
+                    };
+                    println!("{:<24} created {}  {state}", k.name, k.created);
+                }
+            })?;
+        }
+        Command::Apikey(ApikeyCommand::Revoke { data, name, json }) => {
+            let revoked: keys::KeyView = client(&data)?
+                .post(
+                    &format!("/api/v1/apikeys/{name}/revoke"),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            output::emit(&revoked, json.json, |k| {
+                println!(
+                    "revoked {} ({})",
+                    k.name,
+                    k.revoked.as_deref().unwrap_or("-")
+                )
+            })?;
+        }
         Command::Status { data, json } => {
             let client = Client::new(&DataDir::new(&data.data), ROLE)?;
             let status: Status = client.get("/api/v1/status", &[]).await?;

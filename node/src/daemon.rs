@@ -28,6 +28,8 @@ pub enum DaemonError {
         value: String,
         reason: String,
     },
+    #[error("Open311 settings: {0}; fix the file, or remove it to use the default services")]
+    Open311(String),
     #[error("cannot serve the HTTP API on {addr}: {source} (is another program using that port?)")]
     Api {
         addr: SocketAddr,
@@ -72,6 +74,8 @@ impl Daemon {
         routes: impl FnOnce(Handle) -> Router,
     ) -> Result<Self, DaemonError> {
         let config = data.config(role)?;
+        let open311 = crate::open311::config::Open311Config::load(data.path())
+            .map_err(DaemonError::Open311)?;
         let lock = data.lock()?;
         let identity = data.identity()?;
         let peer_id = identity.peer_id();
@@ -138,10 +142,12 @@ impl Daemon {
             addr: config.api,
             source,
         })?;
-        let app = routes(replicator.handle()).layer(axum::middleware::from_fn_with_state(
-            api_addr,
-            crate::api::same_machine_only,
-        ));
+        let app = routes(replicator.handle())
+            .merge(crate::open311::router(replicator.handle(), open311))
+            .layer(axum::middleware::from_fn_with_state(
+                api_addr,
+                crate::api::same_machine_only,
+            ));
         let (stop_http, stopped) = oneshot::channel::<()>();
         let http = tokio::spawn(async move {
             axum::serve(listener, app)

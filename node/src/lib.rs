@@ -7,6 +7,7 @@
 //! - [`api`]: the local HTTP API under `/api/v1` and its errors.
 //! - [`workflow_api`]: the counter-current views and a quarter's actions over HTTP.
 //! - [`openapi`]: the OpenAPI description of the API, from one route table.
+//! - [`open311`]: Open311 GeoReport v2 under `/open311/v2`, and its API keys.
 //! - [`client`]: the CLIs' client for a running daemon's API.
 //! - [`cli`]: the `iq-node` command line.
 //! - [`workflow_cli`]: the `iq-node` commands of the counter-current workflows.
@@ -16,6 +17,7 @@ pub mod api;
 pub mod cli;
 pub mod client;
 pub mod daemon;
+pub mod open311;
 pub mod openapi;
 pub mod output;
 pub mod workflow_api;

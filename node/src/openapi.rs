@@ -199,6 +199,24 @@ pub const ROUTES: &[Route] = &[
     ),
     r(
         "get",
+        "/api/v1/apikeys",
+        On::Quarter,
+        "Open311 API keys: names and dates (never the keys)",
+    ),
+    r(
+        "post",
+        "/api/v1/apikeys",
+        On::Quarter,
+        "Create an Open311 API key {name}; the key is in the answer, this once",
+    ),
+    r(
+        "post",
+        "/api/v1/apikeys/{id}/revoke",
+        On::Quarter,
+        "Revoke the Open311 API key with this name: refused at once",
+    ),
+    r(
+        "get",
         "/api/v1/quarters",
         On::Center,
         "The roster with each quarter's sync state",

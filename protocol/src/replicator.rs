@@ -193,6 +193,28 @@ impl Handle {
             .map_err(ReplicatorError::from)
     }
 
+    /// Writes node-local data durably unless `key` is taken; returns whether
+    /// it was written (check and write in one step of the actor).
+    pub async fn local_put_new(
+        &self,
+        key: String,
+        value: Vec<u8>,
+    ) -> Result<bool, ReplicatorError> {
+        self.run(move |actor| actor.store.local_put_new(&key, &value))
+            .await?
+            .map_err(ReplicatorError::from)
+    }
+
+    /// Node-local entries whose keys start with `prefix`.
+    pub async fn local_scan(
+        &self,
+        prefix: String,
+    ) -> Result<Vec<(String, Vec<u8>)>, ReplicatorError> {
+        self.run(move |actor| actor.store.local_scan(&prefix))
+            .await?
+            .map_err(ReplicatorError::from)
+    }
+
     /// Reads what a write depends on (the city's frame, a consultation's
     /// deadline…) and writes `doc` in the same step of the actor, so no other
     /// change comes between the check and the write.

@@ -15,6 +15,8 @@
 use automerge::transaction::{CommitOptions, Transactable, Transaction};
 use automerge::{ActorId, Automerge, AutomergeError, ObjType, ROOT, ReadDoc};
 use autosurgeon::{Hydrate, Reconcile};
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{DocId, QuarterSlug};
@@ -95,6 +97,9 @@ pub struct Concern {
     /// Pseudonymous reference to the reporter; name and contact stay in the
     /// quarter node's local-only store, never in a replicated document.
     pub reporter_ref: Option<String>,
+    /// Answers to the service's questions (Open311 `attribute[code]`):
+    /// attribute code → values (one, or several for a multi-value list).
+    pub attributes: Option<BTreeMap<String, Vec<String>>>,
 }
 
 /// One entry of a concern's status history.
@@ -136,6 +141,7 @@ impl Concern {
             updated_ms: None,
             agency: None,
             reporter_ref: None,
+            attributes: None,
         }
     }
 
@@ -217,6 +223,22 @@ impl Concern {
             && (a.trim().is_empty() || a.chars().count() > 200)
         {
             return bad("agency must be 1 to 200 characters");
+        }
+        if let Some(attributes) = &self.attributes {
+            if attributes.len() > 50 {
+                return bad("a concern has at most 50 attributes");
+            }
+            for (code, values) in attributes {
+                if code.is_empty() || code.len() > 64 || values.len() > 50 {
+                    return bad("attribute codes are 1 to 64 bytes with at most 50 values each");
+                }
+                if values
+                    .iter()
+                    .any(|v| v.chars().count() > MAX_DESCRIPTION_CHARS)
+                {
+                    return bad("an attribute value is longer than 4000 characters");
+                }
+            }
         }
         Ok(())
     }
@@ -581,6 +603,27 @@ mod tests {
         assert_eq!(genesis(&q).get_heads(), genesis(&q).get_heads());
         assert_ne!(genesis(&q).get_heads(), genesis(&DocId::City).get_heads());
         assert_eq!(schema_version(&genesis(&q)), Some(SCHEMA_VERSION));
+    }
+
+    #[test]
+    fn service_attributes_round_trip_and_older_concerns_read_without_them() {
+        let q = DocId::quarter(&slug("prohlis"));
+        let mut doc = genesis(&q).with_actor(ActorId::random());
+        let mut with = concern("with");
+        with.attributes = Some(BTreeMap::from([
+            ("size".to_string(), vec!["large".to_string()]),
+            ("kind".to_string(), vec!["crack".into(), "hole".into()]),
+        ]));
+        doc.transact::<_, _, SchemaError>(|tx| {
+            put_concern(tx, &with)?;
+            put_concern(tx, &concern("without"))
+        })
+        .expect("write");
+        let read = concerns(&doc).expect("read");
+        assert_eq!(read, vec![with, concern("without")]);
+        let mut too_many = concern("x");
+        too_many.attributes = Some((0..51).map(|i| (i.to_string(), vec![])).collect());
+        assert!(too_many.validate().is_err());
     }
 
     #[test]

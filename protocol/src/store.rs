@@ -278,6 +278,31 @@ impl Store {
         self.durable()
     }
 
+    /// Writes a node-local value durably unless `key` already holds one;
+    /// returns whether it was written.
+    pub fn local_put_new(&self, key: &str, value: &[u8]) -> Result<bool, StoreError> {
+        let swapped = self
+            .local
+            .compare_and_swap(key, None as Option<&[u8]>, Some(value))?;
+        if swapped.is_err() {
+            return Ok(false);
+        }
+        self.durable()?;
+        Ok(true)
+    }
+
+    /// Node-local values whose keys start with `prefix`, in key order.
+    pub fn local_scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.local.scan_prefix(prefix) {
+            let (k, v) = entry?;
+            if let Ok(key) = std::str::from_utf8(&k) {
+                out.push((key.to_owned(), v.to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
     /// Bytes the store occupies on disk.
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
@@ -327,6 +352,26 @@ mod tests {
         assert_eq!(
             store.signatures().expect("sigs"),
             vec![([7; 32], vec![9; 64])]
+        );
+    }
+
+    #[test]
+    fn local_values_are_written_once_scanned_by_prefix_and_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path()).expect("open");
+            assert!(store.local_put_new("keys/a", b"1").expect("put"));
+            assert!(!store.local_put_new("keys/a", b"2").expect("put again"));
+            store.local_put("keys/b", b"3").expect("put b");
+            store.local_put("other/c", b"4").expect("put c");
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(
+            store.local_scan("keys/").expect("scan"),
+            vec![
+                ("keys/a".to_string(), b"1".to_vec()),
+                ("keys/b".to_string(), b"3".to_vec())
+            ]
         );
     }
 
