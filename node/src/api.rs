@@ -244,6 +244,7 @@ pub fn common_routes() -> Router<Handle> {
         .route("/api/v1/concerns", get(list_concerns))
         .route("/api/v1/concerns/{id}", get(one_concern))
         .merge(crate::workflow_api::views())
+        .merge(crate::ops::local_routes())
 }
 
 /// Routes of a quarter node.

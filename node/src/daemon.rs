@@ -138,10 +138,14 @@ impl Daemon {
             addr: config.api,
             source,
         })?;
-        let app = routes(replicator.handle()).layer(axum::middleware::from_fn_with_state(
-            api_addr,
-            crate::api::same_machine_only,
-        ));
+        // Metrics and health answer any host (a Prometheus server scrapes
+        // from another machine); everything else only this machine.
+        let app = routes(replicator.handle())
+            .layer(axum::middleware::from_fn_with_state(
+                api_addr,
+                crate::api::same_machine_only,
+            ))
+            .merge(crate::ops::public_routes().with_state(replicator.handle()));
         let (stop_http, stopped) = oneshot::channel::<()>();
         let http = tokio::spawn(async move {
             axum::serve(listener, app)

@@ -7,16 +7,20 @@
 //! - [`api`]: the local HTTP API under `/api/v1` and its errors.
 //! - [`workflow_api`]: the counter-current views and a quarter's actions over HTTP.
 //! - [`openapi`]: the OpenAPI description of the API, from one route table.
+//! - [`ops`]: `/metrics`, `/healthz`, `/readyz`, live updates (`/events`), the store export.
+//! - [`backup`]: `backup` and `restore`: the snapshot file format and the directory swap.
 //! - [`client`]: the CLIs' client for a running daemon's API.
 //! - [`cli`]: the `iq-node` command line.
 //! - [`workflow_cli`]: the `iq-node` commands of the counter-current workflows.
 //! - [`output`]: human-readable tables for the CLIs.
 
 pub mod api;
+pub mod backup;
 pub mod cli;
 pub mod client;
 pub mod daemon;
 pub mod openapi;
+pub mod ops;
 pub mod output;
 pub mod workflow_api;
 pub mod workflow_cli;
