@@ -44,6 +44,7 @@ pub struct AddQuarter {
 pub fn router(handle: Handle) -> Router {
     common_routes()
         .merge(crate::frame_api::routes())
+        .merge(crate::dashboard::routes())
         .route("/api/v1/quarters", get(list_quarters).post(add_quarter))
         .route(
             "/api/v1/quarters/{slug}/writers/{peer}",

@@ -9,6 +9,7 @@
 //! - [`openapi`]: the OpenAPI description of the API, from one route table.
 //! - [`ops`]: `/metrics`, `/healthz`, `/readyz`, live updates (`/events`), the store export.
 //! - [`backup`]: `backup` and `restore`: the snapshot file format and the directory swap.
+//! - [`pages`]: the quarter office's page at `/` and the assets both pages share.
 //! - [`client`]: the CLIs' client for a running daemon's API.
 //! - [`cli`]: the `iq-node` command line.
 //! - [`workflow_cli`]: the `iq-node` commands of the counter-current workflows.
@@ -22,5 +23,6 @@ pub mod daemon;
 pub mod openapi;
 pub mod ops;
 pub mod output;
+pub mod pages;
 pub mod workflow_api;
 pub mod workflow_cli;
