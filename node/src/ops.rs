@@ -376,18 +376,30 @@ pub fn quarter_states(view: &View<'_>) -> Vec<QuarterState> {
         .collect()
 }
 
+/// Turns `true` when the daemon begins to stop; ends the event streams.
+#[derive(Debug, Clone)]
+pub struct Stopping(pub tokio::sync::watch::Receiver<bool>);
+
 /// `/events`: server-sent events, one `change` event whenever a document
 /// changes or a peer connects or disconnects (coalesced: a burst of changes
-/// is one event), so a page refreshes without polling.
+/// is one event), so a page refreshes without polling. The stream ends when
+/// the daemon stops.
 async fn events(
     State(handle): State<Handle>,
+    axum::Extension(Stopping(stopping)): axum::Extension<Stopping>,
 ) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
     let mut rx = handle.subscribe();
     rx.mark_changed();
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.changed().await.ok()?;
+    let stream = futures::stream::unfold((rx, stopping), |(mut rx, mut stopping)| async move {
+        tokio::select! {
+            changed = rx.changed() => changed.ok()?,
+            _ = stopping.wait_for(|s| *s) => return None,
+        }
         let n = *rx.borrow_and_update();
-        Some((Ok(Event::default().event("change").data(n.to_string())), rx))
+        Some((
+            Ok(Event::default().event("change").data(n.to_string())),
+            (rx, stopping),
+        ))
     });
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }

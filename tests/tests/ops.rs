@@ -145,8 +145,27 @@ fn metrics_health_and_readiness_on_both_daemons() -> Result<()> {
     assert!(value(&m, "iq_quarter_connected", &q).is_none());
     assert_eq!(value(&m, "iq_node_info", &[("role", "quarter")]), Some(1.0));
 
+    // A page's event stream is open: the first event comes at once, and the
+    // stream does not keep the daemon from stopping cleanly.
+    let addr =
+        std::fs::read_to_string(c.quarters[0].dir.join("api.addr")).map_err(|e| e.to_string())?;
+    let resp = ureq::get(&format!("http://{}/events", addr.trim()))
+        .config()
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .call()
+        .map_err(|e| format!("GET /events: {e}"))?;
+    let mut events = resp.into_body().into_reader();
+    let mut first = [0u8; 64];
+    let n = std::io::Read::read(&mut events, &mut first).map_err(|e| e.to_string())?;
+    let first = String::from_utf8_lossy(&first[..n]).into_owned();
+    assert!(first.contains("event: change"), "{first:?}");
+    let reader =
+        std::thread::spawn(move || std::io::Read::read_to_end(&mut events, &mut Vec::new()));
+
     // The quarter goes down and the centre writes: it is offline and behind.
     c.quarters[0].stop()?;
+    assert!(reader.join().is_ok(), "the event stream reader panicked");
     c.center.cli_ok(&[
         "directive",
         "issue",
