@@ -978,6 +978,28 @@ mod tests {
     }
 
     #[test]
+    fn unconfirmed_changes_count_what_a_peer_lacks_also_while_it_is_down() {
+        let q = [slug("a")];
+        let doc = DocId::quarter(&q[0]);
+        let mut sim = Sim::new(2, vec![(0, 1)], &q, &[1], 3, 0);
+        sim.write(1, &doc, "a0".into());
+        sim.run(10_000);
+        sim.assert_converged();
+        assert_eq!(sim.nodes[0].unconfirmed_changes(&1), Some(0));
+        assert_eq!(sim.nodes[1].unconfirmed_changes(&0), Some(0));
+        assert_eq!(sim.nodes[0].unconfirmed_changes(&9), None);
+        // The peer goes away; three changes are written that it cannot get.
+        sim.nodes[1].peer_down(&0);
+        sim.nodes[0].peer_down(&1);
+        sim.wire.clear();
+        for i in 1..=3 {
+            sim.write(1, &doc, format!("a{i}"));
+        }
+        assert_eq!(sim.nodes[1].unconfirmed_changes(&0), Some(3));
+        assert_eq!(sim.nodes[0].unconfirmed_changes(&1), Some(0));
+    }
+
+    #[test]
     fn three_engines_converge_through_a_relay_with_drops_and_reordering() {
         let q = [slug("a"), slug("b")];
         let mut dropped = 0;
