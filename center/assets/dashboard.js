@@ -73,7 +73,7 @@
       sorted.map((e) => h("tr", { "data-escalation": e.escalation.id },
         h("td", {}, fmtTime(e.escalation.at_ms)),
         h("td", {}, names[e.quarter] || e.quarter),
-        h("td", {}, e.escalation.kind),
+        h("td", {}, t(e.escalation.kind)),
         h("td", {}, e.item),
         h("td", {}, e.escalation.reason),
         h("td", {}, respondForm(e)))));

@@ -32,7 +32,7 @@ const IQ = (() => {
       body: "Decided by", submit: "Submit", answered: "answered", acknowledge: "Acknowledge",
       implemented: "implemented", state: "State", comment: "Comment", your_ack: "Our acknowledgement",
       connection: "Connection to peers", peers: "peers connected", saved: "Saved.",
-      no_concerns: "No concerns yet.", by_centre: "centre",
+      no_concerns: "No concerns yet.", by_centre: "centre", concern: "concern", proposal: "proposal",
     },
     de: {
       lang: "English", live: "live", reconnecting: "verbinde neu…", updated: "aktualisiert",
@@ -61,7 +61,7 @@ const IQ = (() => {
       body: "Beschlossen von", submit: "Absenden", answered: "beantwortet", acknowledge: "Bestätigen",
       implemented: "umgesetzt", state: "Stand", comment: "Kommentar", your_ack: "Unsere Bestätigung",
       connection: "Verbindung", peers: "Gegenstellen verbunden", saved: "Gespeichert.",
-      no_concerns: "Noch keine Anliegen.", by_centre: "Zentrale",
+      no_concerns: "Noch keine Anliegen.", by_centre: "Zentrale", concern: "Anliegen", proposal: "Vorschlag",
     },
   };
   let lang = localStorage.getItem("iq-lang") ||
@@ -136,6 +136,8 @@ const IQ = (() => {
   function applyLang() {
     document.documentElement.lang = lang;
     for (const e of document.querySelectorAll("[data-t]")) e.textContent = t(e.dataset.t);
+    // Messages of earlier submissions were in the other language.
+    for (const e of document.querySelectorAll(".status-msg")) e.textContent = "";
   }
 
   function setupLangToggle(rerender) {

@@ -50,7 +50,7 @@
     if (!list.length) return h("p", { class: "empty" }, t("none"));
     return table(null, [[t("item")], [t("reason")], [t("response")]],
       list.map((e) => h("tr", { "data-escalation": e.escalation.id },
-        h("td", {}, e.item, h("div", { class: "muted" }, `${e.escalation.kind} · ${fmtTime(e.escalation.at_ms)}`)),
+        h("td", {}, e.item, h("div", { class: "muted" }, `${t(e.escalation.kind)} · ${fmtTime(e.escalation.at_ms)}`)),
         h("td", {}, e.escalation.reason),
         h("td", { class: "response" }, e.response
           ? [badge(t(e.response.decision) || e.response.decision, e.response.decision === "declined" ? "bad" : "ok"),
