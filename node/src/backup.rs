@@ -361,7 +361,17 @@ pub fn restore(
     let staged = DataDir::new(&staging);
     staged.config(role)?;
     staged.identity()?;
-    drop(Store::import(&staged.store_path(), &backup.store)?);
+    // Sync states describe what peers held when the backup was made; an
+    // older backup's would make both sides start from a shared history the
+    // node no longer has. Without them the first sync starts from scratch
+    // (only a little more traffic) and fetches what the node lacks.
+    let store: StoreExport = backup
+        .store
+        .iter()
+        .filter(|(tree, _)| tree != "sync")
+        .cloned()
+        .collect();
+    drop(Store::import(&staged.store_path(), &store)?);
     File::open(&staging)
         .and_then(|d| d.sync_all())
         .map_err(io(&staging))?;
