@@ -23,6 +23,13 @@ pub struct QuarterView {
     pub concerns: usize,
     /// Unix time (ms) of the last sync message from any of its writers.
     pub last_sync_ms: Option<u64>,
+    /// Changes the centre holds that the quarter's best-synced writer node
+    /// has not confirmed holding (absent before it ever connected).
+    #[serde(default)]
+    pub lag_changes: Option<u64>,
+    /// The iq version each writer node reports (peer → version).
+    #[serde(default)]
+    pub versions: std::collections::BTreeMap<String, String>,
 }
 
 /// Body of `POST /api/v1/quarters`.
@@ -37,6 +44,7 @@ pub struct AddQuarter {
 pub fn router(handle: Handle) -> Router {
     common_routes()
         .merge(crate::frame_api::routes())
+        .merge(crate::dashboard::routes())
         .route("/api/v1/quarters", get(list_quarters).post(add_quarter))
         .route(
             "/api/v1/quarters/{slug}/writers/{peer}",
@@ -49,37 +57,18 @@ pub fn router(handle: Handle) -> Router {
 async fn list_quarters(State(handle): State<Handle>) -> Result<Json<Vec<QuarterView>>, ApiError> {
     let list = handle
         .read(|view| {
-            let roster = view
-                .engine
-                .doc(&DocId::City)
-                .and_then(|am| schema::roster(am).ok())
-                .unwrap_or_default();
-            let peers: Vec<_> = view.engine.peers().map(|(p, s)| (*p, s.clone())).collect();
-            roster
+            iq_node::ops::quarter_states(&view)
                 .into_iter()
-                .map(|(slug, entry)| {
-                    let doc = view.engine.doc(&DocId::quarter(&slug));
-                    let writer_ids: Vec<PeerId> = entry
-                        .writers
-                        .iter()
-                        .filter_map(|w| w.parse().ok())
-                        .collect();
-                    let last = peers
-                        .iter()
-                        .filter(|(p, _)| writer_ids.contains(p))
-                        .filter_map(|(_, s)| s.last_received_ms)
-                        .max();
-                    QuarterView {
-                        slug: slug.to_string(),
-                        name: entry.name,
-                        writers: entry.writers,
-                        connected: writer_ids.iter().any(|p| view.is_connected(p)),
-                        heads: doc
-                            .map(|am| am.get_heads().iter().map(|h| h.to_string()).collect())
-                            .unwrap_or_default(),
-                        concerns: doc.map(schema::concern_count).unwrap_or(0),
-                        last_sync_ms: last.map(|t| view.wall_ms(t)),
-                    }
+                .map(|q| QuarterView {
+                    slug: q.slug,
+                    name: q.name,
+                    writers: q.writers,
+                    connected: q.connected,
+                    heads: q.heads,
+                    concerns: q.concerns,
+                    last_sync_ms: q.last_sync_ms,
+                    lag_changes: q.lag_changes,
+                    versions: q.versions,
                 })
                 .collect::<Vec<_>>()
         })

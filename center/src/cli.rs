@@ -82,6 +82,10 @@ pub enum Command {
         #[command(flatten)]
         json: JsonArg,
     },
+    /// Write a consistent snapshot of the centre (store, config, key) to a file.
+    Backup(iq_node::cli::BackupArgs),
+    /// Make a data directory from a backup file.
+    Restore(iq_node::cli::RestoreArgs),
     /// Directives: issue, list with acknowledgements.
     #[command(subcommand)]
     Directive(frame_cli::DirectiveCommand),
@@ -359,6 +363,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 output::print_status(&status);
             }
         }
+        Command::Backup(args) => iq_node::cli::run_backup(args, ROLE).await?,
+        Command::Restore(args) => iq_node::cli::run_restore(args, ROLE)?,
         Command::Demo { dir, once } => demo::run(dir, once).await?,
         Command::Directive(cmd) => frame_cli::directive(cmd, client).await?,
         Command::Consultation(cmd) => frame_cli::consultation(cmd, client).await?,

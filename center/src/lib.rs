@@ -5,12 +5,14 @@
 //! # Layout
 //! - [`api`]: the centre's HTTP API (common routes + roster).
 //! - [`frame_api`]: the centre's actions (directives, consultations, frames, responses) over HTTP.
+//! - [`dashboard`]: the administration's dashboard page at `/`.
 //! - [`cli`]: the `iq-center` command line.
 //! - [`frame_cli`]: the centre's commands of the counter-current workflows.
 //! - [`demo`]: a demo federation of a centre and three quarters in one process.
 
 pub mod api;
 pub mod cli;
+pub mod dashboard;
 pub mod demo;
 pub mod frame_api;
 pub mod frame_cli;

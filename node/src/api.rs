@@ -260,6 +260,8 @@ pub fn common_routes() -> Router<Handle> {
         .route("/api/v1/concerns", get(list_concerns))
         .route("/api/v1/concerns/{id}", get(one_concern))
         .merge(crate::workflow_api::views())
+        .merge(crate::ops::local_routes())
+        .merge(crate::pages::common_assets())
 }
 
 /// Routes of a quarter node.
@@ -270,6 +272,7 @@ pub fn quarter_router(handle: Handle) -> Router {
         .route("/api/v1/concerns/{id}/reporter", get(concern_reporter))
         .merge(crate::workflow_api::quarter_actions())
         .merge(crate::open311::keys::routes())
+        .merge(crate::pages::quarter_page())
         .fallback(no_such_route)
         .with_state(handle)
 }

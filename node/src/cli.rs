@@ -162,6 +162,61 @@ pub enum Command {
         #[command(flatten)]
         json: JsonArg,
     },
+    /// Write a consistent snapshot of this node (store, config, key) to a file.
+    Backup(BackupArgs),
+    /// Make a data directory from a backup file.
+    Restore(RestoreArgs),
+}
+
+/// `backup` of both binaries.
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    #[command(flatten)]
+    pub data: DataArg,
+    /// The backup file to write (replaced atomically; mode 0600, as it holds the node's key).
+    #[arg(long, value_name = "FILE")]
+    pub to: PathBuf,
+}
+
+/// `restore` of both binaries.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The data directory to create; must be empty or missing unless --force.
+    #[command(flatten)]
+    pub data: DataArg,
+    /// The backup file written by `backup`.
+    #[arg(long, value_name = "FILE")]
+    pub from: PathBuf,
+    /// Move a non-empty data directory aside to DIR.before-restore-<time> first
+    /// (its daemon must be stopped).
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Runs `backup` for a node of `role`.
+pub async fn run_backup(args: BackupArgs, role: Role) -> anyhow::Result<()> {
+    let entries = crate::backup::backup(&DataDir::new(&args.data.data), role, &args.to).await?;
+    println!(
+        "backup written to {} ({entries} store entries)",
+        args.to.display()
+    );
+    Ok(())
+}
+
+/// Runs `restore` for a node of `role`.
+pub fn run_restore(args: RestoreArgs, role: Role) -> anyhow::Result<()> {
+    let data = DataDir::new(&args.data.data);
+    let done = crate::backup::restore(&data, role, &args.from, args.force)?;
+    if let Some(aside) = &done.moved_aside {
+        println!("the previous directory was moved to {}", aside.display());
+    }
+    println!(
+        "restored {} ({} store entries); start it with `run --data {}`",
+        data.path().display(),
+        done.entries,
+        data.path().display()
+    );
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
@@ -640,6 +695,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 output::print_status(&status);
             }
         }
+        Command::Backup(args) => run_backup(args, ROLE).await?,
+        Command::Restore(args) => run_restore(args, ROLE)?,
     }
     Ok(())
 }

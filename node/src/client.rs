@@ -110,6 +110,25 @@ impl Client {
         self.send(self.http.get(self.url(path)).query(query)).await
     }
 
+    /// `GET` of a binary answer (the store export behind `backup`).
+    pub async fn get_bytes(&self, path: &str) -> Result<Vec<u8>, ClientError> {
+        let resp = self
+            .http
+            .get(self.url(path))
+            .send()
+            .await
+            .map_err(|e| self.map_err(e))?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            return match resp.json::<ErrorBody>().await {
+                Ok(body) => Err(ClientError::Api(body.error)),
+                Err(_) => Err(ClientError::Api(format!("the daemon answered {status}"))),
+            };
+        }
+        let bytes = resp.bytes().await.map_err(|e| self.map_err(e))?;
+        Ok(bytes.to_vec())
+    }
+
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.send(self.http.delete(self.url(path))).await
     }

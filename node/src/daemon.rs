@@ -43,6 +43,9 @@ pub struct Daemon {
     replicator: Replicator,
     http: JoinHandle<std::io::Result<()>>,
     stop_http: oneshot::Sender<()>,
+    /// Ends the pages' event streams, which would otherwise hold the
+    /// graceful HTTP shutdown open for as long as a browser stays.
+    stopping: tokio::sync::watch::Sender<bool>,
     data: DataDir,
     _lock: DirLock,
     pub api_addr: SocketAddr,
@@ -142,12 +145,17 @@ impl Daemon {
             addr: config.api,
             source,
         })?;
+        // Metrics and health answer any host (a Prometheus server scrapes
+        // from another machine); everything else only this machine.
+        let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
         let app = routes(replicator.handle())
             .merge(crate::open311::router(replicator.handle(), open311))
             .layer(axum::middleware::from_fn_with_state(
                 api_addr,
                 crate::api::same_machine_only,
-            ));
+            ))
+            .merge(crate::ops::public_routes().with_state(replicator.handle()))
+            .layer(axum::Extension(crate::ops::Stopping(stopping_rx)));
         let (stop_http, stopped) = oneshot::channel::<()>();
         let http = tokio::spawn(async move {
             axum::serve(listener, app)
@@ -161,6 +169,7 @@ impl Daemon {
             replicator,
             http,
             stop_http,
+            stopping,
             data,
             _lock: lock,
             api_addr,
@@ -190,6 +199,7 @@ impl Daemon {
     /// Stops the API and the replicator, waits for both, and releases the directory.
     pub async fn shutdown(self) -> Result<(), DaemonError> {
         self.data.remove_api_addr();
+        self.stopping.send_replace(true);
         let _ = self.stop_http.send(());
         let _ = self.http.await;
         let result = self.replicator.shutdown().await;

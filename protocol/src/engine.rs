@@ -131,6 +131,10 @@ pub struct PeerStats {
     /// Totals since this process started.
     pub total_bytes_sent: u64,
     pub total_bytes_received: u64,
+    #[serde(default)]
+    pub total_messages_sent: u64,
+    #[serde(default)]
+    pub total_messages_received: u64,
     /// Engine time of the last message received.
     pub last_received_ms: Option<u64>,
     /// Messages refused (malformed, or carrying changes their sender could not have authored).
@@ -407,12 +411,41 @@ impl<P: Ord + Clone> Engine<P> {
     }
 
     /// A peer disconnected: its in-memory sessions end (persisted states
-    /// stay); its statistics are kept.
+    /// stay); its statistics are kept, and so is what it was last known to
+    /// hold, for [`Engine::unconfirmed_changes`].
     pub fn peer_down(&mut self, peer: &P) {
         if let Some(p) = self.peers.get_mut(peer) {
             p.up = false;
-            p.sessions.clear();
+            for (doc, session) in std::mem::take(&mut p.sessions) {
+                p.persisted.insert(doc, session.state.encode());
+            }
         }
+    }
+
+    /// Changes this node holds that `peer` has not confirmed holding, over
+    /// every replicated document: how far behind the peer is as far as this
+    /// node knows (from the shared heads of the sync sessions, or of the
+    /// last session while the peer is down). `None` for an unknown peer.
+    pub fn unconfirmed_changes(&self, peer: &P) -> Option<u64> {
+        let p = self.peers.get(peer)?;
+        let mut total = 0u64;
+        for (doc, am) in self.docs.iter().filter(|(d, _)| self.accepts(d)) {
+            let shared: Vec<ChangeHash> = match p.sessions.get(doc) {
+                Some(s) => s.state.shared_heads.clone(),
+                None => p
+                    .persisted
+                    .get(doc)
+                    .and_then(|b| sync::State::decode(b).ok())
+                    .map(|s| s.shared_heads)
+                    .unwrap_or_default(),
+            };
+            let known: Vec<ChangeHash> = shared
+                .into_iter()
+                .filter(|h| am.get_change_meta_by_hash(h).is_some())
+                .collect();
+            total += am.get_changes_meta(&known).len() as u64;
+        }
+        Some(total)
     }
 
     /// Makes sure a session exists and returns it.
@@ -466,6 +499,7 @@ impl<P: Ord + Clone> Engine<P> {
                 p.stats.session_bytes_sent += n;
                 p.stats.total_bytes_sent += n;
                 p.stats.session_messages_sent += 1;
+                p.stats.total_messages_sent += 1;
             }
             fx.sends.push(Outgoing {
                 peer: peer.clone(),
@@ -579,6 +613,7 @@ impl<P: Ord + Clone> Engine<P> {
             p.stats.session_bytes_received += n;
             p.stats.total_bytes_received += n;
             p.stats.session_messages_received += 1;
+            p.stats.total_messages_received += 1;
             p.stats.last_received_ms = Some(now);
         }
         if changed {
@@ -940,6 +975,28 @@ mod tests {
         sim.assert_converged();
         let am = sim.nodes[1].doc(&DocId::quarter(&q[0])).expect("replica");
         assert_eq!(schema::concern_count(am), 20);
+    }
+
+    #[test]
+    fn unconfirmed_changes_count_what_a_peer_lacks_also_while_it_is_down() {
+        let q = [slug("a")];
+        let doc = DocId::quarter(&q[0]);
+        let mut sim = Sim::new(2, vec![(0, 1)], &q, &[1], 3, 0);
+        sim.write(1, &doc, "a0".into());
+        sim.run(10_000);
+        sim.assert_converged();
+        assert_eq!(sim.nodes[0].unconfirmed_changes(&1), Some(0));
+        assert_eq!(sim.nodes[1].unconfirmed_changes(&0), Some(0));
+        assert_eq!(sim.nodes[0].unconfirmed_changes(&9), None);
+        // The peer goes away; three changes are written that it cannot get.
+        sim.nodes[1].peer_down(&0);
+        sim.nodes[0].peer_down(&1);
+        sim.wire.clear();
+        for i in 1..=3 {
+            sim.write(1, &doc, format!("a{i}"));
+        }
+        assert_eq!(sim.nodes[1].unconfirmed_changes(&0), Some(3));
+        assert_eq!(sim.nodes[0].unconfirmed_changes(&1), Some(0));
     }
 
     #[test]

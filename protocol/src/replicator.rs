@@ -18,7 +18,7 @@ use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::authorship::{SIGNATURE_LEN, Signer, Writers};
@@ -140,6 +140,8 @@ enum Command {
 pub struct Handle {
     tx: mpsc::Sender<Command>,
     peer_id: PeerId,
+    /// Counts changes to what a page shows: documents and connections.
+    changed: watch::Receiver<u64>,
 }
 
 impl std::fmt::Debug for Command {
@@ -154,6 +156,21 @@ impl std::fmt::Debug for Command {
 impl Handle {
     pub fn peer_id(&self) -> PeerId {
         self.peer_id
+    }
+
+    /// A counter that moves whenever a document changes (a local write or
+    /// a change from a peer) or a peer connects or disconnects; pages wait
+    /// on it to refresh.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.clone()
+    }
+
+    /// Every entry of the store, read in one step of the actor (the only
+    /// writer), so the copy is consistent.
+    pub async fn export_store(&self) -> Result<crate::store::StoreExport, ReplicatorError> {
+        self.run(|actor| actor.store.export())
+            .await?
+            .map_err(ReplicatorError::from)
     }
 
     async fn run<R: Send + 'static>(
@@ -348,6 +365,31 @@ impl View<'_> {
         self.connected.contains(peer)
     }
 
+    /// Peers with an open connection (sync partners or not yet).
+    pub fn connected_count(&self) -> usize {
+        self.connected.len()
+    }
+
+    /// The refusal counters (as in [`Status`]).
+    pub fn refusals(&self) -> Refusals {
+        self.refusals
+    }
+
+    /// Bytes the store occupies on disk.
+    pub fn store_bytes(&self) -> u64 {
+        self.store_bytes
+    }
+
+    /// Addresses the node listens on, with `/p2p/<PeerId>`.
+    pub fn listen_addrs(&self) -> &[String] {
+        &self.listen
+    }
+
+    /// Seconds since the node started.
+    pub fn uptime_secs(&self) -> u64 {
+        self.started.0.elapsed().as_secs()
+    }
+
     pub fn status(&self) -> Status {
         let documents = self
             .engine
@@ -399,9 +441,14 @@ impl Replicator {
         actor.refresh_neighbours();
         actor.advertise();
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        let changed = actor.changed.subscribe();
         let task = tokio::spawn(actor.run(rx));
         Ok(Self {
-            handle: Handle { tx, peer_id },
+            handle: Handle {
+                tx,
+                peer_id,
+                changed,
+            },
             task,
         })
     }
@@ -463,6 +510,8 @@ pub struct Actor {
     /// Requests refused because their peer was over its rate.
     rate_limited: u64,
     buckets: HashMap<PeerId, Bucket>,
+    /// Moved on every document change and every connection change.
+    changed: watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Actor {
@@ -546,6 +595,7 @@ impl Actor {
             refused_connections: 0,
             rate_limited: 0,
             buckets: HashMap::new(),
+            changed: watch::Sender::new(0),
         };
         let _ = actor.refresh_roster();
         Ok(actor)
@@ -659,6 +709,9 @@ impl Actor {
                 .sync
                 .send_request(&out.peer, request);
             self.pending.insert(id, (out.peer, out.doc, out.epoch));
+        }
+        if !fx.changed.is_empty() {
+            self.changed.send_modify(|n| *n += 1);
         }
         if fx.changed.contains(&DocId::City) {
             self.refresh_roster()?;
@@ -860,6 +913,7 @@ impl Actor {
         let entry = schema::NodeAddr {
             peer: self.peer_id.to_string(),
             addr: addr.to_string(),
+            version: Some(env!("CARGO_PKG_VERSION").to_string()),
         };
         let current = self.engine.doc(&self.own_doc).and_then(|d| {
             schema::item::<schema::NodeAddr>(d, &entry.peer)
@@ -944,6 +998,9 @@ impl Actor {
             SwarmEvent::ConnectionEstablished { peer_id, .. } => {
                 self.neighbour_backoff.remove(&peer_id);
                 let first = self.connected.insert(peer_id);
+                if first {
+                    self.changed.send_modify(|n| *n += 1);
+                }
                 if first && self.allowed.contains(&peer_id) {
                     let fx = self.peer_up(peer_id);
                     let _ = self.apply(fx);
@@ -956,7 +1013,9 @@ impl Actor {
                 num_established: 0,
                 ..
             } => {
-                self.connected.remove(&peer_id);
+                if self.connected.remove(&peer_id) {
+                    self.changed.send_modify(|n| *n += 1);
+                }
                 if self.engine.is_up(&peer_id) {
                     tracing::info!(peer = %peer_id, "peer down");
                     self.engine.peer_down(&peer_id);

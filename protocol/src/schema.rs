@@ -266,6 +266,9 @@ pub struct NodeAddr {
     pub peer: String,
     /// libp2p multiaddr without `/p2p/`.
     pub addr: String,
+    /// The iq version the node runs (absent in entries of older nodes).
+    #[serde(default)]
+    pub version: Option<String>,
 }
 
 impl Item for NodeAddr {

@@ -35,6 +35,8 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
     #[error("store holds a malformed key in tree {tree}")]
     BadKey { tree: &'static str },
+    #[error("a backup names an unknown store tree {0:?}; it was made by another version of iq")]
+    UnknownTree(String),
 }
 
 /// A change hash and its author's signature, as stored.
@@ -62,6 +64,12 @@ pub struct StoredDoc {
     pub id: DocId,
     pub chunks: Vec<Vec<u8>>,
 }
+
+/// Every tree of a store with its entries (key, value), for backups.
+pub type StoreExport = Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)>;
+
+/// The trees a store holds, by name (the order of a backup).
+pub const TREES: [&str; 5] = ["snapshots", "changes", "sync", "sigs", "local"];
 
 /// The sled-backed store of one node.
 #[derive(Debug)]
@@ -303,6 +311,58 @@ impl Store {
         Ok(out)
     }
 
+    /// Every entry of every tree. Consistent as long as nothing writes
+    /// meanwhile: the replicator calls it inside one step of its actor,
+    /// which is the only writer.
+    pub fn export(&self) -> Result<StoreExport, StoreError> {
+        let mut out = Vec::with_capacity(TREES.len());
+        for (name, tree) in TREES.iter().zip(self.trees()) {
+            let mut entries = Vec::new();
+            for item in tree.iter() {
+                let (k, v) = item?;
+                entries.push((k.to_vec(), v.to_vec()));
+            }
+            out.push((name.to_string(), entries));
+        }
+        Ok(out)
+    }
+
+    /// Creates a store in `dir` (which must not hold one) from an export and
+    /// makes it durable. Trees the export does not name are refused, so a
+    /// backup of another format is not half-imported.
+    pub fn import(dir: &Path, export: &StoreExport) -> Result<Self, StoreError> {
+        if let Some((name, _)) = export.iter().find(|(n, _)| !TREES.contains(&n.as_str())) {
+            return Err(StoreError::UnknownTree(name.clone()));
+        }
+        let store = Self::open(dir)?;
+        for (name, entries) in export {
+            let Some(tree) = TREES
+                .iter()
+                .position(|t| t == name)
+                .map(|i| store.trees()[i].clone())
+            else {
+                continue;
+            };
+            let mut batch = sled::Batch::default();
+            for (k, v) in entries {
+                batch.insert(k.as_slice(), v.as_slice());
+            }
+            tree.apply_batch(batch)?;
+        }
+        store.durable()?;
+        Ok(store)
+    }
+
+    fn trees(&self) -> [&sled::Tree; 5] {
+        [
+            &self.snapshots,
+            &self.changes,
+            &self.sync,
+            &self.sigs,
+            &self.local,
+        ]
+    }
+
     /// Bytes the store occupies on disk.
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
@@ -373,6 +433,31 @@ mod tests {
                 ("keys/b".to_string(), b"3".to_vec())
             ]
         );
+    }
+
+    #[test]
+    fn an_export_imports_into_an_identical_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("a")).expect("open");
+        let batch = Batch {
+            changes: vec![(doc(), vec![b"one".to_vec()])],
+            sync_states: vec![("peer".into(), doc(), b"state".to_vec())],
+            signatures: vec![([7; 32], vec![9; 64])],
+        };
+        store.commit(&batch).expect("commit");
+        store.local_put("reporter/x", b"Erika").expect("local");
+        let export = store.export().expect("export");
+        let copy = Store::import(&dir.path().join("b"), &export).expect("import");
+        assert_eq!(copy.export().expect("export"), export);
+        assert_eq!(
+            copy.local_get("reporter/x").expect("get"),
+            Some(b"Erika".to_vec())
+        );
+        let unknown = vec![("elsewhere".to_string(), vec![])];
+        assert!(matches!(
+            Store::import(&dir.path().join("c"), &unknown),
+            Err(StoreError::UnknownTree(_))
+        ));
     }
 
     #[test]
