@@ -18,7 +18,7 @@ use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::authorship::{SIGNATURE_LEN, Signer, Writers};
@@ -140,6 +140,8 @@ enum Command {
 pub struct Handle {
     tx: mpsc::Sender<Command>,
     peer_id: PeerId,
+    /// Counts batches of document changes applied (local or received).
+    version: watch::Receiver<u64>,
 }
 
 impl std::fmt::Debug for Command {
@@ -154,6 +156,20 @@ impl std::fmt::Debug for Command {
 impl Handle {
     pub fn peer_id(&self) -> PeerId {
         self.peer_id
+    }
+
+    /// Every replicated document's heads, with the version they belong to
+    /// (cheap: no change counts, no store size, unlike [`View::status`]).
+    pub async fn heads(&self) -> Result<Heads, ReplicatorError> {
+        self.run(|actor| actor.heads()).await
+    }
+
+    /// Waits until the node's documents changed after `version` (see
+    /// [`Heads::version`]), for at most `timeout`. Returns at once if they
+    /// already have; a timeout is not an error, the caller reads again.
+    pub async fn changed_after(&self, version: u64, timeout: Duration) {
+        let mut rx = self.version.clone();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|v| *v > version)).await;
     }
 
     async fn run<R: Send + 'static>(
@@ -235,6 +251,15 @@ pub struct View<'a> {
     listen: Vec<String>,
     started: (Instant, SystemTime),
     store_bytes: u64,
+}
+
+/// The heads of every document, with the version they belong to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Heads {
+    /// Grows with every batch of document changes this node applies.
+    pub version: u64,
+    /// Document id → its heads (hex change hashes, sorted).
+    pub documents: BTreeMap<String, Vec<String>>,
 }
 
 /// The node's status as the API reports it.
@@ -377,9 +402,14 @@ impl Replicator {
         actor.refresh_neighbours();
         actor.advertise();
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        let version = actor.version.subscribe();
         let task = tokio::spawn(actor.run(rx));
         Ok(Self {
-            handle: Handle { tx, peer_id },
+            handle: Handle {
+                tx,
+                peer_id,
+                version,
+            },
             task,
         })
     }
@@ -441,6 +471,9 @@ pub struct Actor {
     /// Requests refused because their peer was over its rate.
     rate_limited: u64,
     buckets: HashMap<PeerId, Bucket>,
+    /// Bumped after every batch of document changes is applied, so API
+    /// callers can wait for the next change instead of polling.
+    version: watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Actor {
@@ -524,6 +557,7 @@ impl Actor {
             refused_connections: 0,
             rate_limited: 0,
             buckets: HashMap::new(),
+            version: watch::Sender::new(0),
         };
         let _ = actor.refresh_roster();
         Ok(actor)
@@ -544,6 +578,23 @@ impl Actor {
 
     fn now(&self) -> u64 {
         self.started.0.elapsed().as_millis() as u64
+    }
+
+    fn heads(&self) -> Heads {
+        let documents = self
+            .engine
+            .docs()
+            .filter(|(id, _)| self.engine.accepts(id))
+            .map(|(id, am)| {
+                let mut heads: Vec<String> = am.get_heads().iter().map(|h| h.to_string()).collect();
+                heads.sort();
+                (id.to_string(), heads)
+            })
+            .collect();
+        Heads {
+            version: *self.version.borrow(),
+            documents,
+        }
     }
 
     fn view(&self) -> View<'_> {
@@ -637,6 +688,9 @@ impl Actor {
                 .sync
                 .send_request(&out.peer, request);
             self.pending.insert(id, (out.peer, out.doc, out.epoch));
+        }
+        if !fx.changed.is_empty() {
+            self.version.send_modify(|v| *v += 1);
         }
         if fx.changed.contains(&DocId::City) {
             self.refresh_roster()?;
