@@ -249,3 +249,37 @@ pub fn live(
     }
     Ok(out)
 }
+
+/// Mean bytes of one concern's change: the floor's six-field map, and the
+/// concern iq's API writes (`schema::Concern`, as `POST /api/v1/concerns`
+/// makes it), each without the signature iq adds on the wire.
+pub fn change_bytes(seed: u64) -> Result<(f64, f64), String> {
+    const N: usize = 200;
+    let mut rng = Rng::new(seed);
+    let (floor, _) = quarter_doc(0, N, &mut rng);
+    let mean = |doc: &Automerge, skip: usize| {
+        let changes = doc.get_changes(&[]);
+        let sizes: Vec<usize> = changes
+            .iter()
+            .skip(skip)
+            .map(|c| c.raw_bytes().len())
+            .collect();
+        sizes.iter().sum::<usize>() as f64 / sizes.len().max(1) as f64
+    };
+    let slug = iq_protocol::QuarterSlug::new("prohlis").map_err(|e| e.to_string())?;
+    let mut iq = iq_protocol::schema::genesis(&iq_protocol::DocId::quarter(&slug));
+    let genesis = iq.get_changes(&[]).len();
+    iq.set_actor(ActorId::from(rng.next_u64().to_be_bytes().repeat(4)));
+    for n in 0..N {
+        let concern = iq_protocol::schema::Concern::new(
+            "litter".into(),
+            format!("Pothole number {n} at the corner"),
+            None,
+            None,
+            1_780_000_000_000 + n as i64,
+        );
+        iq.transact(|tx| iq_protocol::schema::put_concern(tx, &concern))
+            .map_err(|f| format!("iq concern: {}", f.error))?;
+    }
+    Ok((mean(&floor, 1), mean(&iq, genesis)))
+}

@@ -166,6 +166,9 @@ fn run(mut args: Args) -> Result<(), String> {
         for (k, v) in floors {
             report[k] = v;
         }
+        let (floor_change, iq_change) = floor::change_bytes(args.seed)?;
+        report["change_bytes"] =
+            json!({"floor": floor_change, "iq": iq_change, "iq_signature": 96});
     }
 
     if !args.no_peer {
@@ -379,6 +382,16 @@ fn markdown(r: &Value) -> String {
         ));
     }
     let extra: &[(&str, &str, &str)] = &[
+        (
+            "one concern's change, floor (six fields)",
+            "B",
+            "change_bytes.floor",
+        ),
+        (
+            "one concern's change, iq (as the API writes it; + 96 B signature)",
+            "B",
+            "change_bytes.iq",
+        ),
         ("P1 centre ready after start", "ms", "iq.p1.centre_ready_ms"),
         (
             "P1 first document complete at centre",
@@ -430,7 +443,7 @@ fn markdown(r: &Value) -> String {
             "iq.p4.quarter.per_document",
         ),
     ];
-    out.push_str("\n| iq only | value |\n| --- | --- |\n");
+    out.push_str("\n| more | value |\n| --- | --- |\n");
     for (label, unit, path) in extra {
         out.push_str(&format!("| {label} | {} |\n", fmt(num(r, path), unit)));
     }
