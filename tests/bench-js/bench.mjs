@@ -80,6 +80,19 @@ async function until(what, t0, done) {
   }
 }
 
+// A find can report a document unavailable while the hub is still taking
+// it in (or has not answered yet); an application asks again.
+async function findRetrying(repo, url, t0) {
+  for (;;) {
+    try {
+      return await repo.find(url)
+    } catch (e) {
+      if (performance.now() - t0 > TIMEOUT_MS) throw e
+      await sleep(50)
+    }
+  }
+}
+
 // The hub: bytes in and out of every socket are counted.
 const traffic = { in: 0, out: 0 }
 const wss = new WebSocketServer({ host: "127.0.0.1", port: 0 })
@@ -132,7 +145,7 @@ await Promise.all(
     clients
       .filter((_, p) => p !== q)
       .map(async (o) => {
-        c.others.set(o.handle.documentId, await c.repo.find(o.handle.url))
+        c.others.set(o.handle.documentId, await findRetrying(c.repo, o.handle.url, t0))
       }),
   ),
 )
