@@ -176,7 +176,11 @@ fn run(mut args: Args) -> Result<(), String> {
             "peer: automerge-repo, P1 {q} × {m}, P2 {} writes",
             args.live
         );
-        report["peer"] = peer::run(q, m, args.live, args.seed, timeout)?;
+        // A failed peer is reported, not fatal: the iq runs after it still count.
+        report["peer"] = peer::run(q, m, args.live, args.seed, timeout).unwrap_or_else(|e| {
+            eprintln!("peer: {e}");
+            json!({ "error": e })
+        });
     }
 
     if !args.no_iq {
@@ -290,6 +294,9 @@ fn markdown(r: &Value) -> String {
         r["machine"]["cpu"].as_str().unwrap_or("?"),
         r["machine"]["load_at_start"].as_str().unwrap_or("?"),
     );
+    if let Some(e) = r["peer"]["error"].as_str() {
+        out.push_str(&format!("The automerge-repo peer failed: {e}\n\n"));
+    }
     out.push_str("| measure | iq | floor | floor-changes | automerge-repo | iq ÷ floor | iq ÷ floor-changes | iq ÷ automerge-repo |\n");
     out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- |\n");
     // (label, unit, iq path, floor path, peer path)
