@@ -2,14 +2,14 @@
 //! and those only a quarter node serves. Errors go through [`ApiError`],
 //! which says what was wrong and what to do.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use iq_protocol::replicator::{Handle, Status, View, WriteError};
+use iq_protocol::replicator::{Handle, Heads, Status, View, WriteError};
 use iq_protocol::schema::{self, Concern, SchemaError};
 use iq_protocol::{DocId, QuarterSlug};
 use serde::{Deserialize, Serialize};
@@ -256,6 +256,7 @@ pub struct ConcernQuery {
 pub fn common_routes() -> Router<Handle> {
     Router::new()
         .route("/api/v1/status", get(status))
+        .route("/api/v1/heads", get(heads))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/concerns", get(list_concerns))
         .route("/api/v1/concerns/{id}", get(one_concern))
@@ -444,6 +445,41 @@ async fn openapi(State(handle): State<Handle>) -> Result<Json<serde_json::Value>
 
 async fn status(State(handle): State<Handle>) -> Result<Json<Status>, ApiError> {
     Ok(Json(handle.read(|view| view.status()).await?))
+}
+
+/// Longest a `GET /api/v1/heads?after=` waits for a change.
+const MAX_HEADS_WAIT: Duration = Duration::from_secs(30);
+
+/// Query of `GET /api/v1/heads`.
+#[derive(Debug, Deserialize)]
+pub struct HeadsQuery {
+    /// Answer only once the documents changed after this version (or the wait is over).
+    pub after: Option<u64>,
+    /// How long to wait for that, in milliseconds (default and at most 30 000).
+    pub wait_ms: Option<u64>,
+}
+
+/// `GET /api/v1/heads[?after=VERSION&wait_ms=MS]`: every document's heads;
+/// with `after`, a long poll that answers as soon as something changed.
+async fn heads(
+    State(handle): State<Handle>,
+    query: Result<Query<HeadsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Heads>, ApiError> {
+    let Query(query) = query.map_err(|e| {
+        ApiError::bad_request(format!(
+            "invalid query ({}): use ?after=VERSION&wait_ms=MILLISECONDS with whole numbers",
+            e.body_text()
+        ))
+    })?;
+    if let Some(after) = query.after {
+        let wait = query
+            .wait_ms
+            .map(Duration::from_millis)
+            .unwrap_or(MAX_HEADS_WAIT)
+            .min(MAX_HEADS_WAIT);
+        handle.changed_after(after, wait).await;
+    }
+    Ok(Json(handle.heads().await?))
 }
 
 /// Concerns of every replicated quarter document, or of one quarter.

@@ -43,6 +43,12 @@ pub const ROUTES: &[Route] = &[
     ),
     r(
         "get",
+        "/api/v1/heads",
+        On::Both,
+        "Heads of every document and a version that grows with each change; ?after=VERSION&wait_ms=MS waits (at most 30 s) until the documents changed after VERSION",
+    ),
+    r(
+        "get",
         "/api/v1/concerns",
         On::Both,
         "Concerns of every replicated quarter, newest first (?quarter=SLUG); hidden ones left out",

@@ -122,9 +122,10 @@ pub enum ChangeError<E> {
 /// Traffic counters of one peer.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PeerStats {
-    /// Bytes of sync messages sent since the peer last came up.
+    /// Bytes sent since the peer last came up: sync messages plus the
+    /// signatures (hash and signature) of the changes they carry.
     pub session_bytes_sent: u64,
-    /// Bytes of sync messages received since the peer last came up.
+    /// Bytes received since the peer last came up, counted the same way.
     pub session_bytes_received: u64,
     pub session_messages_sent: u64,
     pub session_messages_received: u64,
@@ -495,7 +496,7 @@ impl<P: Ord + Clone> Engine<P> {
             session.last_activity_ms = now;
             let epoch = session.epoch;
             if let Some(p) = self.peers.get_mut(peer) {
-                let n = data.len() as u64;
+                let n = (data.len() + signature_bytes(&sigs)) as u64;
                 p.stats.session_bytes_sent += n;
                 p.stats.total_bytes_sent += n;
                 p.stats.session_messages_sent += 1;
@@ -609,7 +610,7 @@ impl<P: Ord + Clone> Engine<P> {
             fx.changed.insert(doc.clone());
         }
         if let Some(p) = self.peers.get_mut(peer) {
-            let n = data.len() as u64;
+            let n = (data.len() + signature_bytes(sigs)) as u64;
             p.stats.session_bytes_received += n;
             p.stats.total_bytes_received += n;
             p.stats.session_messages_received += 1;
@@ -795,6 +796,11 @@ impl<P: Ord + Clone> Engine<P> {
         }
         Ok((value, fx))
     }
+}
+
+/// Wire size of a signature list: each entry is a change hash and its signature.
+fn signature_bytes(sigs: &[(ChangeHash, Vec<u8>)]) -> usize {
+    sigs.iter().map(|(h, s)| h.0.len() + s.len()).sum()
 }
 
 /// The signatures of the changes `msg` carries (all of a whole document).

@@ -142,6 +142,8 @@ pub struct Handle {
     peer_id: PeerId,
     /// Counts changes to what a page shows: documents and connections.
     changed: watch::Receiver<u64>,
+    /// Counts batches of document changes applied (local or received).
+    version: watch::Receiver<u64>,
 }
 
 impl std::fmt::Debug for Command {
@@ -171,6 +173,20 @@ impl Handle {
         self.run(|actor| actor.store.export())
             .await?
             .map_err(ReplicatorError::from)
+    }
+
+    /// Every replicated document's heads, with the version they belong to
+    /// (cheap: no change counts, no store size, unlike [`View::status`]).
+    pub async fn heads(&self) -> Result<Heads, ReplicatorError> {
+        self.run(|actor| actor.heads()).await
+    }
+
+    /// Waits until the node's documents changed after `version` (see
+    /// [`Heads::version`]), for at most `timeout`. Returns at once if they
+    /// already have; a timeout is not an error, the caller reads again.
+    pub async fn changed_after(&self, version: u64, timeout: Duration) {
+        let mut rx = self.version.clone();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|v| *v > version)).await;
     }
 
     async fn run<R: Send + 'static>(
@@ -274,6 +290,15 @@ pub struct View<'a> {
     listen: Vec<String>,
     started: (Instant, SystemTime),
     store_bytes: u64,
+}
+
+/// The heads of every document, with the version they belong to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Heads {
+    /// Grows with every batch of document changes this node applies.
+    pub version: u64,
+    /// Document id → its heads (hex change hashes, sorted).
+    pub documents: BTreeMap<String, Vec<String>>,
 }
 
 /// The node's status as the API reports it.
@@ -442,12 +467,14 @@ impl Replicator {
         actor.advertise();
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let changed = actor.changed.subscribe();
+        let version = actor.version.subscribe();
         let task = tokio::spawn(actor.run(rx));
         Ok(Self {
             handle: Handle {
                 tx,
                 peer_id,
                 changed,
+                version,
             },
             task,
         })
@@ -512,6 +539,9 @@ pub struct Actor {
     buckets: HashMap<PeerId, Bucket>,
     /// Moved on every document change and every connection change.
     changed: watch::Sender<u64>,
+    /// Bumped after every batch of document changes is applied, so API
+    /// callers can wait for the next change instead of polling.
+    version: watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Actor {
@@ -596,6 +626,7 @@ impl Actor {
             rate_limited: 0,
             buckets: HashMap::new(),
             changed: watch::Sender::new(0),
+            version: watch::Sender::new(0),
         };
         let _ = actor.refresh_roster();
         Ok(actor)
@@ -616,6 +647,23 @@ impl Actor {
 
     fn now(&self) -> u64 {
         self.started.0.elapsed().as_millis() as u64
+    }
+
+    fn heads(&self) -> Heads {
+        let documents = self
+            .engine
+            .docs()
+            .filter(|(id, _)| self.engine.accepts(id))
+            .map(|(id, am)| {
+                let mut heads: Vec<String> = am.get_heads().iter().map(|h| h.to_string()).collect();
+                heads.sort();
+                (id.to_string(), heads)
+            })
+            .collect();
+        Heads {
+            version: *self.version.borrow(),
+            documents,
+        }
     }
 
     fn view(&self) -> View<'_> {
@@ -712,6 +760,7 @@ impl Actor {
         }
         if !fx.changed.is_empty() {
             self.changed.send_modify(|n| *n += 1);
+            self.version.send_modify(|v| *v += 1);
         }
         if fx.changed.contains(&DocId::City) {
             self.refresh_roster()?;

@@ -449,6 +449,11 @@ impl Node {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Resident memory of the running process, in KiB (Linux).
     pub fn rss_kib(&self) -> Option<u64> {
         let pid = self.child.as_ref()?.id();

@@ -88,3 +88,37 @@ fn every_documented_route_is_served_and_errors_are_json() -> Result<()> {
     assert!(text.contains("invalid concern"), "{text}");
     Ok(())
 }
+
+#[test]
+fn heads_long_poll_answers_when_a_document_changes() -> Result<()> {
+    let c = Cluster::start(&["prohlis"])?;
+    // The roster reaching the quarter would move its version too.
+    c.wait_converged(std::time::Duration::from_secs(20))?;
+    let quarter = &c.quarters[0];
+    let before = quarter.api_get("/api/v1/heads")?;
+    let version = before["version"].as_u64().ok_or("no version")?;
+    let doc = &before["documents"]["quarter/prohlis"];
+    assert!(doc.is_array(), "no heads for the own document: {before}");
+    // Nothing changes: the wait runs out and the same version comes back.
+    let idle = quarter.api_get(&format!("/api/v1/heads?after={version}&wait_ms=200"))?;
+    assert_eq!(idle["version"].as_u64(), Some(version), "{idle}");
+    // A long poll that is waiting answers once a concern is recorded.
+    let changed = std::thread::scope(|s| {
+        let poll =
+            s.spawn(|| quarter.api_get(&format!("/api/v1/heads?after={version}&wait_ms=15000")));
+        let id = quarter.add_concern("heads long poll")?;
+        let changed = poll.join().map_err(|_| "the poll panicked".to_string())??;
+        Ok::<_, String>((id, changed))
+    });
+    let (_, changed) = changed?;
+    assert!(
+        changed["version"].as_u64() > Some(version),
+        "the version did not grow: {changed}"
+    );
+    assert_ne!(&changed["documents"]["quarter/prohlis"], doc, "{changed}");
+    // A malformed query says what is expected.
+    let (status, text) = quarter.api_call("get", "/api/v1/heads?after=soon", None)?;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("after=VERSION"), "{text}");
+    Ok(())
+}
