@@ -222,6 +222,26 @@ pub struct Report {
 }
 
 impl Report {
+    /// An empty report for a run of `seed`.
+    pub fn new(seed: u64, network: String) -> Self {
+        Self {
+            seed,
+            network,
+            steps: 0,
+            faults: 0,
+            restarts: 0,
+            acknowledged: 0,
+            failed: 0,
+            failed_reasons: BTreeMap::new(),
+            indeterminate: 0,
+            indeterminate_present: 0,
+            lost: Vec::new(),
+            missing: Vec::new(),
+            unexpected: Vec::new(),
+            converged_after: Duration::ZERO,
+        }
+    }
+
     /// Nothing acknowledged was lost or is missing anywhere, and nothing
     /// reported as failed appeared.
     pub fn valid(&self) -> bool {
@@ -446,22 +466,9 @@ pub fn run(cfg: &Config) -> Result<Report> {
     eprintln!("jepsen: seed {}, {network}", cfg.seed);
     c.wait_converged(cfg.converge_limit)?;
 
-    let mut report = Report {
-        seed: cfg.seed,
-        network,
-        steps: steps.len(),
-        faults: steps.iter().map(|s| s.faults.len()).sum(),
-        restarts: 0,
-        acknowledged: 0,
-        failed: 0,
-        failed_reasons: BTreeMap::new(),
-        indeterminate: 0,
-        indeterminate_present: 0,
-        lost: Vec::new(),
-        missing: Vec::new(),
-        unexpected: Vec::new(),
-        converged_after: Duration::ZERO,
-    };
+    let mut report = Report::new(cfg.seed, network);
+    report.steps = steps.len();
+    report.faults = steps.iter().map(|s| s.faults.len()).sum();
     let endpoints: Vec<Endpoint> = c.quarters.iter().map(|q| q.endpoint()).collect();
     let stop = AtomicBool::new(false);
     let start = Instant::now();
@@ -534,22 +541,7 @@ mod tests {
     }
 
     fn empty_report() -> Report {
-        Report {
-            seed: 0,
-            network: String::new(),
-            steps: 0,
-            faults: 0,
-            restarts: 0,
-            acknowledged: 0,
-            failed: 0,
-            failed_reasons: BTreeMap::new(),
-            indeterminate: 0,
-            indeterminate_present: 0,
-            lost: Vec::new(),
-            missing: Vec::new(),
-            unexpected: Vec::new(),
-            converged_after: Duration::ZERO,
-        }
+        Report::new(0, String::new())
     }
 
     #[test]

@@ -58,23 +58,8 @@ struct Args {
     json: Option<PathBuf>,
 }
 
-/// splitmix64: small, seeded, good enough to pick quarters and ids.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
+/// The harness' seeded generator (SplitMix64), shared with the fault runs.
+pub use iq_tests::jepsen::Rng;
 
 /// p50 / p99 / max of a set of durations, in milliseconds.
 #[derive(Debug, Clone, Copy, Default)]
