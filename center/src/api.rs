@@ -10,27 +10,9 @@ use iq_protocol::schema::{self, RosterEntry};
 use iq_protocol::{DocId, PeerId, QuarterSlug};
 use serde::{Deserialize, Serialize};
 
-/// A roster entry with the centre's view of its sync state.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct QuarterView {
-    pub slug: String,
-    pub name: String,
-    pub writers: Vec<String>,
-    /// Whether any of its writer nodes is connected now.
-    pub connected: bool,
-    /// Heads of the quarter's document as the centre holds it.
-    pub heads: Vec<String>,
-    pub concerns: usize,
-    /// Unix time (ms) of the last sync message from any of its writers.
-    pub last_sync_ms: Option<u64>,
-    /// Changes the centre holds that the quarter's best-synced writer node
-    /// has not confirmed holding (absent before it ever connected).
-    #[serde(default)]
-    pub lag_changes: Option<u64>,
-    /// The iq version each writer node reports (peer → version).
-    #[serde(default)]
-    pub versions: std::collections::BTreeMap<String, String>,
-}
+/// A roster entry with the centre's view of its sync state (the same
+/// state the metrics and the dashboard show).
+pub use iq_node::ops::QuarterState as QuarterView;
 
 /// Body of `POST /api/v1/quarters`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -56,22 +38,7 @@ pub fn router(handle: Handle) -> Router {
 
 async fn list_quarters(State(handle): State<Handle>) -> Result<Json<Vec<QuarterView>>, ApiError> {
     let list = handle
-        .read(|view| {
-            iq_node::ops::quarter_states(&view)
-                .into_iter()
-                .map(|q| QuarterView {
-                    slug: q.slug,
-                    name: q.name,
-                    writers: q.writers,
-                    connected: q.connected,
-                    heads: q.heads,
-                    concerns: q.concerns,
-                    last_sync_ms: q.last_sync_ms,
-                    lag_changes: q.lag_changes,
-                    versions: q.versions,
-                })
-                .collect::<Vec<_>>()
-        })
+        .read(|view| iq_node::ops::quarter_states(&view))
         .await?;
     Ok(Json(list))
 }

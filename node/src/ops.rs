@@ -320,9 +320,11 @@ pub struct QuarterState {
     pub last_sync_ms: Option<u64>,
     /// Changes this node holds that the quarter's best-synced writer has
     /// not confirmed holding (`None` before it ever connected).
+    #[serde(default)]
     pub lag_changes: Option<u64>,
     /// The iq version each writer node reports (peer → version), for
     /// nodes that advertise an address.
+    #[serde(default)]
     pub versions: std::collections::BTreeMap<String, String>,
 }
 

@@ -247,19 +247,7 @@ impl Node {
     }
 
     fn get_json(url: &str) -> Result<Value> {
-        let mut resp = Self::agent()
-            .get(url)
-            .call()
-            .map_err(|e| format!("GET {url}: {e}"))?;
-        let status = resp.status();
-        let body: Value = resp
-            .body_mut()
-            .read_json()
-            .map_err(|e| format!("GET {url}: {e}"))?;
-        if !status.is_success() {
-            return Err(format!("GET {url}: {status}: {body}"));
-        }
-        Ok(body)
+        get_json_with(&Self::agent(), url)
     }
 
     /// `POST` JSON to the node's HTTP API; returns (status, body).
@@ -473,6 +461,23 @@ impl Node {
     pub fn key_path(&self) -> PathBuf {
         self.dir.join("identity.key")
     }
+}
+
+/// `GET` with `agent`, parsed as JSON; non-2xx answers are errors.
+pub fn get_json_with(agent: &ureq::Agent, url: &str) -> Result<Value> {
+    let mut resp = agent
+        .get(url)
+        .call()
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    let status = resp.status();
+    let body: Value = resp
+        .body_mut()
+        .read_json()
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    if !status.is_success() {
+        return Err(format!("GET {url}: {status}: {body}"));
+    }
+    Ok(body)
 }
 
 /// A node's API, callable from any thread while the node itself is killed,

@@ -50,18 +50,7 @@ fn get_heads(agent: &ureq::Agent, base: &str, after: Option<u64>, wait_ms: u64) 
         Some(v) => format!("{base}/api/v1/heads?after={v}&wait_ms={wait_ms}"),
         None => format!("{base}/api/v1/heads"),
     };
-    let mut resp = agent
-        .get(&url)
-        .call()
-        .map_err(|e| format!("GET {url}: {e}"))?;
-    let status = resp.status();
-    let body: Value = resp
-        .body_mut()
-        .read_json()
-        .map_err(|e| format!("GET {url}: {e}"))?;
-    if !status.is_success() {
-        return Err(format!("GET {url}: {status}: {body}"));
-    }
+    let body = iq_tests::get_json_with(agent, &url)?;
     let version = body["version"].as_u64().ok_or("heads without a version")?;
     let docs = body["documents"]
         .as_object()
