@@ -15,6 +15,14 @@
 //! out). A failed message is regenerated as if it had never been sent —
 //! including the heads it announced — so no session waits forever for an
 //! answer that will not come, and no timer has to guess that it might.
+//!
+//! A peer can be made *passive* ([`Engine::set_active`]): this node then
+//! never starts a session with it, relays nothing to it and pushes none of
+//! its own changes to it, but answers every message the peer sends within
+//! the session the peer opened. Quarter nodes keep their neighbouring
+//! quarters passive while the centre is reachable, so each document travels
+//! over the star (owner → centre → everyone) once instead of over every
+//! pair of quarters; see `replicator`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -202,6 +210,8 @@ pub struct Engine<P: Ord + Clone> {
     /// Quarter documents this node replicates (besides `city`).
     quarters: BTreeSet<QuarterSlug>,
     peers: BTreeMap<P, Peer>,
+    /// Peers this node does not start sessions with (see [`Engine::set_active`]).
+    passive: BTreeSet<P>,
     /// Refused messages and changes since start, over all peers (also gone ones).
     refused: (u64, u64),
     /// The next session epoch.
@@ -224,6 +234,7 @@ impl<P: Ord + Clone> Engine<P> {
             docs: BTreeMap::new(),
             quarters: BTreeSet::new(),
             peers: BTreeMap::new(),
+            passive: BTreeSet::new(),
             refused: (0, 0),
             next_epoch: 1,
         };
@@ -297,24 +308,66 @@ impl<P: Ord + Clone> Engine<P> {
             .filter(|d| self.accepts(d))
             .cloned()
             .collect();
-        for p in self.up_peers() {
+        for peer in self.peers.values_mut() {
             for doc in &docs {
-                if let Some(peer) = self.peers.get_mut(&p) {
-                    peer.sessions.remove(doc);
-                }
+                peer.sessions.remove(doc);
+            }
+        }
+        for p in self.active_peers() {
+            for doc in &docs {
                 self.generate(&p, doc, now, &mut fx);
             }
         }
         fx
     }
 
-    /// The peers that are up now.
-    fn up_peers(&self) -> Vec<P> {
+    /// The peers that are up now and not passive: the ones this node
+    /// starts sessions with and relays to.
+    fn active_peers(&self) -> Vec<P> {
         self.peers
             .iter()
-            .filter(|(_, p)| p.up)
+            .filter(|(k, p)| p.up && !self.passive.contains(k))
             .map(|(k, _)| k.clone())
             .collect()
+    }
+
+    /// Whether this node starts sessions with `peer` and relays to it
+    /// (the default), or only answers what it sends (`false`).
+    ///
+    /// Made passive, the peer's sessions end (their sync states are kept for
+    /// the next time); made active while it is up, every document is offered
+    /// to it at once.
+    pub fn set_active(&mut self, peer: &P, active: bool, now: u64) -> Effects<P> {
+        let mut fx = Effects::default();
+        let changed = if active {
+            self.passive.remove(peer)
+        } else {
+            self.passive.insert(peer.clone())
+        };
+        if !changed || !self.is_up(peer) {
+            return fx;
+        }
+        if active {
+            let docs: Vec<DocId> = self
+                .docs
+                .keys()
+                .filter(|d| self.accepts(d))
+                .cloned()
+                .collect();
+            for doc in docs {
+                self.generate(peer, &doc, now, &mut fx);
+            }
+        } else if let Some(p) = self.peers.get_mut(peer) {
+            for (doc, session) in std::mem::take(&mut p.sessions) {
+                p.persisted.insert(doc, session.state.encode());
+            }
+        }
+        fx
+    }
+
+    /// Whether `peer` is active (see [`Engine::set_active`]).
+    pub fn is_active(&self, peer: &P) -> bool {
+        !self.passive.contains(peer)
     }
 
     /// Replaces `doc` by what the store holds (after [`SyncError::Poisoned`])
@@ -328,10 +381,10 @@ impl<P: Ord + Clone> Engine<P> {
         self.docs.remove(doc);
         self.load_doc(doc, chunks)?;
         let mut fx = Effects::default();
-        for p in self.up_peers() {
-            if let Some(peer) = self.peers.get_mut(&p) {
-                peer.sessions.remove(doc);
-            }
+        for peer in self.peers.values_mut() {
+            peer.sessions.remove(doc);
+        }
+        for p in self.active_peers() {
             self.generate(&p, doc, now, &mut fx);
         }
         Ok(fx)
@@ -381,7 +434,7 @@ impl<P: Ord + Clone> Engine<P> {
         for q in added {
             let doc = DocId::quarter(&q);
             self.ensure_doc(&doc);
-            for p in self.up_peers() {
+            for p in self.active_peers() {
                 self.generate(&p, &doc, now, &mut fx);
             }
         }
@@ -389,6 +442,8 @@ impl<P: Ord + Clone> Engine<P> {
     }
 
     /// A peer connected. `persisted` holds the sync states saved for it.
+    /// An active peer is offered every document; a passive one hears from
+    /// this node only in answer to its own messages.
     pub fn peer_up(&mut self, peer: P, persisted: Vec<(DocId, Vec<u8>)>, now: u64) -> Effects<P> {
         let mut fx = Effects::default();
         let entry = self.peers.entry(peer.clone()).or_default();
@@ -399,6 +454,9 @@ impl<P: Ord + Clone> Engine<P> {
         entry.stats.session_bytes_received = 0;
         entry.stats.session_messages_sent = 0;
         entry.stats.session_messages_received = 0;
+        if self.passive.contains(&peer) {
+            return fx;
+        }
         let docs: Vec<DocId> = self
             .docs
             .keys()
@@ -618,8 +676,12 @@ impl<P: Ord + Clone> Engine<P> {
             p.stats.last_received_ms = Some(now);
         }
         if changed {
-            // Relay: every other peer hears of the new heads at once.
-            let others: Vec<P> = self.up_peers().into_iter().filter(|p| p != peer).collect();
+            // Relay: every other active peer hears of the new heads at once.
+            let others: Vec<P> = self
+                .active_peers()
+                .into_iter()
+                .filter(|p| p != peer)
+                .collect();
             for other in others {
                 self.generate(&other, doc, now, &mut fx);
             }
@@ -790,7 +852,7 @@ impl<P: Ord + Clone> Engine<P> {
         if !changes.is_empty() {
             fx.changes.push((doc.clone(), changes));
             fx.changed.insert(doc.clone());
-            for p in self.up_peers() {
+            for p in self.active_peers() {
                 self.generate(&p, doc, now, &mut fx);
             }
         }
@@ -1056,6 +1118,90 @@ mod tests {
             dropped > 20,
             "the fault schedule dropped only {dropped} messages"
         );
+    }
+
+    fn messages_between(sim: &Sim, a: usize, b: usize) -> u64 {
+        let sent = |x: usize, y: usize| {
+            sim.nodes[x]
+                .peers()
+                .find(|(p, _)| **p == y)
+                .map_or(0, |(_, s)| s.total_messages_sent)
+        };
+        sent(a, b) + sent(b, a)
+    }
+
+    #[test]
+    fn passive_quarters_sync_over_the_centre_and_directly_once_it_is_gone() {
+        let q = [slug("a"), slug("b")];
+        let (a, b) = (DocId::quarter(&q[0]), DocId::quarter(&q[1]));
+        // 0 is the centre; quarters 1 and 2 are also connected to each other,
+        // but passive towards each other while the centre is up.
+        let mut sim = Sim::new(3, vec![(0, 1), (0, 2)], &q, &[1, 2], 5, 0);
+        for (x, y) in [(1, 2), (2, 1)] {
+            let fx = sim.nodes[x].set_active(&y, false, 0);
+            assert!(fx.sends.is_empty());
+            let fx = sim.nodes[x].peer_up(y, vec![], 0);
+            assert!(fx.sends.is_empty(), "a passive peer is offered nothing");
+        }
+        for i in 0..10 {
+            sim.write(1, &a, format!("a{i}"));
+            sim.write(2, &b, format!("b{i}"));
+        }
+        sim.run(100_000);
+        sim.assert_converged();
+        assert_eq!(messages_between(&sim, 1, 2), 0, "quarters synced directly");
+
+        // The centre goes away: the quarters turn active and sync directly.
+        for x in [1, 2] {
+            sim.nodes[x].peer_down(&0);
+            sim.nodes[0].peer_down(&x);
+        }
+        let fx = sim.nodes[1].set_active(&2, true, sim.now);
+        sim.enqueue(1, fx);
+        let fx = sim.nodes[2].set_active(&1, true, sim.now);
+        sim.enqueue(2, fx);
+        for i in 10..15 {
+            sim.write(1, &a, format!("a{i}"));
+            sim.write(2, &b, format!("b{i}"));
+        }
+        sim.run(100_000);
+        assert!(messages_between(&sim, 1, 2) > 0);
+        for doc in [&a, &b] {
+            let heads = |n: usize| sim.nodes[n].doc(doc).map(|d| d.get_heads());
+            assert_eq!(heads(1), heads(2), "{doc} differs between the quarters");
+            assert_eq!(
+                schema::concern_count(sim.nodes[1].doc(doc).expect("doc")),
+                15
+            );
+        }
+    }
+
+    #[test]
+    fn a_passive_peer_answers_what_an_active_one_asks() {
+        let q = [slug("a"), slug("b")];
+        let (a, b) = (DocId::quarter(&q[0]), DocId::quarter(&q[1]));
+        // Quarter 1 lost the centre and is active towards 2; 2 still counts
+        // on the centre and keeps 1 passive. 1 still gets what 2 holds.
+        let mut sim = Sim::new(3, vec![], &q, &[1, 2], 9, 0);
+        let fx = sim.nodes[2].set_active(&1, false, 0);
+        sim.enqueue(2, fx);
+        for i in 0..5 {
+            sim.write(1, &a, format!("a{i}"));
+            sim.write(2, &b, format!("b{i}"));
+        }
+        assert!(sim.wire.is_empty());
+        let fx = sim.nodes[2].peer_up(1, vec![], 0);
+        assert!(fx.sends.is_empty());
+        let fx = sim.nodes[1].peer_up(2, vec![], 0);
+        sim.enqueue(1, fx);
+        sim.run(100_000);
+        for doc in [&a, &b] {
+            let heads = |n: usize| sim.nodes[n].doc(doc).map(|d| d.get_heads());
+            assert_eq!(heads(1), heads(2), "{doc} differs between the quarters");
+        }
+        // A later write at the passive side is not pushed to the active one.
+        sim.write(2, &b, "b5".into());
+        assert!(sim.wire.is_empty());
     }
 
     /// A seeded mutation fuzzer over real sync messages: flipped, dropped,

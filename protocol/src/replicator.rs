@@ -847,6 +847,7 @@ impl Actor {
         for p in &added {
             self.swarm.behaviour_mut().allow.allow_peer(*p);
         }
+        fx.extend(self.neighbour_activity());
         for p in added {
             if self.connected.contains(&p) {
                 fx.extend(self.peer_up(p));
@@ -857,6 +858,38 @@ impl Actor {
         } else {
             self.apply(fx)
         }
+    }
+
+    /// Quarter nodes: the other quarters are passive partners while the
+    /// centre is up (every document travels owner → centre → everyone, each
+    /// once) and active ones while it is not (quarters relay to each other
+    /// until it is back). See `engine` on passive peers.
+    fn neighbour_activity(&mut self) -> Effects<PeerId> {
+        let mut fx = Effects::default();
+        let Some((center, _)) = self.center else {
+            return fx;
+        };
+        let active = !self.engine.is_up(&center);
+        let now = self.now();
+        let neighbours: Vec<PeerId> = self
+            .allowed
+            .iter()
+            .filter(|p| **p != center && self.engine.is_active(p) != active)
+            .copied()
+            .collect();
+        if !neighbours.is_empty() {
+            tracing::debug!(
+                active,
+                neighbours = neighbours.len(),
+                "centre {}: quarters sync {}",
+                if active { "down" } else { "up" },
+                if active { "directly" } else { "through it" }
+            );
+        }
+        for p in neighbours {
+            fx.extend(self.engine.set_active(&p, active, now));
+        }
+        fx
     }
 
     fn peer_up(&mut self, peer: PeerId) -> Effects<PeerId> {
@@ -1051,7 +1084,8 @@ impl Actor {
                     self.changed.send_modify(|n| *n += 1);
                 }
                 if first && self.allowed.contains(&peer_id) {
-                    let fx = self.peer_up(peer_id);
+                    let mut fx = self.peer_up(peer_id);
+                    fx.extend(self.neighbour_activity());
                     let _ = self.apply(fx);
                 } else if first {
                     tracing::debug!(peer = %peer_id, "connected peer is not a sync partner (yet)");
@@ -1068,6 +1102,10 @@ impl Actor {
                 if self.engine.is_up(&peer_id) {
                     tracing::info!(peer = %peer_id, "peer down");
                     self.engine.peer_down(&peer_id);
+                    let fx = self.neighbour_activity();
+                    if !fx.is_empty() {
+                        let _ = self.apply(fx);
+                    }
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Sync(event)) => self.handle_sync(event),
