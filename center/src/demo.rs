@@ -92,16 +92,11 @@ const CONCERNS: [(&str, &str, &str, f64, f64); 9] = [
 ];
 
 fn init_demo_tracing() {
-    let filter = tracing_subscriber_filter();
+    let filter = iq_node::cli::log_filter("warn");
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
-}
-
-fn tracing_subscriber_filter() -> tracing_subscriber::EnvFilter {
-    tracing_subscriber::EnvFilter::try_from_env("IQ_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"))
 }
 
 /// Runs the demo; with `once`, stops as soon as the centre holds everything.

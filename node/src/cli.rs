@@ -362,16 +362,33 @@ pub struct AddrArgs {
 
 /// Sets up `tracing` on stderr; `IQ_LOG` (or `RUST_LOG`) sets the filter.
 pub fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("IQ_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p=warn"));
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(log_filter("info,libp2p=warn"))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// The log filter from `IQ_LOG` (or `RUST_LOG`), else `default`.
+///
+/// automerge wraps hot functions in info-level spans whose arguments are
+/// formatted on every call (a tenth of a busy centre's CPU time), so
+/// automerge logs only warnings unless the filter names it.
+pub fn log_filter(default: &str) -> tracing_subscriber::EnvFilter {
+    let directives = std::env::var("IQ_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| default.to_owned());
+    let directives = if directives.contains("automerge") {
+        directives
+    } else {
+        format!("{directives},automerge=warn")
+    };
+    tracing_subscriber::EnvFilter::try_new(&directives).unwrap_or_else(|e| {
+        eprintln!("warning: the log filter {directives:?} is invalid ({e}); using {default:?}");
+        tracing_subscriber::EnvFilter::new(format!("{default},automerge=warn"))
+    })
 }
 
 /// What `init` of a quarter node needs.

@@ -9,7 +9,8 @@
 
 use std::io::Read;
 
-use automerge::Change;
+use automerge::{Change, ChangeHash};
+use sha2::{Digest, Sha256};
 
 const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
 
@@ -164,6 +165,26 @@ pub fn changes_in(element: &[u8], out: &mut Vec<Change>) -> Result<(), ChunkErro
     Ok(())
 }
 
+/// The hashes of the changes in one element of a sync message's change
+/// list, for this node's own messages (to attach signatures): an
+/// uncompressed change's hash is the SHA-256 of its chunk after magic and
+/// checksum, so it is read without parsing the change; a compressed one is
+/// parsed.
+pub fn hashes_in(element: &[u8], out: &mut Vec<ChangeHash>) -> Result<(), ChunkError> {
+    for chunk in split(element)? {
+        match chunk.kind {
+            1 => out.push(ChangeHash(Sha256::digest(&chunk.bytes[8..]).into())),
+            2 => out.push(
+                Change::try_from(chunk.bytes)
+                    .map_err(|e| ChunkError::Change(e.to_string()))?
+                    .hash(),
+            ),
+            other => return Err(ChunkError::UnexpectedType(other)),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,6 +199,24 @@ mod tests {
             tx.commit();
         }
         doc
+    }
+
+    #[test]
+    fn hashes_are_read_without_parsing_and_match_automerges() {
+        let doc = doc_with_changes(5);
+        let changes = doc.get_changes(&[]);
+        let mut concatenated = Vec::new();
+        for c in &changes {
+            concatenated.extend_from_slice(c.raw_bytes());
+        }
+        let mut out = Vec::new();
+        hashes_in(&concatenated, &mut out).expect("hashes");
+        let expected: Vec<ChangeHash> = changes.iter().map(|c| c.hash()).collect();
+        assert_eq!(out, expected);
+        assert_eq!(
+            hashes_in(&doc.save(), &mut Vec::new()),
+            Err(ChunkError::UnexpectedType(0))
+        );
     }
 
     #[test]

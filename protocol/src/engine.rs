@@ -30,7 +30,7 @@ use automerge::sync::{self, SyncDoc};
 use automerge::transaction::Transaction;
 use automerge::{ActorId, Automerge, ChangeHash};
 
-use crate::authorship::{AuthorError, Signer, Writers};
+use crate::authorship::{AuthorError, SIGNATURE_LEN, Signer, Writers};
 use crate::chunks::{self, ChunkError};
 use crate::ids::{DocId, QuarterSlug};
 use crate::schema;
@@ -212,6 +212,10 @@ pub struct Engine<P: Ord + Clone> {
     peers: BTreeMap<P, Peer>,
     /// Peers this node does not start sessions with (see [`Engine::set_active`]).
     passive: BTreeSet<P>,
+    /// Sessions whose messages this node refused for carrying changes by
+    /// someone it does not know as a writer (yet): reopened when the
+    /// writers change (see [`Engine::set_writers`]).
+    refused_writers: BTreeSet<(P, DocId)>,
     /// Refused messages and changes since start, over all peers (also gone ones).
     refused: (u64, u64),
     /// The next session epoch.
@@ -235,6 +239,7 @@ impl<P: Ord + Clone> Engine<P> {
             quarters: BTreeSet::new(),
             peers: BTreeMap::new(),
             passive: BTreeSet::new(),
+            refused_writers: BTreeSet::new(),
             refused: (0, 0),
             next_epoch: 1,
         };
@@ -288,8 +293,8 @@ impl<P: Ord + Clone> Engine<P> {
     }
 
     /// Replaces the quarters' writer sets (from the roster). When they
-    /// changed, every document is offered to every peer again: a peer may
-    /// have refused changes by a writer this node did not know yet.
+    /// changed, the sessions in which this node refused changes by an
+    /// unknown writer are opened afresh, so the peer offers them again.
     pub fn set_writers(
         &mut self,
         quarters: BTreeMap<QuarterSlug, BTreeSet<ActorId>>,
@@ -302,21 +307,15 @@ impl<P: Ord + Clone> Engine<P> {
         if !writers_changed && !retired_changed {
             return fx;
         }
-        let docs: Vec<DocId> = self
-            .docs
-            .keys()
-            .filter(|d| self.accepts(d))
-            .cloned()
-            .collect();
-        for peer in self.peers.values_mut() {
-            for doc in &docs {
-                peer.sessions.remove(doc);
+        for (p, doc) in std::mem::take(&mut self.refused_writers) {
+            if !self.is_up(&p) || !self.accepts(&doc) {
+                continue;
             }
-        }
-        for p in self.active_peers() {
-            for doc in &docs {
-                self.generate(&p, doc, now, &mut fx);
+            if let Some(peer) = self.peers.get_mut(&p) {
+                peer.sessions.remove(&doc);
             }
+            // Also to a passive peer: this answers what it sent.
+            self.generate(&p, &doc, now, &mut fx);
         }
         fx
     }
@@ -590,6 +589,9 @@ impl<P: Ord + Clone> Engine<P> {
         let (msg, new_sigs) = match self.check_message(doc, data, sigs) {
             Ok(ok) => ok,
             Err((err, bad_changes)) => {
+                if matches!(err, SyncError::Unauthorised(AuthorError::NotAWriter { .. })) {
+                    self.refused_writers.insert((peer.clone(), doc.clone()));
+                }
                 self.refused.0 += 1;
                 self.refused.1 += bad_changes;
                 if let Some(p) = self.peers.get_mut(peer) {
@@ -724,23 +726,53 @@ impl<P: Ord + Clone> Engine<P> {
         let sig_of: HashMap<&ChangeHash, &[u8]> =
             sigs.iter().map(|(h, s)| (h, s.as_slice())).collect();
         self.ensure_doc(doc);
-        let mut accepted = Vec::new();
+        let held = |hash: &ChangeHash| {
+            self.docs
+                .get(doc)
+                .is_some_and(|am| am.get_change_meta_by_hash(hash).is_some())
+        };
+        let new: Vec<&automerge::Change> = carried.iter().filter(|c| !held(&c.hash())).collect();
         let mut first_error = None;
         let mut bad = 0u64;
-        for change in &carried {
-            let hash = change.hash();
-            let held = self
-                .docs
-                .get(doc)
-                .is_some_and(|am| am.get_change_meta_by_hash(&hash).is_some());
-            if held {
-                continue;
+        let mut signed = Vec::with_capacity(new.len());
+        for change in &new {
+            match self.writers.check_author(doc, change) {
+                Ok(needs_signature) => signed.push(needs_signature),
+                Err(e) => {
+                    bad += 1;
+                    first_error.get_or_insert(e);
+                    signed.push(false);
+                }
             }
+        }
+        if let Some(e) = first_error {
+            return Err((SyncError::Unauthorised(e), bad));
+        }
+        let mut accepted = Vec::new();
+        let mut ancestry = Ancestry::new(&new);
+        for i in vouched_order(&new) {
+            let change = new[i];
+            if !signed[i] {
+                continue; // the genesis, or vouched for by a later change
+            }
+            let hash = change.hash();
             let sig = sig_of.get(&hash).copied();
-            match self.writers.check(doc, change, sig) {
+            match Writers::check_signature(doc, change, sig) {
                 Ok(()) => {
                     if let Some(sig) = sig {
                         accepted.push((hash, sig.to_vec()));
+                    }
+                    // This signature vouches for the author's earlier
+                    // changes among its ancestors in the batch. Their own
+                    // signatures are kept (unverified) for relaying them.
+                    for j in ancestry.same_author_below(i) {
+                        if signed[j] {
+                            signed[j] = false;
+                            let h = new[j].hash();
+                            if let Some(sig) = sig_of.get(&h).filter(|s| s.len() == SIGNATURE_LEN) {
+                                accepted.push((h, sig.to_vec()));
+                            }
+                        }
                     }
                 }
                 Err(e) => {
@@ -860,6 +892,72 @@ impl<P: Ord + Clone> Engine<P> {
     }
 }
 
+/// Indices of `batch`, each author's changes latest first (by sequence
+/// number), so a signature checked early vouches for what comes after.
+fn vouched_order(batch: &[&automerge::Change]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..batch.len()).collect();
+    order.sort_by(|a, b| batch[*b].seq().cmp(&batch[*a].seq()));
+    order
+}
+
+/// Walks a batch of changes down their dependencies, to find the earlier
+/// changes of an author that a signed change of theirs vouches for.
+struct Ancestry<'a> {
+    batch: &'a [&'a automerge::Change],
+    index: HashMap<ChangeHash, usize>,
+    /// Per author, the changes already walked from one of their changes:
+    /// what lies below those was found then, so no change is walked twice
+    /// per author (the walk stays linear in the batch).
+    walked: HashMap<ActorId, Vec<bool>>,
+}
+
+impl<'a> Ancestry<'a> {
+    fn new(batch: &'a [&'a automerge::Change]) -> Self {
+        let index = batch
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.hash(), i))
+            .collect();
+        Self {
+            batch,
+            index,
+            walked: HashMap::new(),
+        }
+    }
+
+    /// The changes of the batch by the author of `batch[top]` that
+    /// `batch[top]` depends on, directly or through other changes of the
+    /// batch (not those found by an earlier call for the same author).
+    fn same_author_below(&mut self, top: usize) -> Vec<usize> {
+        let batch = self.batch;
+        let author = batch[top].actor_id();
+        let walked = self
+            .walked
+            .entry(author.clone())
+            .or_insert_with(|| vec![false; batch.len()]);
+        let mut found = Vec::new();
+        if walked[top] {
+            return found;
+        }
+        walked[top] = true;
+        let mut stack = vec![top];
+        while let Some(i) = stack.pop() {
+            for dep in batch[i].deps() {
+                if let Some(&j) = self.index.get(dep)
+                    && !walked[j]
+                {
+                    walked[j] = true;
+                    if batch[j].actor_id() == author {
+                        found.push(j);
+                    }
+                    stack.push(j);
+                }
+            }
+        }
+        found
+    }
+}
+
 /// Wire size of a signature list: each entry is a change hash and its signature.
 fn signature_bytes(sigs: &[(ChangeHash, Vec<u8>)]) -> usize {
     sigs.iter().map(|(h, s)| h.0.len() + s.len()).sum()
@@ -873,11 +971,11 @@ fn attach_signatures(
     let mut carried = Vec::new();
     for element in msg.changes.iter() {
         // Our own message: it parses; if it ever did not, the peer refuses it.
-        let _ = chunks::changes_in(element, &mut carried);
+        let _ = chunks::hashes_in(element, &mut carried);
     }
     carried
-        .iter()
-        .filter_map(|c| sigs.get(&c.hash()).map(|s| (c.hash(), s.clone())))
+        .into_iter()
+        .filter_map(|h| sigs.get(&h).map(|s| (h, s.clone())))
         .collect()
 }
 
@@ -1378,6 +1476,141 @@ mod tests {
         let change = am.get_last_local_change().expect("change");
         let sig = author.sign(&change.hash());
         (change, sig)
+    }
+
+    /// `n` concerns written to `doc` one change each by `writers` in turn
+    /// (each building on all before), with each change's real signature.
+    fn chain(doc: &DocId, writers: &[&Signer], n: usize) -> Vec<(automerge::Change, Vec<u8>)> {
+        let mut am = schema::genesis(doc);
+        let mut out = Vec::new();
+        for i in 0..n {
+            let author = writers[i % writers.len()];
+            am.set_actor(author.actor());
+            am.transact::<_, _, schema::SchemaError>(|tx| {
+                schema::put_concern(tx, &concern(format!("c{i}")))
+            })
+            .expect("write");
+            let change = am.get_last_local_change().expect("change");
+            let sig = author.sign(&change.hash());
+            out.push((change, sig));
+        }
+        out
+    }
+
+    fn batch(changes: &[(automerge::Change, Vec<u8>)]) -> Vec<u8> {
+        let heads = changes
+            .last()
+            .map(|(c, _)| vec![c.hash()])
+            .unwrap_or_default();
+        message_with(
+            heads,
+            changes
+                .iter()
+                .map(|(c, _)| c.raw_bytes().to_vec())
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn an_authors_latest_signature_vouches_for_their_earlier_changes_in_a_batch() {
+        let q = [slug("a")];
+        let doc = DocId::quarter(&q[0]);
+        let writer = signer(1);
+        let changes = chain(&doc, &[&writer], 5);
+        // Only the latest change carries a valid signature; the earlier ones
+        // carry garbage, and they are still its author's, by their hashes.
+        let mut sigs: Vec<(ChangeHash, Vec<u8>)> = changes
+            .iter()
+            .map(|(c, _)| (c.hash(), signer(7).sign(&c.hash())))
+            .collect();
+        sigs[4].1 = changes[4].1.clone();
+        let mut centre = engine(0, &q, &[1]);
+        let _ = centre.peer_up(1, vec![], 0);
+        centre
+            .receive(&1, &doc, &batch(&changes), &sigs, 0)
+            .expect("vouched batch");
+        let am = centre.doc(&doc).expect("doc");
+        assert_eq!(am.get_heads(), vec![changes[4].0.hash()]);
+        assert_eq!(schema::concern_count(am), 5);
+
+        // Without a valid signature on the latest change, nothing gets in.
+        let mut other = engine(0, &q, &[1]);
+        let _ = other.peer_up(1, vec![], 0);
+        sigs[4].1 = signer(7).sign(&changes[4].0.hash());
+        let err = other
+            .receive(&1, &doc, &batch(&changes), &sigs, 0)
+            .expect_err("unvouched");
+        assert!(
+            matches!(
+                err,
+                SyncError::Unauthorised(AuthorError::BadSignature { .. })
+            ),
+            "{err}"
+        );
+        assert_eq!(schema::concern_count(other.doc(&doc).expect("doc")), 0);
+    }
+
+    #[test]
+    fn a_signature_vouches_neither_for_a_forged_change_beside_it_nor_for_another_author() {
+        let q = [slug("a")];
+        let doc = DocId::quarter(&q[0]);
+        let (one, three) = (signer(1), signer(3));
+        let both = || {
+            let mut writers = Writers::new([signer(0).actor()]);
+            writers.set_quarters(
+                [(
+                    q[0].clone(),
+                    [one.actor(), three.actor()].into_iter().collect(),
+                )]
+                .into_iter()
+                .collect(),
+            );
+            let mut e = Engine::new(signer(0), writers, q.iter().cloned());
+            let _ = e.peer_up(1, vec![], 0);
+            e
+        };
+        // A change under writer 1's actor that is not among the ancestors
+        // of its signed latest change: it needs a signature of its own.
+        let mut changes = chain(&doc, &[&one], 3);
+        let (forged, bad_sig) = forge(&doc, one.actor(), &signer(7), "forged");
+        changes.insert(0, (forged, bad_sig));
+        let sigs: Vec<_> = changes.iter().map(|(c, s)| (c.hash(), s.clone())).collect();
+        let mut centre = both();
+        let err = centre
+            .receive(&1, &doc, &batch(&changes), &sigs, 0)
+            .expect_err("forged beside a vouched chain");
+        assert!(
+            matches!(
+                err,
+                SyncError::Unauthorised(AuthorError::BadSignature { .. })
+            ),
+            "{err}"
+        );
+        assert_eq!(centre.peers().next().expect("peer").1.refused_changes, 1);
+
+        // Writers 1 and 3 take turns: 3's changes lie below 1's latest, but
+        // 1's signature does not stand in for 3's.
+        let changes = chain(&doc, &[&three, &one], 4);
+        let mut sigs: Vec<_> = changes.iter().map(|(c, s)| (c.hash(), s.clone())).collect();
+        sigs[2].1 = one.sign(&changes[2].0.hash()); // 3's latest, signed by 1
+        let mut centre = both();
+        let err = centre
+            .receive(&1, &doc, &batch(&changes), &sigs, 0)
+            .expect_err("another author's change");
+        assert!(
+            matches!(
+                err,
+                SyncError::Unauthorised(AuthorError::BadSignature { .. })
+            ),
+            "{err}"
+        );
+        // With 3's own signature on its latest change, the batch gets in.
+        sigs[2].1 = changes[2].1.clone();
+        sigs[0].1 = Vec::new(); // 3's earlier change: vouched for by its latest
+        centre
+            .receive(&1, &doc, &batch(&changes), &sigs, 0)
+            .expect("both authors vouched");
+        assert_eq!(schema::concern_count(centre.doc(&doc).expect("doc")), 4);
     }
 
     #[test]

@@ -523,9 +523,8 @@ pub struct Actor {
     chunks: HashMap<DocId, usize>,
     started: (Instant, SystemTime),
     next_dial: Instant,
-    /// Quarter nodes: other quarters' writer nodes and where they listen
-    /// (from their documents), dialled directly so quarters keep syncing
-    /// with each other while the centre is down.
+    /// Quarters' writer nodes (other than this one) and where they listen
+    /// (from their documents), dialled directly: see `refresh_neighbours`.
     neighbours: HashMap<PeerId, Multiaddr>,
     next_neighbour_dial: HashMap<PeerId, Instant>,
     neighbour_backoff: HashMap<PeerId, Duration>,
@@ -948,11 +947,11 @@ impl Actor {
         }
     }
 
-    /// Re-reads where the other quarters' writer nodes listen.
+    /// Re-reads where the quarters' writer nodes listen (other than this
+    /// node). Quarter nodes dial them to keep syncing while the centre is
+    /// down; the centre dials them so that, back from an outage, it does not
+    /// wait for every quarter's next redial.
     fn refresh_neighbours(&mut self) {
-        if self.role != Role::Quarter {
-            return;
-        }
         let roster = self
             .engine
             .doc(&DocId::City)
@@ -1168,11 +1167,15 @@ impl Actor {
                         reason: "not a sync partner of this node (not on the roster)".into(),
                     }
                 } else {
+                    let received = Instant::now();
                     match self.engine.receive(&peer, &doc, &data, &sigs, now) {
                         Ok(fx) => {
+                            let (changes, sends) = (fx.changes.len(), fx.sends.len());
+                            let applied = received.elapsed();
                             if self.apply(fx).is_err() {
                                 return; // no ack for what is not durable
                             }
+                            tracing::trace!(%peer, %doc, bytes = data.len(), changes, sends, ?applied, total = ?received.elapsed(), "sync message received");
                             ResponseV1::Ack
                         }
                         Err(e @ SyncError::NotAccepted(_)) => {

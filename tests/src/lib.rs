@@ -194,7 +194,10 @@ impl Node {
             .command()
             .args(["run", "--data"])
             .arg(&self.dir)
-            .env("IQ_LOG", "info,libp2p=warn")
+            .env(
+                "IQ_LOG",
+                std::env::var("IQ_NODE_LOG").unwrap_or_else(|_| "info,libp2p=warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)
@@ -580,6 +583,7 @@ impl Cluster {
     fn start_on(slugs: &[&str], private: bool, net: Option<Netns>) -> Result<Self> {
         let root = tempfile::Builder::new()
             .prefix("iq-test-")
+            .disable_cleanup(std::env::var_os("IQ_KEEP_DIRS").is_some())
             .tempdir()
             .map_err(|e| e.to_string())?;
         let mut center = Node {
