@@ -7,14 +7,24 @@
 //! incoming message is acknowledged, and before a local write is reported
 //! back to its caller. A store that cannot write stops the node (fail-stop):
 //! carrying on would acknowledge what is not on disk.
+//!
+//! The fsync runs on a thread of its own ([`Durability`]), so the actor goes
+//! on applying while the disk catches up, and batches written meanwhile
+//! reach the disk with one fsync (group commit). Until then, what depends on
+//! them waits: outgoing messages and acknowledgements are held in order, and
+//! a local write's caller waits for the batch's ticket. Changes are readable
+//! through the API as soon as they are applied: a change received from a
+//! peer is durable at that peer already, and a local write that a crash
+//! takes back was never acknowledged.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use automerge::transaction::Transaction;
 use automerge::{ActorId, ChangeHash};
 use futures::StreamExt;
-use libp2p::request_response::{self, OutboundRequestId};
+use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm};
 use serde::{Deserialize, Serialize};
@@ -23,7 +33,7 @@ use tokio::task::JoinHandle;
 
 use crate::authorship::{SIGNATURE_LEN, Signer, Writers};
 use crate::datadir::Role;
-use crate::engine::{ChangeError, Effects, Engine, PeerStats, SyncError};
+use crate::engine::{ChangeError, Effects, Engine, Outgoing, PeerStats, SyncError};
 use crate::identity::{Identity, actor_id_of_peer};
 use crate::ids::{DocId, QuarterSlug};
 use crate::schema::{self, SchemaError};
@@ -144,6 +154,8 @@ pub struct Handle {
     changed: watch::Receiver<u64>,
     /// Counts batches of document changes applied (local or received).
     version: watch::Receiver<u64>,
+    /// The last store ticket known durable (see [`Durability`]).
+    durable: watch::Receiver<u64>,
 }
 
 impl std::fmt::Debug for Command {
@@ -257,12 +269,26 @@ impl Handle {
         read: impl FnOnce(&View<'_>) -> Result<C, SchemaError> + Send + 'static,
         write: impl FnOnce(C, &mut Transaction<'_>) -> Result<R, SchemaError> + Send + 'static,
     ) -> Result<R, WriteError> {
-        self.run(move |actor| {
-            let context = read(&actor.view())?;
-            actor.local_write(&doc, |tx| write(context, tx))
-        })
-        .await
-        .map_err(|_| WriteError::Stopped)?
+        let (value, ticket) = self
+            .run(move |actor| {
+                let context = read(&actor.view())?;
+                let value = actor.local_write(&doc, |tx| write(context, tx))?;
+                Ok::<_, WriteError>((value, actor.written))
+            })
+            .await
+            .map_err(|_| WriteError::Stopped)??;
+        self.durable_after(ticket).await?;
+        Ok(value)
+    }
+
+    /// Waits until the store write with `ticket` is durable.
+    async fn durable_after(&self, ticket: u64) -> Result<(), WriteError> {
+        let mut durable = self.durable.clone();
+        durable
+            .wait_for(|d| *d >= ticket)
+            .await
+            .map(|_| ())
+            .map_err(|_| WriteError::Stopped)
     }
 
     /// Writes `doc` (which this node must own) and returns once the change
@@ -272,9 +298,15 @@ impl Handle {
         doc: DocId,
         f: impl FnOnce(&mut Transaction<'_>) -> Result<R, SchemaError> + Send + 'static,
     ) -> Result<R, WriteError> {
-        self.run(move |actor| actor.local_write(&doc, f))
+        let (value, ticket) = self
+            .run(move |actor| {
+                let value = actor.local_write(&doc, f)?;
+                Ok::<_, WriteError>((value, actor.written))
+            })
             .await
-            .map_err(|_| WriteError::Stopped)?
+            .map_err(|_| WriteError::Stopped)??;
+        self.durable_after(ticket).await?;
+        Ok(value)
     }
 }
 
@@ -468,6 +500,7 @@ impl Replicator {
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let changed = actor.changed.subscribe();
         let version = actor.version.subscribe();
+        let durable = actor.durable_tx.subscribe();
         let task = tokio::spawn(actor.run(rx));
         Ok(Self {
             handle: Handle {
@@ -475,6 +508,7 @@ impl Replicator {
                 peer_id,
                 changed,
                 version,
+                durable,
             },
             task,
         })
@@ -507,7 +541,18 @@ impl Replicator {
 /// The state the replicator task owns.
 pub struct Actor {
     engine: Engine<PeerId>,
-    store: Store,
+    store: Arc<Store>,
+    /// Makes store writes durable off the actor (see the module docs).
+    durability: Durability,
+    /// Ticket of the last store write that must reach the disk.
+    written: u64,
+    /// Ticket of the last store write known durable.
+    durable: u64,
+    durable_tx: watch::Sender<u64>,
+    /// Messages and acknowledgements waiting for a write to be durable,
+    /// with its ticket, in the order they were made.
+    held_sends: VecDeque<(u64, Vec<Outgoing<PeerId>>)>,
+    held_acks: VecDeque<(u64, ResponseChannel<Response>)>,
     swarm: Swarm<Behaviour>,
     role: Role,
     peer_id: PeerId,
@@ -600,9 +645,16 @@ impl Actor {
             tracing::debug!(doc = %stored.id, chunks = stored.chunks.len(), elapsed = ?loading.elapsed(), "document loaded");
         }
         let swarm = transport::build_swarm(&config.identity, config.psk)?;
+        let store = Arc::new(config.store);
         let mut actor = Self {
             engine,
-            store: config.store,
+            durability: Durability::start(Arc::clone(&store))?,
+            store,
+            written: 0,
+            durable: 0,
+            durable_tx: watch::Sender::new(0),
+            held_sends: VecDeque::new(),
+            held_acks: VecDeque::new(),
             swarm,
             role: config.role,
             peer_id: config.identity.peer_id(),
@@ -708,35 +760,60 @@ impl Actor {
                     Some(Command::Shutdown) | None => break,
                 },
                 _ = tick.tick() => self.handle_tick(),
+                done = self.durability.done.recv() => match done {
+                    Some(Ok(ticket)) => self.now_durable(ticket),
+                    Some(Err(e)) => self.fatal = Some(e.into()),
+                    None => self.fatal = Some(ReplicatorError::Crashed("the durability thread stopped".into())),
+                },
             }
             if let Some(err) = self.fatal.take() {
                 tracing::error!(error = %err, "stopping the node");
                 return Err(err);
             }
         }
+        // Whatever was written is made durable before the node goes, so
+        // local writes still waiting are acknowledged.
+        match self.store.durable() {
+            Ok(()) => {
+                self.durable_tx.send_replace(self.written);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot make the last writes durable"),
+        }
         tracing::info!("replicator stopped");
         Ok(())
     }
 
-    /// Persists, then sends. On a store failure nothing is sent and the node stops.
-    fn apply(&mut self, fx: Effects<PeerId>) -> Result<(), ()> {
-        let batch = Batch {
-            changes: fx.changes,
-            sync_states: fx
-                .sync_states
-                .into_iter()
-                .map(|(p, d, s)| (p.to_string(), d, s))
-                .collect(),
-            signatures: fx.signatures.into_iter().map(|(h, s)| (h.0, s)).collect(),
-        };
-        if let Err(e) = self.store.commit(&batch) {
-            self.fatal = Some(e.into());
-            return Err(());
+    /// The store writes up to `ticket` are durable: what waited for them goes.
+    fn now_durable(&mut self, ticket: u64) {
+        self.durable = self.durable.max(ticket);
+        self.durable_tx.send_replace(self.durable);
+        while self
+            .held_sends
+            .front()
+            .is_some_and(|(t, _)| *t <= self.durable)
+        {
+            if let Some((_, sends)) = self.held_sends.pop_front() {
+                self.send_now(sends);
+            }
         }
-        for (doc, chunks) in &batch.changes {
-            *self.chunks.entry(doc.clone()).or_default() += chunks.len();
+        while self
+            .held_acks
+            .front()
+            .is_some_and(|(t, _)| *t <= self.durable)
+        {
+            if let Some((_, channel)) = self.held_acks.pop_front() {
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .sync
+                    .send_response(channel, Response::V1(ResponseV1::Ack));
+            }
         }
-        for out in fx.sends {
+    }
+
+    /// Hands sync messages to the transport.
+    fn send_now(&mut self, sends: Vec<Outgoing<PeerId>>) {
+        for out in sends {
             let sigs = out
                 .sigs
                 .into_iter()
@@ -756,6 +833,46 @@ impl Actor {
                 .sync
                 .send_request(&out.peer, request);
             self.pending.insert(id, (out.peer, out.doc, out.epoch));
+        }
+    }
+
+    /// Persists, then sends once what was persisted is durable. On a store
+    /// failure nothing is sent and the node stops.
+    fn apply(&mut self, fx: Effects<PeerId>) -> Result<(), ()> {
+        let batch = Batch {
+            changes: fx.changes,
+            sync_states: fx
+                .sync_states
+                .into_iter()
+                .map(|(p, d, s)| (p.to_string(), d, s))
+                .collect(),
+            signatures: fx.signatures.into_iter().map(|(h, s)| (h.0, s)).collect(),
+        };
+        match self.store.write(&batch) {
+            Ok(false) => {}
+            Ok(true) => {
+                self.written += 1;
+                if !self.durability.request(self.written) {
+                    self.fatal = Some(ReplicatorError::Crashed(
+                        "the durability thread stopped".into(),
+                    ));
+                    return Err(());
+                }
+            }
+            Err(e) => {
+                self.fatal = Some(e.into());
+                return Err(());
+            }
+        }
+        for (doc, chunks) in &batch.changes {
+            *self.chunks.entry(doc.clone()).or_default() += chunks.len();
+        }
+        if !fx.sends.is_empty() {
+            if self.durable >= self.written {
+                self.send_now(fx.sends);
+            } else {
+                self.held_sends.push_back((self.written, fx.sends));
+            }
         }
         if !fx.changed.is_empty() {
             self.changed.send_modify(|n| *n += 1);
@@ -1201,11 +1318,16 @@ impl Actor {
                         }
                     }
                 };
-                let _ = self
-                    .swarm
-                    .behaviour_mut()
-                    .sync
-                    .send_response(channel, Response::V1(response));
+                if matches!(response, ResponseV1::Ack) && self.durable < self.written {
+                    // Acknowledged once durable (see `now_durable`).
+                    self.held_acks.push_back((self.written, channel));
+                } else {
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .sync
+                        .send_response(channel, Response::V1(response));
+                }
             }
             Event::Message {
                 peer,
@@ -1252,6 +1374,46 @@ impl Actor {
             }
             Event::ResponseSent { .. } => {}
         }
+    }
+}
+
+/// The thread that makes store writes durable: the actor hands it the
+/// ticket of each write that must reach the disk; it fsyncs (once for all
+/// tickets that came in meanwhile) and reports the last ticket covered.
+struct Durability {
+    requests: std::sync::mpsc::Sender<u64>,
+    done: mpsc::UnboundedReceiver<Result<u64, StoreError>>,
+}
+
+impl Durability {
+    fn start(store: Arc<Store>) -> Result<Self, ReplicatorError> {
+        let (requests, incoming) = std::sync::mpsc::channel::<u64>();
+        let (report, done) = mpsc::unbounded_channel();
+        std::thread::Builder::new()
+            .name("iq-durability".into())
+            .spawn(move || {
+                // Ends when the actor drops its sender.
+                while let Ok(mut ticket) = incoming.recv() {
+                    while let Ok(later) = incoming.try_recv() {
+                        ticket = ticket.max(later);
+                    }
+                    let result = store.durable().map(|()| ticket);
+                    let failed = result.is_err();
+                    if report.send(result).is_err() || failed {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| {
+                ReplicatorError::Crashed(format!("cannot start the durability thread: {e}"))
+            })?;
+        Ok(Self { requests, done })
+    }
+
+    /// Asks for everything written up to `ticket` to be made durable; false
+    /// if the thread is gone.
+    fn request(&self, ticket: u64) -> bool {
+        self.requests.send(ticket).is_ok()
     }
 }
 

@@ -124,8 +124,10 @@ impl Store {
         Ok(store)
     }
 
-    /// Flushes sled and fsyncs what its flush leaves unsynced.
-    fn durable(&self) -> Result<(), StoreError> {
+    /// Flushes sled and fsyncs what its flush leaves unsynced: everything
+    /// written before the call is durable once it returns. Safe to call
+    /// from another thread than the writer's.
+    pub fn durable(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         File::open(self.dir.join("db"))?.sync_all()?;
         let blobs = self.dir.join("blobs");
@@ -190,10 +192,23 @@ impl Store {
     }
 
     /// Writes a batch atomically and returns once it is durable on disk
-    /// (a batch of sync states only: once it is written, see below).
+    /// (see [`Store::write`] for a batch of sync states only).
     pub fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
+        if self.write(batch)? {
+            self.durable()?;
+        }
+        Ok(())
+    }
+
+    /// Writes a batch atomically, without waiting for the disk; says
+    /// whether it must still be made durable ([`Store::durable`]) before
+    /// anything that depends on it is acknowledged or sent. Sync states
+    /// alone need not: one lost in a crash only makes the next sync with
+    /// that peer start further back (sled writes them out with its next
+    /// flush).
+    pub fn write(&self, batch: &Batch) -> Result<bool, StoreError> {
         if batch.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         // Ids are taken before the transaction, which may be retried.
         let mut keyed = Vec::new();
@@ -218,13 +233,7 @@ impl Store {
                 Ok::<_, ConflictableTransactionError<()>>(())
             })
             .map_err(unabort)?;
-        if batch.changes.is_empty() && batch.signatures.is_empty() {
-            // Sync states alone need no fsync: one lost in a crash only
-            // makes the next sync with that peer start further back. sled
-            // writes them out with its next flush.
-            return Ok(());
-        }
-        self.durable()
+        Ok(!batch.changes.is_empty() || !batch.signatures.is_empty())
     }
 
     /// Number of change chunks stored for `doc` since its last compaction.
