@@ -216,6 +216,8 @@ pub struct Engine<P: Ord + Clone> {
     /// someone it does not know as a writer (yet): reopened when the
     /// writers change (see [`Engine::set_writers`]).
     refused_writers: BTreeSet<(P, DocId)>,
+    /// Documents changed by received messages, not yet relayed (see [`Engine::relay`]).
+    relay_due: BTreeSet<DocId>,
     /// Refused messages and changes since start, over all peers (also gone ones).
     refused: (u64, u64),
     /// The next session epoch.
@@ -240,6 +242,7 @@ impl<P: Ord + Clone> Engine<P> {
             peers: BTreeMap::new(),
             passive: BTreeSet::new(),
             refused_writers: BTreeSet::new(),
+            relay_due: BTreeSet::new(),
             refused: (0, 0),
             next_epoch: 1,
         };
@@ -678,18 +681,34 @@ impl<P: Ord + Clone> Engine<P> {
             p.stats.last_received_ms = Some(now);
         }
         if changed {
-            // Relay: every other active peer hears of the new heads at once.
-            let others: Vec<P> = self
-                .active_peers()
-                .into_iter()
-                .filter(|p| p != peer)
-                .collect();
-            for other in others {
-                self.generate(&other, doc, now, &mut fx);
-            }
+            // Relayed to the other active peers by `relay`, which the
+            // caller runs when no more messages wait (see there).
+            self.relay_due.insert(doc.clone());
         }
         self.generate(peer, doc, now, &mut fx);
         Ok(fx)
+    }
+
+    /// Whether changes received from peers still wait to be relayed.
+    pub fn relays_due(&self) -> bool {
+        !self.relay_due.is_empty()
+    }
+
+    /// Offers the documents that changed through received messages to every
+    /// active peer. The caller runs this when no more incoming messages
+    /// wait (and at least on every timer tick): a node catching up on many
+    /// documents takes them all in before it spends its time passing each
+    /// one on, and a document that changed in several messages meanwhile
+    /// is relayed once.
+    pub fn relay(&mut self, now: u64) -> Effects<P> {
+        let mut fx = Effects::default();
+        let peers = self.active_peers();
+        for doc in std::mem::take(&mut self.relay_due) {
+            for p in &peers {
+                self.generate(p, &doc, now, &mut fx);
+            }
+        }
+        fx
     }
 
     /// Decodes a message and checks the authorship of every change in it
@@ -1085,6 +1104,8 @@ mod tests {
                 .receive(&from, &out.doc, &out.data, &out.sigs, self.now)
                 .expect("receive");
             self.enqueue(out.peer, fx);
+            let fx = self.nodes[out.peer].relay(self.now);
+            self.enqueue(out.peer, fx);
             let fx = self.nodes[from].delivered(&out.peer, &out.doc, out.epoch, self.now);
             self.enqueue(from, fx);
         }
@@ -1272,6 +1293,33 @@ mod tests {
                 15
             );
         }
+    }
+
+    #[test]
+    fn received_changes_are_relayed_when_the_caller_asks_once_per_document() {
+        let q = [slug("a")];
+        let doc = DocId::quarter(&q[0]);
+        let writer = signer(1);
+        let changes = chain(&doc, &[&writer], 2);
+        let mut centre = engine(0, &q, &[1]);
+        let _ = centre.peer_up(1, vec![], 0);
+        // Peer 2's opening messages are acknowledged, so nothing is outstanding.
+        for out in centre.peer_up(2, vec![], 0).sends {
+            let _ = centre.delivered(&2, &out.doc, out.epoch, 0);
+        }
+        for (change, sig) in &changes {
+            let msg = message_with(vec![change.hash()], vec![change.raw_bytes().to_vec()]);
+            let fx = centre
+                .receive(&1, &doc, &msg, &[(change.hash(), sig.clone())], 0)
+                .expect("receive");
+            assert!(fx.sends.iter().all(|o| o.peer == 1), "relayed before asked");
+        }
+        assert!(centre.relays_due());
+        let fx = centre.relay(0);
+        let to_2: Vec<_> = fx.sends.iter().filter(|o| o.peer == 2).collect();
+        assert_eq!(to_2.len(), 1, "one message per peer and document");
+        assert!(!centre.relays_due());
+        assert!(centre.relay(0).sends.is_empty());
     }
 
     #[test]

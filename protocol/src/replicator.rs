@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use automerge::transaction::Transaction;
 use automerge::{ActorId, ChangeHash};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm};
@@ -766,6 +766,13 @@ impl Actor {
                     None => self.fatal = Some(ReplicatorError::Crashed("the durability thread stopped".into())),
                 },
             }
+            if self.engine.relays_due() && self.fatal.is_none() {
+                // Messages that already wait come first (see `Engine::relay`).
+                match self.swarm.next().now_or_never() {
+                    Some(Some(event)) => self.handle_event(event),
+                    _ => self.flush_relays(),
+                }
+            }
             if let Some(err) = self.fatal.take() {
                 tracing::error!(error = %err, "stopping the node");
                 return Err(err);
@@ -1126,7 +1133,17 @@ impl Actor {
         }
     }
 
+    /// Relays what peers sent to the other peers.
+    fn flush_relays(&mut self) {
+        let now = self.now();
+        let fx = self.engine.relay(now);
+        if !fx.is_empty() {
+            let _ = self.apply(fx);
+        }
+    }
+
     fn handle_tick(&mut self) {
+        self.flush_relays();
         let now = self.now();
         let fx = self.engine.tick(now);
         if !fx.is_empty() && self.apply(fx).is_err() {
