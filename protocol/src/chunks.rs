@@ -185,6 +185,12 @@ pub fn hashes_in(element: &[u8], out: &mut Vec<ChangeHash>) -> Result<(), ChunkE
     Ok(())
 }
 
+/// Whether `bytes` start with a whole-document chunk (what
+/// `Automerge::save` writes), as a compacted document's snapshot does.
+pub fn is_document(bytes: &[u8]) -> bool {
+    bytes.len() > 8 && bytes[..4] == MAGIC && bytes[8] == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

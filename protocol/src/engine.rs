@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use automerge::sync::{self, SyncDoc};
 use automerge::transaction::Transaction;
-use automerge::{ActorId, Automerge, ChangeHash};
+use automerge::{ActorId, Automerge, ChangeHash, LoadOptions, OnPartialLoad, VerificationMode};
 
 use crate::authorship::{AuthorError, SIGNATURE_LEN, Signer, Writers};
 use crate::chunks::{self, ChunkError};
@@ -280,10 +280,29 @@ impl<P: Ord + Clone> Engine<P> {
         if let DocId::Quarter(q) = doc {
             self.quarters.insert(q.clone());
         }
-        let am = self.ensure_doc(doc);
         // One call for all chunks: automerge does work per call that grows
         // with the document, so loading chunk by chunk is quadratic.
         let all: Vec<u8> = chunks.into_iter().flatten().copied().collect();
+        if chunks::is_document(&all) {
+            // A snapshot first: load it as a new document, then merge what is
+            // already held (genesis). `load_incremental` into a non-empty
+            // document would split the snapshot into its changes and apply
+            // them one by one, many times slower than loading it whole. Same
+            // options as `load_incremental` into an empty document.
+            let mut am = Automerge::load_with_options(
+                &all,
+                LoadOptions::new()
+                    .on_partial_load(OnPartialLoad::Ignore)
+                    .verification_mode(VerificationMode::Check),
+            )?;
+            am.set_actor(self.actor.clone());
+            if let Some(mut held) = self.docs.remove(doc) {
+                am.merge(&mut held)?;
+            }
+            self.docs.insert(doc.clone(), am);
+            return Ok(());
+        }
+        let am = self.ensure_doc(doc);
         if !all.is_empty() {
             am.load_incremental(&all)?;
         }
@@ -1880,5 +1899,61 @@ mod tests {
                 .get_change_meta_by_hash(&real.hash())
                 .is_none()
         );
+    }
+
+    #[test]
+    fn a_snapshot_and_later_chunks_load_into_the_documents_held() {
+        let q = slug("prohlis");
+        let doc = DocId::quarter(&q);
+        let quarters = std::slice::from_ref(&q);
+        let mut owner = engine(1, quarters, &[1]);
+        let write = |owner: &mut Engine<usize>, id: &str| -> Vec<Vec<u8>> {
+            let (_, fx) = owner
+                .change(&doc, 0, |tx| schema::put_concern(tx, &concern(id.into())))
+                .expect("write");
+            fx.changes.into_iter().flat_map(|(_, c)| c).collect()
+        };
+        let early: Vec<Vec<u8>> = ["a", "b", "c"]
+            .iter()
+            .flat_map(|id| write(&mut owner, id))
+            .collect();
+        let snapshot = owner.doc(&doc).expect("doc").save();
+        assert!(chunks::is_document(&snapshot));
+        let late: Vec<Vec<u8>> = ["d", "e"]
+            .iter()
+            .flat_map(|id| write(&mut owner, id))
+            .collect();
+        let expected = owner.doc(&doc).expect("doc").get_heads();
+        // As the store hands them back: compacted (snapshot first) or not.
+        let compacted: Vec<&[u8]> = std::iter::once(snapshot.as_slice())
+            .chain(late.iter().map(Vec::as_slice))
+            .collect();
+        let uncompacted: Vec<&[u8]> = early.iter().chain(&late).map(Vec::as_slice).collect();
+        for stored in [compacted, uncompacted] {
+            let mut restarted = engine(1, quarters, &[1]);
+            restarted.load_doc(&doc, stored).expect("load");
+            let am = restarted.doc(&doc).expect("doc");
+            assert_eq!(am.get_heads(), expected);
+            assert_eq!(schema::concerns(am).expect("concerns").len(), 5);
+            assert_eq!(am.get_actor(), &signer(1).actor());
+            // Writes after the load build on it, as the node's own actor.
+            write(&mut restarted, "f");
+            let am = restarted.doc(&doc).expect("doc");
+            assert_eq!(schema::concerns(am).expect("concerns").len(), 6);
+        }
+        // A snapshot of a document that lacks genesis still gets it.
+        let mut restarted = engine(1, quarters, &[1]);
+        let genesis = restarted.doc(&doc).expect("genesis").get_heads();
+        let mut other = Automerge::new();
+        other
+            .transact(|tx| automerge::transaction::Transactable::put(tx, automerge::ROOT, "x", 1))
+            .expect("put");
+        restarted
+            .load_doc(&doc, [other.save().as_slice()])
+            .expect("load");
+        let am = restarted.doc(&doc).expect("doc");
+        assert!(automerge::ReadDoc::get_missing_deps(am, &genesis).is_empty());
+        let x = automerge::ReadDoc::get(am, automerge::ROOT, "x").expect("get");
+        assert!(x.is_some(), "the snapshot's content is loaded");
     }
 }
