@@ -307,15 +307,54 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DataDirError> {
     Ok(())
 }
 
-/// A free TCP port on `ip`, chosen by the OS. `init` records it so the node
-/// keeps its address across restarts.
+/// A free TCP port on `ip`. `init` records it so the node keeps its
+/// address across restarts, so it is taken below the kernel's ephemeral
+/// range (where outgoing connections get their local ports): a port from
+/// that range could be in use by some connection when the node restarts.
+/// Falls back to a port the OS picks if none is found.
 pub fn free_port(ip: std::net::IpAddr) -> Result<u16, std::io::Error> {
+    use std::hash::{BuildHasher, Hasher};
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    const LOWEST: u16 = 10_000;
+    if ephemeral_start > LOWEST + 1_000 {
+        let span = u64::from(ephemeral_start - LOWEST);
+        let mut seed = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        for _ in 0..64 {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let port = LOWEST + ((seed >> 33) % span) as u16;
+            if std::net::TcpListener::bind((ip, port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
     Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?.port())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_ports_are_taken_below_the_ephemeral_range_and_are_free() {
+        let ip = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+        for _ in 0..20 {
+            let port = free_port(ip).expect("port");
+            assert!(port >= 10_000, "{port}");
+            std::net::TcpListener::bind((ip, port)).expect("the port is free");
+        }
+        if let Ok(range) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            && range.split_whitespace().next() == Some("32768")
+        {
+            assert!(free_port(ip).expect("port") < 32_768);
+        }
+    }
 
     fn config() -> Config {
         Config {

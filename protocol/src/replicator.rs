@@ -495,7 +495,7 @@ impl Replicator {
         let peer_id = config.identity.peer_id();
         let mut actor = Actor::new(config)?;
         actor.start()?;
-        actor.refresh_neighbours();
+        actor.refresh_neighbours(None);
         actor.advertise();
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let changed = actor.changed.subscribe();
@@ -571,6 +571,9 @@ pub struct Actor {
     /// Quarters' writer nodes (other than this one) and where they listen
     /// (from their documents), dialled directly: see `refresh_neighbours`.
     neighbours: HashMap<PeerId, Multiaddr>,
+    /// The same per quarter, and the roster they were read with.
+    neighbours_of: BTreeMap<QuarterSlug, Vec<(PeerId, Multiaddr)>>,
+    roster: Vec<(QuarterSlug, schema::RosterEntry)>,
     next_neighbour_dial: HashMap<PeerId, Instant>,
     neighbour_backoff: HashMap<PeerId, Duration>,
     fatal: Option<ReplicatorError>,
@@ -669,6 +672,8 @@ impl Actor {
             started: (Instant::now(), SystemTime::now()),
             next_dial: Instant::now(),
             neighbours: HashMap::new(),
+            neighbours_of: BTreeMap::new(),
+            roster: Vec::new(),
             next_neighbour_dial: HashMap::new(),
             neighbour_backoff: HashMap::new(),
             fatal: None,
@@ -890,7 +895,7 @@ impl Actor {
         }
         if !fx.changed.is_empty() {
             // The roster or a quarter's advertised addresses may have changed.
-            self.refresh_neighbours();
+            self.refresh_neighbours(Some(&fx.changed));
         }
         Ok(())
     }
@@ -1072,33 +1077,50 @@ impl Actor {
     }
 
     /// Re-reads where the quarters' writer nodes listen (other than this
-    /// node). Quarter nodes dial them to keep syncing while the centre is
-    /// down; the centre dials them so that, back from an outage, it does not
-    /// wait for every quarter's next redial.
-    fn refresh_neighbours(&mut self) {
-        let roster = self
-            .engine
-            .doc(&DocId::City)
-            .and_then(|c| schema::roster(c).ok())
-            .unwrap_or_default();
-        let mut found = HashMap::new();
-        for (slug, entry) in roster {
-            let Some(doc) = self.engine.doc(&DocId::quarter(&slug)) else {
-                continue;
-            };
+    /// node): all quarters' documents when `changed` is `None` or holds the
+    /// city (the roster), else only the changed quarters'. Quarter nodes
+    /// dial them to keep syncing while the centre is down; the centre dials
+    /// them so that, back from an outage, it does not wait for every
+    /// quarter's next redial.
+    fn refresh_neighbours(&mut self, changed: Option<&BTreeSet<DocId>>) {
+        let all = changed.is_none_or(|c| c.contains(&DocId::City));
+        if all {
+            self.roster = self
+                .engine
+                .doc(&DocId::City)
+                .and_then(|c| schema::roster(c).ok())
+                .unwrap_or_default();
+            self.neighbours_of.clear();
+        }
+        let quarters: Vec<(QuarterSlug, schema::RosterEntry)> = self
+            .roster
+            .iter()
+            .filter(|(slug, _)| all || changed.is_some_and(|c| c.contains(&DocId::quarter(slug))))
+            .cloned()
+            .collect();
+        for (slug, entry) in quarters {
+            let mut found = Vec::new();
             // Only a quarter's own document says where its writers listen.
-            for node in schema::items::<schema::NodeAddr>(doc).unwrap_or_default() {
-                if let (Ok(peer), Ok(addr)) =
-                    (node.peer.parse::<PeerId>(), node.addr.parse::<Multiaddr>())
-                    && peer != self.peer_id
-                    && entry.writers.contains(&node.peer)
-                    && self.allowed.contains(&peer)
-                {
-                    found.insert(peer, addr);
+            if let Some(doc) = self.engine.doc(&DocId::quarter(&slug)) {
+                for node in schema::items::<schema::NodeAddr>(doc).unwrap_or_default() {
+                    if let (Ok(peer), Ok(addr)) =
+                        (node.peer.parse::<PeerId>(), node.addr.parse::<Multiaddr>())
+                        && peer != self.peer_id
+                        && entry.writers.contains(&node.peer)
+                        && self.allowed.contains(&peer)
+                    {
+                        found.push((peer, addr));
+                    }
                 }
             }
+            self.neighbours_of.insert(slug, found);
         }
-        self.neighbours = found;
+        self.neighbours = self
+            .neighbours_of
+            .values()
+            .flatten()
+            .map(|(p, a)| (*p, a.clone()))
+            .collect();
     }
 
     /// A quarter node writes where it listens into its own document, once
