@@ -47,11 +47,19 @@ const TICK: Duration = Duration::from_millis(250);
 /// A quarter node redials the centre this often while disconnected.
 const REDIAL: Duration = Duration::from_secs(1);
 
+/// How long a quarter node goes without the centre before it syncs with the
+/// other quarters directly: long enough that a restarting centre does not
+/// set off a sync of every quarter with every other.
+const CENTRE_GRACE: Duration = Duration::from_secs(3);
+
 /// Longest wait between dials of an unreachable neighbouring quarter.
 const MAX_NEIGHBOUR_BACKOFF: Duration = Duration::from_secs(60);
 
 /// Compact a document once this many change chunks have piled up.
 const COMPACT_AFTER_CHUNKS: usize = 512;
+
+/// On a clean stop, compact every document with at least this many.
+const COMPACT_ON_STOP_CHUNKS: usize = 16;
 
 /// Capacity of the command channel: callers wait when the actor is busy.
 const COMMAND_QUEUE: usize = 256;
@@ -568,6 +576,8 @@ pub struct Actor {
     chunks: HashMap<DocId, usize>,
     started: (Instant, SystemTime),
     next_dial: Instant,
+    /// Quarter nodes: since when the centre is not connected.
+    centre_down_since: Option<Instant>,
     /// Quarters' writer nodes (other than this one) and where they listen
     /// (from their documents), dialled directly: see `refresh_neighbours`.
     neighbours: HashMap<PeerId, Multiaddr>,
@@ -671,6 +681,7 @@ impl Actor {
             chunks,
             started: (Instant::now(), SystemTime::now()),
             next_dial: Instant::now(),
+            centre_down_since: Some(Instant::now()),
             neighbours: HashMap::new(),
             neighbours_of: BTreeMap::new(),
             roster: Vec::new(),
@@ -790,6 +801,13 @@ impl Actor {
                 self.durable_tx.send_replace(self.written);
             }
             Err(e) => tracing::error!(error = %e, "cannot make the last writes durable"),
+        }
+        // Documents with many loose changes are saved whole, so the next
+        // start loads snapshots (much faster than change by change).
+        match self.compact(COMPACT_ON_STOP_CHUNKS) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(documents = n, "compacted on stop"),
+            Err(e) => tracing::warn!(error = %e, "cannot compact on stop"),
         }
         tracing::info!("replicator stopped");
         Ok(())
@@ -990,14 +1008,18 @@ impl Actor {
 
     /// Quarter nodes: the other quarters are passive partners while the
     /// centre is up (every document travels owner → centre → everyone, each
-    /// once) and active ones while it is not (quarters relay to each other
-    /// until it is back). See `engine` on passive peers.
+    /// once) and active ones once it has been gone for [`CENTRE_GRACE`]
+    /// (quarters relay to each other until it is back). See `engine` on
+    /// passive peers.
     fn neighbour_activity(&mut self) -> Effects<PeerId> {
         let mut fx = Effects::default();
         let Some((center, _)) = self.center else {
             return fx;
         };
-        let active = !self.engine.is_up(&center);
+        let active = !self.engine.is_up(&center)
+            && self
+                .centre_down_since
+                .is_some_and(|t| t.elapsed() >= CENTRE_GRACE);
         let now = self.now();
         let neighbours: Vec<PeerId> = self
             .allowed
@@ -1018,6 +1040,11 @@ impl Actor {
             fx.extend(self.engine.set_active(&p, active, now));
         }
         fx
+    }
+
+    /// Quarter nodes: whether `peer` is the centre.
+    fn is_centre(&self, peer: &PeerId) -> bool {
+        self.center.as_ref().is_some_and(|(c, _)| c == peer)
     }
 
     fn peer_up(&mut self, peer: PeerId) -> Effects<PeerId> {
@@ -1166,6 +1193,10 @@ impl Actor {
 
     fn handle_tick(&mut self) {
         self.flush_relays();
+        let fx = self.neighbour_activity();
+        if !fx.is_empty() && self.apply(fx).is_err() {
+            return;
+        }
         let now = self.now();
         let fx = self.engine.tick(now);
         if !fx.is_empty() && self.apply(fx).is_err() {
@@ -1204,27 +1235,31 @@ impl Actor {
                 tracing::debug!(%peer, error = %e, "dial to neighbour failed");
             }
         }
+        if let Err(e) = self.compact(COMPACT_AFTER_CHUNKS) {
+            self.fatal = Some(e.into());
+        }
+    }
+
+    /// Replaces the stored chunks of every document with at least
+    /// `threshold` of them by one snapshot; says how many were compacted.
+    fn compact(&mut self, threshold: usize) -> Result<usize, StoreError> {
         let due: Vec<DocId> = self
             .chunks
             .iter()
-            .filter(|(_, n)| **n >= COMPACT_AFTER_CHUNKS)
+            .filter(|(_, n)| **n >= threshold)
             .map(|(d, _)| d.clone())
             .collect();
+        let mut done = 0;
         for doc in due {
             let Some(snapshot) = self.engine.doc(&doc).map(|am| am.save()) else {
                 continue;
             };
-            match self.store.compact(&doc, &snapshot) {
-                Ok(()) => {
-                    self.chunks.insert(doc.clone(), 0);
-                    tracing::debug!(%doc, bytes = snapshot.len(), "compacted");
-                }
-                Err(e) => {
-                    self.fatal = Some(e.into());
-                    return;
-                }
-            }
+            self.store.compact(&doc, &snapshot)?;
+            self.chunks.insert(doc.clone(), 0);
+            done += 1;
+            tracing::debug!(%doc, bytes = snapshot.len(), "compacted");
         }
+        Ok(done)
     }
 
     fn handle_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
@@ -1239,6 +1274,9 @@ impl Actor {
                     self.changed.send_modify(|n| *n += 1);
                 }
                 if first && self.allowed.contains(&peer_id) {
+                    if self.is_centre(&peer_id) {
+                        self.centre_down_since = None;
+                    }
                     let mut fx = self.peer_up(peer_id);
                     fx.extend(self.neighbour_activity());
                     let _ = self.apply(fx);
@@ -1257,6 +1295,9 @@ impl Actor {
                 if self.engine.is_up(&peer_id) {
                     tracing::info!(peer = %peer_id, "peer down");
                     self.engine.peer_down(&peer_id);
+                    if self.is_centre(&peer_id) {
+                        self.centre_down_since = Some(Instant::now());
+                    }
                     let fx = self.neighbour_activity();
                     if !fx.is_empty() {
                         let _ = self.apply(fx);
