@@ -44,6 +44,10 @@ use crate::wire::{Request, RequestV1, Response, ResponseV1, SignedHash};
 /// Interval of the engine's timer (retries, stalled sessions, redial, compaction).
 const TICK: Duration = Duration::from_millis(250);
 
+/// While incoming messages keep a node busy, answers and relays wait at
+/// most this long (engine milliseconds; see `Engine::flush`).
+const FLUSH_AT_LATEST_MS: u64 = 1_000;
+
 /// A quarter node redials the centre this often while disconnected.
 const REDIAL: Duration = Duration::from_secs(1);
 
@@ -782,11 +786,11 @@ impl Actor {
                     None => self.fatal = Some(ReplicatorError::Crashed("the durability thread stopped".into())),
                 },
             }
-            if self.engine.relays_due() && self.fatal.is_none() {
-                // Messages that already wait come first (see `Engine::relay`).
+            if self.engine.due_since().is_some() && self.fatal.is_none() {
+                // Messages that already wait come first (see `Engine::flush`).
                 match self.swarm.next().now_or_never() {
                     Some(Some(event)) => self.handle_event(event),
-                    _ => self.flush_relays(),
+                    _ => self.flush(),
                 }
             }
             if let Some(err) = self.fatal.take() {
@@ -1182,17 +1186,24 @@ impl Actor {
         }
     }
 
-    /// Relays what peers sent to the other peers.
-    fn flush_relays(&mut self) {
+    /// Answers and relays what peers sent (see `Engine::flush`).
+    fn flush(&mut self) {
         let now = self.now();
-        let fx = self.engine.relay(now);
+        let fx = self.engine.flush(now);
         if !fx.is_empty() {
             let _ = self.apply(fx);
         }
     }
 
     fn handle_tick(&mut self) {
-        self.flush_relays();
+        // While messages keep coming in, answers and relays wait at most this long.
+        if self
+            .engine
+            .due_since()
+            .is_some_and(|t| self.now().saturating_sub(t) >= FLUSH_AT_LATEST_MS)
+        {
+            self.flush();
+        }
         let fx = self.neighbour_activity();
         if !fx.is_empty() && self.apply(fx).is_err() {
             return;
@@ -1424,8 +1435,7 @@ impl Actor {
                 let now = self.now();
                 match response {
                     Response::V1(ResponseV1::Ack) => {
-                        let fx = self.engine.delivered(&peer, &doc, epoch, now);
-                        let _ = self.apply(fx);
+                        self.engine.delivered(&peer, &doc, epoch, now);
                     }
                     Response::V1(ResponseV1::Busy) => {
                         tracing::debug!(%peer, %doc, "peer is busy; retrying later");
