@@ -56,6 +56,10 @@ const REDIAL: Duration = Duration::from_secs(1);
 /// set off a sync of every quarter with every other.
 const CENTRE_GRACE: Duration = Duration::from_secs(3);
 
+/// A quarter node also syncs with the other quarters directly while a
+/// message to the centre has gone unanswered this long.
+const CENTRE_STALL: Duration = Duration::from_secs(5);
+
 /// Longest wait between dials of an unreachable neighbouring quarter.
 const MAX_NEIGHBOUR_BACKOFF: Duration = Duration::from_secs(60);
 
@@ -575,8 +579,9 @@ pub struct Actor {
     /// Peers this node syncs with (centre: roster writers; quarter: the centre).
     allowed: BTreeSet<PeerId>,
     connected: BTreeSet<PeerId>,
-    /// Requests in flight: their (peer, document, session epoch).
-    pending: HashMap<OutboundRequestId, (PeerId, DocId, u64)>,
+    /// Requests in flight: their (peer, document, session epoch) and when
+    /// they were sent.
+    pending: HashMap<OutboundRequestId, (PeerId, DocId, u64, Instant)>,
     chunks: HashMap<DocId, usize>,
     started: (Instant, SystemTime),
     next_dial: Instant,
@@ -866,7 +871,8 @@ impl Actor {
                 .behaviour_mut()
                 .sync
                 .send_request(&out.peer, request);
-            self.pending.insert(id, (out.peer, out.doc, out.epoch));
+            self.pending
+                .insert(id, (out.peer, out.doc, out.epoch, Instant::now()));
         }
     }
 
@@ -1012,18 +1018,25 @@ impl Actor {
 
     /// Quarter nodes: the other quarters are passive partners while the
     /// centre is up (every document travels owner → centre → everyone, each
-    /// once) and active ones once it has been gone for [`CENTRE_GRACE`]
-    /// (quarters relay to each other until it is back). See `engine` on
-    /// passive peers.
+    /// once) and active ones once it has been gone for [`CENTRE_GRACE`] or
+    /// has left a message unanswered for [`CENTRE_STALL`] (quarters relay to
+    /// each other until it is back). See `engine` on passive peers.
     fn neighbour_activity(&mut self) -> Effects<PeerId> {
         let mut fx = Effects::default();
         let Some((center, _)) = self.center else {
             return fx;
         };
-        let active = !self.engine.is_up(&center)
+        let gone = !self.engine.is_up(&center)
             && self
                 .centre_down_since
                 .is_some_and(|t| t.elapsed() >= CENTRE_GRACE);
+        // A connection a partition broke looks up until pings fail; a
+        // message the centre has not answered for long tells sooner.
+        let stalled = self
+            .pending
+            .values()
+            .any(|(p, _, _, sent)| *p == center && sent.elapsed() >= CENTRE_STALL);
+        let active = gone || stalled;
         let now = self.now();
         let neighbours: Vec<PeerId> = self
             .allowed
@@ -1429,7 +1442,7 @@ impl Actor {
                     },
                 ..
             } => {
-                let Some((_, doc, epoch)) = self.pending.remove(&request_id) else {
+                let Some((_, doc, epoch, _)) = self.pending.remove(&request_id) else {
                     return;
                 };
                 let now = self.now();
@@ -1453,7 +1466,7 @@ impl Actor {
                 error,
                 ..
             } => {
-                if let Some((_, doc, epoch)) = self.pending.remove(&request_id) {
+                if let Some((_, doc, epoch, _)) = self.pending.remove(&request_id) {
                     tracing::debug!(%peer, %doc, %error, "sync message not delivered");
                     let now = self.now();
                     self.engine.send_failed(&peer, &doc, epoch, now);
