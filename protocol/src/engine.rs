@@ -35,6 +35,9 @@ use crate::chunks::{self, ChunkError};
 use crate::ids::{DocId, QuarterSlug};
 use crate::schema;
 
+/// Messages one call of [`Engine::flush`] generates at most.
+pub const FLUSH_SLICE: usize = 32;
+
 /// After a failed send, wait this long before trying again.
 pub const RETRY_MS: u64 = 1_000;
 
@@ -723,22 +726,31 @@ impl<P: Ord + Clone> Engine<P> {
 
     /// Generates what received messages and acknowledgements call for: the
     /// documents that changed offered to every other active peer, and the
-    /// next message of sessions whose last one was acknowledged. The caller runs this when no
-    /// more incoming messages wait (and at the latest a moment after
-    /// [`Engine::due_since`]): a node catching up on many documents takes
-    /// them all in before it spends its time passing each one on, and a
-    /// document that changed in several messages meanwhile is relayed once.
+    /// next message of sessions whose last one was acknowledged, at most
+    /// [`FLUSH_SLICE`] messages per call ([`Engine::due_since`] says whether
+    /// more wait). The caller runs this between incoming messages rather
+    /// than after each one: a node catching up on many documents keeps
+    /// taking them in while it passes them on, a document that changed in
+    /// several messages meanwhile is relayed once, and no call holds the
+    /// node long.
     pub fn flush(&mut self, now: u64) -> Effects<P> {
         let mut fx = Effects::default();
-        self.due_since = None;
         let peers = self.active_peers();
         for doc in std::mem::take(&mut self.relay_due) {
             for p in &peers {
-                self.generate(p, &doc, now, &mut fx);
+                self.generate_due.insert((p.clone(), doc.clone()));
             }
         }
-        for (peer, doc) in std::mem::take(&mut self.generate_due) {
+        // A slice at a time, so one call never holds the node for long: a
+        // message can carry thousands of changes to build.
+        for _ in 0..FLUSH_SLICE {
+            let Some((peer, doc)) = self.generate_due.pop_first() else {
+                break;
+            };
             self.generate(&peer, &doc, now, &mut fx);
+        }
+        if self.generate_due.is_empty() {
+            self.due_since = None;
         }
         fx
     }
@@ -1151,6 +1163,11 @@ mod tests {
                     self.now += RETRY_MS;
                     let mut any = false;
                     for i in 0..self.nodes.len() {
+                        while self.nodes[i].due_since().is_some() {
+                            let fx = self.nodes[i].flush(self.now);
+                            any |= !fx.sends.is_empty();
+                            self.enqueue(i, fx);
+                        }
                         let fx = self.nodes[i].tick(self.now);
                         any |= !fx.sends.is_empty();
                         self.enqueue(i, fx);

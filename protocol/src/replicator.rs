@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use automerge::transaction::Transaction;
 use automerge::{ActorId, ChangeHash};
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm};
@@ -771,7 +771,14 @@ impl Actor {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                event = self.swarm.select_next_some() => self.handle_event(event),
+                // One ready branch at random: requests from the API, the
+                // network and the slices of answers and relays (`flush`)
+                // share the actor, none starves the others.
+                done = self.durability.done.recv() => match done {
+                    Some(Ok(ticket)) => self.now_durable(ticket),
+                    Some(Err(e)) => self.fatal = Some(e.into()),
+                    None => self.fatal = Some(ReplicatorError::Crashed("the durability thread stopped".into())),
+                },
                 cmd = rx.recv() => match cmd {
                     Some(Command::Job(job)) => {
                         // A request that panics (a bug, or data no check
@@ -784,19 +791,9 @@ impl Actor {
                     }
                     Some(Command::Shutdown) | None => break,
                 },
+                event = self.swarm.select_next_some() => self.handle_event(event),
                 _ = tick.tick() => self.handle_tick(),
-                done = self.durability.done.recv() => match done {
-                    Some(Ok(ticket)) => self.now_durable(ticket),
-                    Some(Err(e)) => self.fatal = Some(e.into()),
-                    None => self.fatal = Some(ReplicatorError::Crashed("the durability thread stopped".into())),
-                },
-            }
-            if self.engine.due_since().is_some() && self.fatal.is_none() {
-                // Messages that already wait come first (see `Engine::flush`).
-                match self.swarm.next().now_or_never() {
-                    Some(Some(event)) => self.handle_event(event),
-                    _ => self.flush(),
-                }
+                () = std::future::ready(()), if self.engine.due_since().is_some() => self.flush(),
             }
             if let Some(err) = self.fatal.take() {
                 tracing::error!(error = %err, "stopping the node");

@@ -315,7 +315,8 @@ pub fn scale_and_reconnect(run: &mut Run, cfg: &Config) -> Result<(Value, Value)
     let t = Instant::now();
     quarter.start()?;
     let quarter_cold = t.elapsed();
-    // A quarter syncs with the centre and directly with every other quarter.
+    // A quarter connects to the centre and every other quarter, but syncs
+    // with the others only while the centre is gone (they stay passive).
     let quarter_reconnect = reconnect(&c.quarters[0], q, docs, cfg.timeout)?;
     converged(c, cfg.timeout)?;
 
