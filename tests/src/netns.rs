@@ -12,6 +12,9 @@ use std::net::Ipv4Addr;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+/// Numbers the namespaces this process makes, so their names never clash.
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
 use crate::Result;
 
 /// The hosts' subnet; only ever routed inside the test's namespaces.
@@ -49,14 +52,18 @@ impl Netns {
         if !nix::unistd::geteuid().is_root() {
             return Err("not running as root".into());
         }
-        let probe = format!("iqprobe{}", std::process::id());
+        // Unique per call: tests in one process probe at the same time.
+        let probe = format!(
+            "iqprobe{}x{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
         ip(&["netns", "add", &probe]).map_err(|e| format!("cannot add a namespace: {e}"))?;
         ip(&["netns", "del", &probe])
     }
 
     /// Creates `n` hosts, numbered from 0, all reachable from each other.
     pub fn create(n: usize) -> Result<Self> {
-        static SEQ: AtomicU32 = AtomicU32::new(0);
         let tag = format!(
             "iqj{}x{}",
             std::process::id(),
