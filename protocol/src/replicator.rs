@@ -57,7 +57,8 @@ const REDIAL: Duration = Duration::from_secs(1);
 const CENTRE_GRACE: Duration = Duration::from_secs(3);
 
 /// A quarter node also syncs with the other quarters directly while a
-/// message to the centre has gone unanswered this long.
+/// message to the centre has gone unanswered this long and nothing else
+/// came from the centre meanwhile.
 const CENTRE_STALL: Duration = Duration::from_secs(5);
 
 /// Longest wait between dials of an unreachable neighbouring quarter.
@@ -587,6 +588,8 @@ pub struct Actor {
     next_dial: Instant,
     /// Quarter nodes: since when the centre is not connected.
     centre_down_since: Option<Instant>,
+    /// Quarter nodes: when a sync message or answer last came from the centre.
+    centre_heard: Instant,
     /// Quarters' writer nodes (other than this one) and where they listen
     /// (from their documents), dialled directly: see `refresh_neighbours`.
     neighbours: HashMap<PeerId, Multiaddr>,
@@ -691,6 +694,7 @@ impl Actor {
             started: (Instant::now(), SystemTime::now()),
             next_dial: Instant::now(),
             centre_down_since: Some(Instant::now()),
+            centre_heard: Instant::now(),
             neighbours: HashMap::new(),
             neighbours_of: BTreeMap::new(),
             roster: Vec::new(),
@@ -1016,8 +1020,9 @@ impl Actor {
     /// Quarter nodes: the other quarters are passive partners while the
     /// centre is up (every document travels owner → centre → everyone, each
     /// once) and active ones once it has been gone for [`CENTRE_GRACE`] or
-    /// has left a message unanswered for [`CENTRE_STALL`] (quarters relay to
-    /// each other until it is back). See `engine` on passive peers.
+    /// has been silent with a message unanswered for [`CENTRE_STALL`]
+    /// (quarters relay to each other until it is back). See `engine` on
+    /// passive peers.
     fn neighbour_activity(&mut self) -> Effects<PeerId> {
         let mut fx = Effects::default();
         let Some((center, _)) = self.center else {
@@ -1028,11 +1033,14 @@ impl Actor {
                 .centre_down_since
                 .is_some_and(|t| t.elapsed() >= CENTRE_GRACE);
         // A connection a partition broke looks up until pings fail; a
-        // message the centre has not answered for long tells sooner.
-        let stalled = self
-            .pending
-            .values()
-            .any(|(p, _, _, sent)| *p == center && sent.elapsed() >= CENTRE_STALL);
+        // message the centre has not answered for long, while nothing else
+        // came from it either, tells sooner. (A centre busy catching up
+        // answers late but keeps sending.)
+        let stalled = self.centre_heard.elapsed() >= CENTRE_STALL
+            && self
+                .pending
+                .values()
+                .any(|(p, _, _, sent)| *p == center && sent.elapsed() >= CENTRE_STALL);
         let active = gone || stalled;
         let now = self.now();
         let neighbours: Vec<PeerId> = self
@@ -1352,6 +1360,11 @@ impl Actor {
 
     fn handle_sync(&mut self, event: request_response::Event<Request, Response>) {
         use request_response::{Event, Message};
+        if let Event::Message { peer, .. } = &event
+            && self.is_centre(peer)
+        {
+            self.centre_heard = Instant::now();
+        }
         match event {
             Event::Message {
                 peer,
