@@ -311,24 +311,36 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DataDirError> {
 /// address across restarts, so it is taken below the kernel's ephemeral
 /// range (where outgoing connections get their local ports): a port from
 /// that range could be in use by some connection when the node restarts.
-/// Falls back to a port the OS picks if none is found.
+/// Successive calls in one process scan upwards from a random start, so
+/// they never hand out the same port twice (the demo and the test harness
+/// set up many nodes at once, none of which holds its port yet). Falls back
+/// to a port the OS picks if none is found.
 pub fn free_port(ip: std::net::IpAddr) -> Result<u16, std::io::Error> {
     use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOWEST: u32 = 10_000;
+    /// Offset into the range of the next port to try; 0 until first used.
+    static NEXT: AtomicU32 = AtomicU32::new(0);
     let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
-    const LOWEST: u16 = 10_000;
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
     if ephemeral_start > LOWEST + 1_000 {
-        let span = u64::from(ephemeral_start - LOWEST);
-        let mut seed = std::collections::hash_map::RandomState::new()
+        let span = ephemeral_start - LOWEST;
+        let random = std::collections::hash_map::RandomState::new()
             .build_hasher()
             .finish();
-        for _ in 0..64 {
-            seed = seed
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            let port = LOWEST + ((seed >> 33) % span) as u16;
+        let _ = NEXT.compare_exchange(
+            0,
+            1 + (random % u64::from(span - 1)) as u32,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        for _ in 0..256 {
+            let offset = NEXT.fetch_add(1, Ordering::Relaxed) % span;
+            let Ok(port) = u16::try_from(LOWEST + offset) else {
+                continue;
+            };
             if std::net::TcpListener::bind((ip, port)).is_ok() {
                 return Ok(port);
             }
@@ -344,9 +356,11 @@ mod tests {
     #[test]
     fn free_ports_are_taken_below_the_ephemeral_range_and_are_free() {
         let ip = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+        let mut seen = std::collections::BTreeSet::new();
         for _ in 0..20 {
             let port = free_port(ip).expect("port");
             assert!(port >= 10_000, "{port}");
+            assert!(seen.insert(port), "port {port} handed out twice");
             std::net::TcpListener::bind((ip, port)).expect("the port is free");
         }
         if let Ok(range) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")

@@ -12,6 +12,7 @@
 //! - [`wait_until`]: the only way tests wait.
 
 use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -528,10 +529,22 @@ pub struct Cluster {
 }
 
 /// `--listen` and `--api` (and `--advertise`) for a node on test host `i`,
-/// if there are hosts. Host 0 is the centre.
-fn host_addr_args(net: Option<&Netns>, i: usize) -> Vec<String> {
+/// or on loopback without hosts. Host 0 is the centre. Loopback ports come
+/// from this process, so the nodes it sets up never share one (each `init`
+/// picking its own could).
+fn host_addr_args(net: Option<&Netns>, i: usize) -> Result<Vec<String>> {
     let Some(net) = net else {
-        return Vec::new();
+        let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let port = || {
+            iq_protocol::datadir::free_port(loopback)
+                .map_err(|e| format!("no free loopback port: {e}"))
+        };
+        return Ok(vec![
+            "--listen".into(),
+            format!("/ip4/127.0.0.1/tcp/{}", port()?),
+            "--api".into(),
+            format!("127.0.0.1:{}", port()?),
+        ]);
     };
     let own = format!("/ip4/{}/tcp/7000", net.addr(i));
     let mut args = vec!["--api".into(), "127.0.0.1:8000".into()];
@@ -541,7 +554,7 @@ fn host_addr_args(net: Option<&Netns>, i: usize) -> Vec<String> {
     } else {
         args.extend(["--listen".into(), own]);
     }
-    args
+    Ok(args)
 }
 
 /// The PeerId printed on the `peer id:` line of `init`.
@@ -598,7 +611,7 @@ impl Cluster {
         if private {
             init.push("--private-network".into());
         }
-        init.extend(host_addr_args(net.as_ref(), 0));
+        init.extend(host_addr_args(net.as_ref(), 0)?);
         let init: Vec<&str> = init.iter().map(String::as_str).collect();
         let out = center.cli_ok(&init)?;
         let center_addr = listen_line(&out)?;
@@ -661,7 +674,7 @@ impl Cluster {
         if with_psk {
             args.extend(["--psk", psk]);
         }
-        let addr_args = host_addr_args(net, host);
+        let addr_args = host_addr_args(net, host)?;
         args.extend(addr_args.iter().map(String::as_str));
         let out = node.cli_ok(&args)?;
         let peer = peer_id_line(&out)?;
