@@ -44,10 +44,6 @@ use crate::wire::{Request, RequestV1, Response, ResponseV1, SignedHash};
 /// Interval of the engine's timer (retries, stalled sessions, redial, compaction).
 const TICK: Duration = Duration::from_millis(250);
 
-/// While incoming messages keep a node busy, answers and relays wait at
-/// most this long (engine milliseconds; see `Engine::flush`).
-const FLUSH_AT_LATEST_MS: u64 = 1_000;
-
 /// A quarter node redials the centre this often while disconnected.
 const REDIAL: Duration = Duration::from_secs(1);
 
@@ -797,7 +793,7 @@ impl Actor {
                 },
                 event = self.swarm.select_next_some() => self.handle_event(event),
                 _ = tick.tick() => self.handle_tick(),
-                () = std::future::ready(()), if self.engine.due_since().is_some() => self.flush(),
+                () = std::future::ready(()), if self.engine.flush_due() => self.flush(),
             }
             if let Some(err) = self.fatal.take() {
                 tracing::error!(error = %err, "stopping the node");
@@ -1214,14 +1210,6 @@ impl Actor {
     }
 
     fn handle_tick(&mut self) {
-        // While messages keep coming in, answers and relays wait at most this long.
-        if self
-            .engine
-            .due_since()
-            .is_some_and(|t| self.now().saturating_sub(t) >= FLUSH_AT_LATEST_MS)
-        {
-            self.flush();
-        }
         let fx = self.neighbour_activity();
         if !fx.is_empty() && self.apply(fx).is_err() {
             return;
