@@ -31,6 +31,7 @@ use automerge::transaction::Transaction;
 use automerge::{ActorId, Automerge, ChangeHash, LoadOptions, OnPartialLoad, VerificationMode};
 
 use crate::authorship::{AuthorError, SIGNATURE_LEN, Signer, Writers};
+use crate::change_cache::{self, ChangeCache};
 use crate::chunks::{self, ChunkError};
 use crate::ids::{DocId, QuarterSlug};
 use crate::schema;
@@ -210,6 +211,8 @@ pub struct Engine<P: Ord + Clone> {
     /// Signatures of every non-genesis change held, by change hash.
     sigs: HashMap<ChangeHash, Vec<u8>>,
     docs: BTreeMap<DocId, Automerge>,
+    /// Bytes of changes received or written lately, sent on as they are.
+    cache: ChangeCache,
     /// Quarter documents this node replicates (besides `city`).
     quarters: BTreeSet<QuarterSlug>,
     peers: BTreeMap<P, Peer>,
@@ -243,6 +246,7 @@ impl<P: Ord + Clone> Engine<P> {
             writers,
             sigs: HashMap::new(),
             docs: BTreeMap::new(),
+            cache: ChangeCache::default(),
             quarters: BTreeSet::new(),
             peers: BTreeMap::new(),
             passive: BTreeSet::new(),
@@ -569,13 +573,18 @@ impl<P: Ord + Clone> Engine<P> {
         }
         session.retry_at_ms = None;
         session.dirty = false;
-        if let Some(mut msg) = am.generate_sync_message(&mut session.state) {
+        if let Some((mut msg, carried)) =
+            change_cache::sync_message(am, &mut session.state, &mut self.cache)
+        {
             // Advertise no capabilities, so peers never send us whole
             // documents (v2 messages): automerge loads those without bounds
             // on what their compressed columns inflate to. Change lists are
             // read with bounds (see `chunks`).
             msg.flags = None;
-            let sigs = attach_signatures(&self.sigs, &msg);
+            let sigs: Vec<(ChangeHash, Vec<u8>)> = carried
+                .into_iter()
+                .filter_map(|h| self.sigs.get(&h).map(|s| (h, s.clone())))
+                .collect();
             let data = msg.encode();
             session.outstanding = true;
             session.last_activity_ms = now;
@@ -614,7 +623,7 @@ impl<P: Ord + Clone> Engine<P> {
         if !self.accepts(doc) {
             return Err(SyncError::NotAccepted(doc.clone()));
         }
-        let (msg, new_sigs) = match self.check_message(doc, data, sigs) {
+        let (msg, new_sigs, fresh) = match self.check_message(doc, data, sigs) {
             Ok(ok) => ok,
             Err((err, bad_changes)) => {
                 if matches!(err, SyncError::Unauthorised(AuthorError::NotAWriter { .. })) {
@@ -689,11 +698,24 @@ impl<P: Ord + Clone> Engine<P> {
         }
         let changed = before != after;
         if changed {
-            let changes = am
-                .get_changes(&before)
-                .iter()
-                .map(|c| c.raw_bytes().to_vec())
+            // What was applied is stored and kept as it came, unless
+            // automerge also applied changes queued from an earlier message
+            // (their dependencies came now): then it rebuilds what is new.
+            let applied: Vec<(ChangeHash, Vec<u8>)> = fresh
+                .into_iter()
+                .filter(|(h, _)| am.get_change_meta_by_hash(h).is_some())
                 .collect();
+            for (hash, bytes) in &applied {
+                self.cache.insert(*hash, bytes);
+            }
+            let changes = if am.get_changes_meta(&before).len() == applied.len() {
+                applied.into_iter().map(|(_, b)| b).collect()
+            } else {
+                am.get_changes(&before)
+                    .iter()
+                    .map(|c| c.raw_bytes().to_vec())
+                    .collect()
+            };
             fx.changes.push((doc.clone(), changes));
             fx.changed.insert(doc.clone());
         }
@@ -748,15 +770,23 @@ impl<P: Ord + Clone> Engine<P> {
     }
 
     /// Decodes a message and checks the authorship of every change in it
-    /// that this node does not hold yet. On refusal, also says how many
-    /// changes failed the check.
+    /// that this node does not hold yet. Returns the message, the signatures
+    /// to keep and the hashes and bytes of the changes not held yet. On
+    /// refusal, also says how many changes failed the check.
     #[allow(clippy::type_complexity)]
     fn check_message(
         &mut self,
         doc: &DocId,
         data: &[u8],
         sigs: &[(ChangeHash, Vec<u8>)],
-    ) -> Result<(sync::Message, Vec<(ChangeHash, Vec<u8>)>), (SyncError, u64)> {
+    ) -> Result<
+        (
+            sync::Message,
+            Vec<(ChangeHash, Vec<u8>)>,
+            Vec<(ChangeHash, Vec<u8>)>,
+        ),
+        (SyncError, u64),
+    > {
         // automerge's parsers trust their input more than a network service
         // can: keep a panic in them to this one message.
         let parsed = std::panic::catch_unwind(|| -> Result<_, SyncError> {
@@ -838,7 +868,13 @@ impl<P: Ord + Clone> Engine<P> {
         }
         match first_error {
             Some(e) => Err((SyncError::Unauthorised(e), bad)),
-            None => Ok((msg, accepted)),
+            None => {
+                let fresh = new
+                    .iter()
+                    .map(|c| (c.hash(), c.raw_bytes().to_vec()))
+                    .collect();
+                Ok((msg, accepted, fresh))
+            }
         }
     }
 
@@ -932,6 +968,7 @@ impl<P: Ord + Clone> Engine<P> {
         for change in &new {
             let sig = self.signer.sign(&change.hash());
             self.sigs.insert(change.hash(), sig.clone());
+            self.cache.insert(change.hash(), change.raw_bytes());
             fx.signatures.push((change.hash(), sig));
         }
         let changes: Vec<Vec<u8>> = new.iter().map(|c| c.raw_bytes().to_vec()).collect();
@@ -1015,22 +1052,6 @@ impl<'a> Ancestry<'a> {
 /// Wire size of a signature list: each entry is a change hash and its signature.
 fn signature_bytes(sigs: &[(ChangeHash, Vec<u8>)]) -> usize {
     sigs.iter().map(|(h, s)| h.0.len() + s.len()).sum()
-}
-
-/// The signatures of the changes `msg` carries (all of a whole document).
-fn attach_signatures(
-    sigs: &HashMap<ChangeHash, Vec<u8>>,
-    msg: &sync::Message,
-) -> Vec<(ChangeHash, Vec<u8>)> {
-    let mut carried = Vec::new();
-    for element in msg.changes.iter() {
-        // Our own message: it parses; if it ever did not, the peer refuses it.
-        let _ = chunks::hashes_in(element, &mut carried);
-    }
-    carried
-        .into_iter()
-        .filter_map(|h| sigs.get(&h).map(|s| (h, s.clone())))
-        .collect()
 }
 
 #[cfg(test)]

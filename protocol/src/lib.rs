@@ -4,6 +4,7 @@
 //! - [`ids`]: document ids and quarter slugs.
 //! - [`authorship`]: change signatures and who may write which document.
 //! - [`chunks`]: bounded reading of the automerge chunks a peer sends.
+//! - [`change_cache`]: change bytes kept as received, put into outgoing sync messages.
 //! - [`identity`]: the node's ed25519 key, its PeerId and automerge actor id.
 //! - [`schema`]: document schemas (genesis, concerns, roster) over automerge.
 //! - [`wire`]: versioned wire messages of the sync protocol.
@@ -15,6 +16,7 @@
 //! - [`workflows`]: the counter-current items, their rules and the views over them.
 
 pub mod authorship;
+pub mod change_cache;
 pub mod chunks;
 pub mod datadir;
 pub mod engine;

@@ -165,8 +165,9 @@ pub struct Handle {
     peer_id: PeerId,
     /// Counts changes to what a page shows: documents and connections.
     changed: watch::Receiver<u64>,
-    /// Counts batches of document changes applied (local or received).
-    version: watch::Receiver<u64>,
+    /// Every document's heads, published by the actor after each batch of
+    /// changes, so reading them never waits for the actor.
+    heads: watch::Receiver<Heads>,
     /// The last store ticket known durable (see [`Durability`]).
     durable: watch::Receiver<u64>,
 }
@@ -202,16 +203,21 @@ impl Handle {
 
     /// Every replicated document's heads, with the version they belong to
     /// (cheap: no change counts, no store size, unlike [`View::status`]).
+    /// Read from what the actor last published, so a node busy catching up
+    /// still answers at once.
     pub async fn heads(&self) -> Result<Heads, ReplicatorError> {
-        self.run(|actor| actor.heads()).await
+        if self.tx.is_closed() {
+            return Err(ReplicatorError::Stopped);
+        }
+        Ok(self.heads.borrow().clone())
     }
 
     /// Waits until the node's documents changed after `version` (see
     /// [`Heads::version`]), for at most `timeout`. Returns at once if they
     /// already have; a timeout is not an error, the caller reads again.
     pub async fn changed_after(&self, version: u64, timeout: Duration) {
-        let mut rx = self.version.clone();
-        let _ = tokio::time::timeout(timeout, rx.wait_for(|v| *v > version)).await;
+        let mut rx = self.heads.clone();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|h| h.version > version)).await;
     }
 
     async fn run<R: Send + 'static>(
@@ -512,7 +518,7 @@ impl Replicator {
         actor.advertise();
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let changed = actor.changed.subscribe();
-        let version = actor.version.subscribe();
+        let heads = actor.heads.subscribe();
         let durable = actor.durable_tx.subscribe();
         let task = tokio::spawn(actor.run(rx));
         Ok(Self {
@@ -520,7 +526,7 @@ impl Replicator {
                 tx,
                 peer_id,
                 changed,
-                version,
+                heads,
                 durable,
             },
             task,
@@ -604,9 +610,10 @@ pub struct Actor {
     buckets: HashMap<PeerId, Bucket>,
     /// Moved on every document change and every connection change.
     changed: watch::Sender<u64>,
-    /// Bumped after every batch of document changes is applied, so API
-    /// callers can wait for the next change instead of polling.
-    version: watch::Sender<u64>,
+    /// Every document's heads, with a version bumped after every batch of
+    /// document changes is applied, so API callers read them without
+    /// waiting for the actor, and wait for the next change instead of polling.
+    heads: watch::Sender<Heads>,
 }
 
 impl std::fmt::Debug for Actor {
@@ -702,7 +709,10 @@ impl Actor {
             rate_limited: 0,
             buckets: HashMap::new(),
             changed: watch::Sender::new(0),
-            version: watch::Sender::new(0),
+            heads: watch::Sender::new(Heads {
+                version: 0,
+                documents: BTreeMap::new(),
+            }),
         };
         let _ = actor.refresh_roster();
         Ok(actor)
@@ -725,21 +735,35 @@ impl Actor {
         self.started.0.elapsed().as_millis() as u64
     }
 
-    fn heads(&self) -> Heads {
-        let documents = self
-            .engine
-            .docs()
-            .filter(|(id, _)| self.engine.accepts(id))
-            .map(|(id, am)| {
-                let mut heads: Vec<String> = am.get_heads().iter().map(|h| h.to_string()).collect();
-                heads.sort();
-                (id.to_string(), heads)
-            })
-            .collect();
-        Heads {
-            version: *self.version.borrow(),
-            documents,
-        }
+    /// Publishes the heads of the `changed` documents (of all when `None`)
+    /// under a new version.
+    fn publish_heads(&self, changed: Option<&BTreeSet<DocId>>) {
+        let engine = &self.engine;
+        let heads_of = |am: &automerge::Automerge| {
+            let mut heads: Vec<String> = am.get_heads().iter().map(|h| h.to_string()).collect();
+            heads.sort();
+            heads
+        };
+        self.heads.send_modify(|h| {
+            h.version += 1;
+            match changed {
+                None => {
+                    h.documents = engine
+                        .docs()
+                        .filter(|(id, _)| engine.accepts(id))
+                        .map(|(id, am)| (id.to_string(), heads_of(am)))
+                        .collect();
+                }
+                Some(docs) => {
+                    for id in docs {
+                        match engine.doc(id).filter(|_| engine.accepts(id)) {
+                            Some(am) => h.documents.insert(id.to_string(), heads_of(am)),
+                            None => h.documents.remove(&id.to_string()),
+                        };
+                    }
+                }
+            }
+        });
     }
 
     fn view(&self) -> View<'_> {
@@ -913,7 +937,7 @@ impl Actor {
         }
         if !fx.changed.is_empty() {
             self.changed.send_modify(|n| *n += 1);
-            self.version.send_modify(|v| *v += 1);
+            self.publish_heads(Some(&fx.changed));
         }
         if fx.changed.contains(&DocId::City) {
             self.refresh_roster()?;
@@ -988,6 +1012,8 @@ impl Actor {
         let now = self.now();
         let mut fx = self.engine.set_writers(writers, retired, now);
         fx.extend(self.engine.set_quarters(quarters, now));
+        // The documents replicated may have changed with the roster.
+        self.publish_heads(None);
         let removed: Vec<PeerId> = self.allowed.difference(&allowed).copied().collect();
         let added: Vec<PeerId> = allowed.difference(&self.allowed).copied().collect();
         self.allowed = allowed;
@@ -1110,6 +1136,7 @@ impl Actor {
             .reload_doc(doc, chunks.iter().map(|c| c.as_slice()), now)
         {
             Ok(fx) => {
+                self.publish_heads(None);
                 let _ = self.apply(fx);
             }
             Err(e) => {

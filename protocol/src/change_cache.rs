@@ -1,0 +1,348 @@
+//! Change bytes kept as they arrived, so outgoing sync messages carry them
+//! as they are.
+//!
+//! automerge keeps no change bytes: it holds a document as columns of
+//! operations and rebuilds each change it sends from them
+//! (`generate_sync_message`). For the centre, which passes every quarter's
+//! changes on to every other node, that rebuilding was about half of its CPU
+//! time during a catch-up (see `docs/benchmarks.md`). Every change a node
+//! receives or writes is already at hand as bytes once, so a bounded cache
+//! keeps them, and [`sync_message`] lets automerge decide everything but the
+//! change bytes. It falls back to automerge's own message whenever the cache
+//! lacks a change that is due.
+//!
+//! The bytes of a change fix its hash (the hash is computed from them when a
+//! change is parsed or built), so a cached entry can never stand in for
+//! another change.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use automerge::sync::{self, SyncDoc};
+use automerge::{Automerge, ChangeHash};
+
+/// Bytes of changes kept at most; the oldest go first.
+pub const CACHE_BYTES: usize = 32 << 20;
+
+/// Recently received or written changes, by hash, oldest evicted first.
+#[derive(Debug)]
+pub struct ChangeCache {
+    bytes: HashMap<ChangeHash, Vec<u8>>,
+    order: VecDeque<ChangeHash>,
+    held: usize,
+    budget: usize,
+    /// Messages built from the cache, and by automerge.
+    hits: u64,
+    misses: u64,
+}
+
+impl Default for ChangeCache {
+    fn default() -> Self {
+        Self::with_budget(CACHE_BYTES)
+    }
+}
+
+impl ChangeCache {
+    pub fn with_budget(budget: usize) -> Self {
+        Self {
+            bytes: HashMap::new(),
+            order: VecDeque::new(),
+            held: 0,
+            budget,
+            hits: 0,
+            misses: 0,
+        }
+    }
+
+    /// Keeps the bytes of the change with `hash` (which must be the hash of
+    /// `bytes`: callers take both from one parsed or built change).
+    pub fn insert(&mut self, hash: ChangeHash, bytes: &[u8]) {
+        if bytes.len() > self.budget || self.bytes.contains_key(&hash) {
+            return;
+        }
+        while self.held + bytes.len() > self.budget {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(b) = self.bytes.remove(&old) {
+                self.held -= b.len();
+            }
+        }
+        self.held += bytes.len();
+        self.bytes.insert(hash, bytes.to_vec());
+        self.order.push_back(hash);
+    }
+
+    pub fn get(&self, hash: &ChangeHash) -> Option<&[u8]> {
+        self.bytes.get(hash).map(Vec::as_slice)
+    }
+
+    /// Bytes held.
+    pub fn held(&self) -> usize {
+        self.held
+    }
+
+    /// Messages with changes built from the cache, and by automerge.
+    pub fn hits_and_misses(&self) -> (u64, u64) {
+        (self.hits, self.misses)
+    }
+}
+
+/// The next sync message of a session, like automerge's
+/// `generate_sync_message`, but with the changes it carries taken from
+/// `cache` when all of them are there. Returns the message and the hashes of
+/// the changes it carries.
+pub fn sync_message(
+    am: &Automerge,
+    state: &mut sync::State,
+    cache: &mut ChangeCache,
+) -> Option<(sync::Message, Vec<ChangeHash>)> {
+    // A peer that advertised capabilities may be sent whole documents (v2
+    // messages); iq nodes advertise none (see `engine`), so this path is theirs.
+    if state.their_capabilities.is_none()
+        && let Some(hashes) = hashes_to_send(am, state)
+        && let Some(bytes) = hashes
+            .iter()
+            .map(|h| cache.get(h).map(<[u8]>::to_vec))
+            .collect::<Option<Vec<_>>>()
+    {
+        // automerge builds the rest of the message (heads, need, the bloom
+        // filter, when to stay silent) but, told the peer takes no changes,
+        // builds none; they are put in from the cache.
+        let read_only = state.peer_read_only;
+        state.peer_read_only = true;
+        let msg = am.generate_sync_message(state);
+        state.peer_read_only = read_only;
+        let mut msg = msg?;
+        if read_only || hashes.is_empty() {
+            return Some((msg, Vec::new()));
+        }
+        state.sent_hashes.extend(hashes.iter().copied());
+        msg.changes = bytes.into();
+        cache.hits += 1;
+        return Some((msg, hashes));
+    }
+    // automerge's own message, its changes rebuilt from the document; they
+    // are kept, as the next peer is likely to need the same.
+    let msg = am.generate_sync_message(state)?;
+    let mut hashes = Vec::new();
+    for element in msg.changes.iter() {
+        let mut found = Vec::new();
+        // Our own message: it parses (if it ever did not, the peer refuses it).
+        if crate::chunks::hashes_in(element, &mut found).is_ok()
+            && let [hash] = found[..]
+        {
+            cache.insert(hash, element);
+        }
+        hashes.extend(found);
+    }
+    if !hashes.is_empty() {
+        cache.misses += 1;
+    }
+    Some((msg, hashes))
+}
+
+/// The changes automerge would send next in this session (its
+/// `get_hashes_to_send`, less those already sent), or `None` when automerge
+/// must build the message itself: the peer's last sync point names a change
+/// this node lacks (a reset).
+fn hashes_to_send(am: &Automerge, state: &sync::State) -> Option<Vec<ChangeHash>> {
+    let has = |h: &ChangeHash| am.get_change_meta_by_hash(h).is_some();
+    let (Some(have), Some(need)) = (&state.their_have, &state.their_need) else {
+        return Some(Vec::new());
+    };
+    if state.peer_read_only {
+        return Some(Vec::new());
+    }
+    if let Some(first) = have.first()
+        && !first.last_sync.iter().all(has)
+    {
+        return None;
+    }
+    let need: Vec<ChangeHash> = need.iter().filter(|h| has(h)).copied().collect();
+    let all = if have.is_empty() {
+        need
+    } else {
+        let mut last_sync: Vec<ChangeHash> = have
+            .iter()
+            .flat_map(|h| h.last_sync.iter().copied())
+            .collect();
+        last_sync.sort();
+        last_sync.dedup();
+        let metas = am.get_changes_meta(&last_sync);
+        // Everything after the sync point the peer's filters do not show,
+        // and whatever depends on it (the peer cannot apply a change whose
+        // dependency it lacks, and a filter can err towards "held").
+        let mut send: HashSet<ChangeHash> = HashSet::new();
+        let mut dependents: HashMap<ChangeHash, Vec<ChangeHash>> = HashMap::new();
+        for m in &metas {
+            for dep in &m.deps {
+                dependents.entry(*dep).or_default().push(m.hash);
+            }
+            if have.iter().all(|h| !h.bloom.contains_hash(&m.hash)) {
+                send.insert(m.hash);
+            }
+        }
+        let mut stack: Vec<ChangeHash> = send.iter().copied().collect();
+        while let Some(h) = stack.pop() {
+            for d in dependents.get(&h).into_iter().flatten() {
+                if send.insert(*d) {
+                    stack.push(*d);
+                }
+            }
+        }
+        let mut out: Vec<ChangeHash> = need.into_iter().filter(|h| !send.contains(h)).collect();
+        out.extend(metas.iter().map(|m| m.hash).filter(|h| send.contains(h)));
+        out
+    };
+    Some(
+        all.into_iter()
+            .filter(|h| !state.sent_hashes.contains(h))
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::transaction::Transactable;
+    use automerge::{ROOT, ReadDoc};
+
+    fn doc_with(actor: u8, keys: &[&str]) -> Automerge {
+        let mut am = Automerge::new();
+        am.set_actor(automerge::ActorId::from(vec![actor; 16]));
+        for k in keys {
+            am.transact(|tx| tx.put(ROOT, *k, *k).map(|_| ()))
+                .expect("a put on a fresh map");
+        }
+        am
+    }
+
+    /// Syncs `a` and `b` until neither has anything to say; returns the
+    /// messages that went and how many carried changes from the cache.
+    fn sync_pair(
+        a: &mut Automerge,
+        b: &mut Automerge,
+        cache_a: &mut ChangeCache,
+        cache_b: &mut ChangeCache,
+    ) -> usize {
+        let (mut sa, mut sb) = (sync::State::new(), sync::State::new());
+        let mut messages = 0;
+        for _ in 0..20 {
+            let m1 = sync_message(a, &mut sa, cache_a);
+            if let Some((m, _)) = &m1 {
+                b.receive_sync_message(&mut sb, as_sent(m))
+                    .expect("applies");
+                messages += 1;
+            }
+            let m2 = sync_message(b, &mut sb, cache_b);
+            if let Some((m, _)) = &m2 {
+                a.receive_sync_message(&mut sa, as_sent(m))
+                    .expect("applies");
+                messages += 1;
+            }
+            if m1.is_none() && m2.is_none() {
+                return messages;
+            }
+        }
+        panic!("no quiescence after 20 rounds");
+    }
+
+    /// A message as the engine sends it: advertising no capabilities.
+    fn as_sent(m: &sync::Message) -> sync::Message {
+        let mut m = m.clone();
+        m.flags = None;
+        m
+    }
+
+    fn cache_all(am: &Automerge, cache: &mut ChangeCache) {
+        for c in am.get_changes(&[]) {
+            cache.insert(c.hash(), c.raw_bytes());
+        }
+    }
+
+    #[test]
+    fn cached_and_rebuilt_messages_converge_the_same() {
+        for warm in [false, true] {
+            let mut a = doc_with(1, &["x", "y", "z"]);
+            let mut b = doc_with(2, &["p", "q"]);
+            let (mut ca, mut cb) = (ChangeCache::default(), ChangeCache::default());
+            if warm {
+                cache_all(&a, &mut ca);
+                cache_all(&b, &mut cb);
+            }
+            sync_pair(&mut a, &mut b, &mut ca, &mut cb);
+            assert_eq!(a.get_heads(), b.get_heads(), "warm={warm}");
+            for k in ["x", "y", "z", "p", "q"] {
+                assert!(a.get(ROOT, k).expect("reads").is_some(), "{k} in a");
+                assert!(b.get(ROOT, k).expect("reads").is_some(), "{k} in b");
+            }
+        }
+    }
+
+    #[test]
+    fn a_warm_cache_carries_the_same_changes_automerge_would_rebuild() {
+        let a = doc_with(1, &["x", "y", "z"]);
+        let b = doc_with(2, &[]);
+        // A first exchange, so the next message from `a` carries changes.
+        let (mut sa, mut sb) = (sync::State::new(), sync::State::new());
+        let hello_a = as_sent(&a.generate_sync_message(&mut sa).expect("a says hello"));
+        let hello_b = as_sent(&b.generate_sync_message(&mut sb).expect("b says hello"));
+        let mut b2 = b.clone();
+        b2.receive_sync_message(&mut sb, hello_a).expect("applies");
+        let mut a_plain = a.clone();
+        let mut sa_plain = sa.clone();
+        a_plain
+            .receive_sync_message(&mut sa_plain, hello_b.clone())
+            .expect("applies");
+        let mut sa_cached = sa.clone();
+        let mut a_cached = a.clone();
+        a_cached
+            .receive_sync_message(&mut sa_cached, hello_b)
+            .expect("applies");
+
+        let plain = a_plain
+            .generate_sync_message(&mut sa_plain)
+            .expect("changes are due");
+        let mut cache = ChangeCache::default();
+        cache_all(&a, &mut cache);
+        let (cached, hashes) =
+            sync_message(&a_cached, &mut sa_cached, &mut cache).expect("changes are due");
+        assert_eq!(hashes.len(), 3);
+        assert_eq!(cache.hits_and_misses(), (1, 0), "built from the cache");
+        let plain_changes: Vec<Vec<u8>> = plain.changes.iter().map(<[u8]>::to_vec).collect();
+        let cached_changes: Vec<Vec<u8>> = cached.changes.iter().map(<[u8]>::to_vec).collect();
+        assert_eq!(plain_changes, cached_changes);
+        assert_eq!(plain.heads, cached.heads);
+        assert_eq!(plain.need, cached.need);
+        assert_eq!(sa_plain.sent_hashes, sa_cached.sent_hashes);
+    }
+
+    #[test]
+    fn a_cold_cache_falls_back_and_is_warmed() {
+        let mut a = doc_with(1, &["x", "y"]);
+        let mut b = doc_with(2, &[]);
+        let (mut ca, mut cb) = (ChangeCache::default(), ChangeCache::default());
+        sync_pair(&mut a, &mut b, &mut ca, &mut cb);
+        assert_eq!(a.get_heads(), b.get_heads());
+        assert_eq!(ca.hits_and_misses(), (0, 1), "built by automerge");
+        for c in a.get_changes(&[]) {
+            if c.actor_id() == &automerge::ActorId::from(vec![1u8; 16]) {
+                assert_eq!(ca.get(&c.hash()), Some(c.raw_bytes()), "kept after sending");
+            }
+        }
+    }
+
+    #[test]
+    fn the_budget_evicts_the_oldest() {
+        let am = doc_with(1, &["a", "b", "c", "d"]);
+        let changes = am.get_changes(&[]);
+        let one = changes[0].raw_bytes().len();
+        let mut cache = ChangeCache::with_budget(one * 2 + one / 2);
+        for c in &changes {
+            cache.insert(c.hash(), c.raw_bytes());
+        }
+        assert!(cache.held() <= one * 2 + one / 2);
+        assert!(cache.get(&changes[0].hash()).is_none());
+        assert!(cache.get(&changes[3].hash()).is_some());
+    }
+}
