@@ -39,6 +39,14 @@ use crate::schema;
 /// Messages one call of [`Engine::flush`] generates at most.
 pub const FLUSH_SLICE: usize = 32;
 
+/// Messages with changes to one peer outstanding at most, over all its
+/// documents, before this node pushes more. A node catching up a peer on
+/// many documents at once (the centre a quarter that was offline) streams
+/// them a few at a time instead of buffering one message per document, each
+/// with up to thousands of changes, at both ends. Answers the peer's own
+/// changes wait for do not wait for the window.
+pub const PEER_WINDOW: usize = 8;
+
 /// After a failed send, wait this long before trying again.
 pub const RETRY_MS: u64 = 1_000;
 
@@ -163,6 +171,8 @@ struct Session {
     state: sync::State,
     /// A message was handed to the transport and is not yet acknowledged.
     outstanding: bool,
+    /// That message carries changes (counts towards [`PEER_WINDOW`]).
+    carries_changes: bool,
     /// Something changed while a message was outstanding.
     dirty: bool,
     /// Engine time of the last send or receive.
@@ -182,6 +192,7 @@ impl Session {
             epoch,
             state,
             outstanding: false,
+            carries_changes: false,
             dirty: false,
             last_activity_ms: now,
             retry_at_ms: None,
@@ -560,14 +571,46 @@ impl<P: Ord + Clone> Engine<P> {
         p.sessions.get_mut(doc)
     }
 
-    /// Generates the next message for (peer, doc) unless one is outstanding.
+    /// Generates the next message for (peer, doc) unless one is outstanding
+    /// or the peer's window is full ([`PEER_WINDOW`]).
     fn generate(&mut self, peer: &P, doc: &DocId, now: u64, fx: &mut Effects<P>) {
+        self.generate_within(peer, doc, now, true, fx);
+    }
+
+    /// [`Engine::generate`], or with `windowed` false regardless of the
+    /// peer's window (for an answer the peer's own changes wait for).
+    fn generate_within(
+        &mut self,
+        peer: &P,
+        doc: &DocId,
+        now: u64,
+        windowed: bool,
+        fx: &mut Effects<P>,
+    ) {
         let Some(am) = self.docs.get(doc) else { return };
         let Some(session) = Self::session(&mut self.peers, &mut self.next_epoch, peer, doc, now)
         else {
             return;
         };
         if session.outstanding || session.retry_at_ms.is_some_and(|t| now < t) {
+            session.dirty = true;
+            return;
+        }
+        let outstanding = self.peers.get(peer).map_or(0, |p| {
+            p.sessions
+                .values()
+                .filter(|s| s.outstanding && s.carries_changes)
+                .count()
+        });
+        let Some(session) = self
+            .peers
+            .get_mut(peer)
+            .and_then(|p| p.sessions.get_mut(doc))
+        else {
+            return;
+        };
+        if windowed && outstanding >= PEER_WINDOW {
+            // Generated when one of the peer's messages is acknowledged.
             session.dirty = true;
             return;
         }
@@ -585,6 +628,7 @@ impl<P: Ord + Clone> Engine<P> {
                 .into_iter()
                 .filter_map(|h| self.sigs.get(&h).map(|s| (h, s.clone())))
                 .collect();
+            session.carries_changes = !sigs.is_empty() || !msg.changes.is_empty();
             let data = msg.encode();
             session.outstanding = true;
             session.last_activity_ms = now;
@@ -732,7 +776,21 @@ impl<P: Ord + Clone> Engine<P> {
             // next step (sending its changes, say) may wait for it.
             self.relay_due.insert(doc.clone());
         }
-        self.generate(peer, doc, now, &mut fx);
+        // The answer goes ahead of the window while the peer holds changes
+        // this node lacks: the peer's sending them may wait for it. An
+        // answer that only carries this node's changes waits its turn.
+        let they_have_more = self.docs.get(doc).is_some_and(|am| {
+            self.peers
+                .get(peer)
+                .and_then(|p| p.sessions.get(doc))
+                .and_then(|s| s.state.their_heads.as_ref())
+                .is_some_and(|heads| {
+                    heads
+                        .iter()
+                        .any(|h| am.get_change_meta_by_hash(h).is_none())
+                })
+        });
+        self.generate_within(peer, doc, now, !they_have_more, &mut fx);
         Ok(fx)
     }
 
@@ -900,6 +958,28 @@ impl<P: Ord + Clone> Engine<P> {
         if dirty {
             self.generate_due.insert((peer.clone(), doc.clone()));
         }
+        self.window_opened(peer, now);
+    }
+
+    /// A message to `peer` is no longer outstanding: a session the peer's
+    /// window held back takes its place.
+    fn window_opened(&mut self, peer: &P, now: u64) {
+        let Some(p) = self.peers.get(peer) else {
+            return;
+        };
+        let waiting = p
+            .sessions
+            .iter()
+            .find(|(d, s)| {
+                s.dirty
+                    && !s.outstanding
+                    && s.retry_at_ms.is_none_or(|t| now >= t)
+                    && !self.generate_due.contains(&(peer.clone(), (*d).clone()))
+            })
+            .map(|(d, _)| d.clone());
+        if let Some(doc) = waiting {
+            self.generate_due.insert((peer.clone(), doc));
+        }
     }
 
     /// The message of session `epoch` to (peer, doc) was lost (or the peer
@@ -915,6 +995,7 @@ impl<P: Ord + Clone> Engine<P> {
             s.retry_at_ms = Some(now + RETRY_MS);
             s.dirty = true;
         }
+        self.window_opened(peer, now);
     }
 
     /// The peer refused the message of session `epoch` to (peer, doc): the
@@ -1224,6 +1305,50 @@ mod tests {
         sim.assert_converged();
         let am = sim.nodes[1].doc(&DocId::quarter(&q[0])).expect("replica");
         assert_eq!(schema::concern_count(am), 20);
+    }
+
+    #[test]
+    fn a_peer_is_sent_at_most_a_window_of_messages_at_once_and_still_gets_everything() {
+        // Node 0 writes 3 × PEER_WINDOW documents; node 1 must get them all,
+        // with never more than PEER_WINDOW messages with changes from 0 on
+        // the wire.
+        let q: Vec<QuarterSlug> = (0..3 * PEER_WINDOW)
+            .map(|i| slug(&format!("q{i}")))
+            .collect();
+        let owners = vec![0; q.len()];
+        let mut sim = Sim::new(2, vec![(0, 1)], &q, &owners, 3, 0);
+        for doc in &q {
+            sim.write(0, &DocId::quarter(doc), format!("{doc}-1"));
+        }
+        let mut most = 0;
+        for _ in 0..100_000 {
+            let from_0 = sim
+                .wire
+                .iter()
+                .filter(|(from, out)| *from == 0 && !out.sigs.is_empty())
+                .count();
+            most = most.max(from_0);
+            if sim.wire.is_empty() {
+                sim.run(1_000);
+                break;
+            }
+            let k = sim.rng.below(sim.wire.len() as u64) as usize;
+            sim.now += 1;
+            sim.deliver(k);
+        }
+        assert!(
+            most <= PEER_WINDOW,
+            "{most} messages outstanding to one peer"
+        );
+        assert!(
+            most > 1,
+            "the window was never used: the test shows nothing"
+        );
+        sim.assert_converged();
+        for doc in &q {
+            let am = sim.nodes[1].doc(&DocId::quarter(doc)).expect("replica");
+            assert_eq!(schema::concern_count(am), 1, "{doc}");
+        }
     }
 
     #[test]

@@ -54,8 +54,9 @@ const CENTRE_GRACE: Duration = Duration::from_secs(3);
 
 /// A quarter node also syncs with the other quarters directly while a
 /// message to the centre has gone unanswered this long and nothing else
-/// came from the centre meanwhile.
-const CENTRE_STALL: Duration = Duration::from_secs(5);
+/// came from the centre meanwhile. Long enough that a centre slowed by a
+/// catch-up of many quarters at once is not taken for a partitioned one.
+const CENTRE_STALL: Duration = Duration::from_secs(10);
 
 /// Longest wait between dials of an unreachable neighbouring quarter.
 const MAX_NEIGHBOUR_BACKOFF: Duration = Duration::from_secs(60);
@@ -590,8 +591,8 @@ pub struct Actor {
     next_dial: Instant,
     /// Quarter nodes: since when the centre is not connected.
     centre_down_since: Option<Instant>,
-    /// Quarter nodes: when a sync message or answer last came from the centre.
-    centre_heard: Instant,
+    /// When a sync message or answer last came from each peer.
+    heard: HashMap<PeerId, Instant>,
     /// Quarters' writer nodes (other than this one) and where they listen
     /// (from their documents), dialled directly: see `refresh_neighbours`.
     neighbours: HashMap<PeerId, Multiaddr>,
@@ -697,7 +698,7 @@ impl Actor {
             started: (Instant::now(), SystemTime::now()),
             next_dial: Instant::now(),
             centre_down_since: Some(Instant::now()),
-            centre_heard: Instant::now(),
+            heard: HashMap::new(),
             neighbours: HashMap::new(),
             neighbours_of: BTreeMap::new(),
             roster: Vec::new(),
@@ -1058,7 +1059,9 @@ impl Actor {
         // message the centre has not answered for long, while nothing else
         // came from it either, tells sooner. (A centre busy catching up
         // answers late but keeps sending.)
-        let stalled = self.centre_heard.elapsed() >= CENTRE_STALL
+        let stalled = self
+            .heard_within(&center, CENTRE_STALL)
+            .is_none_or(|heard| !heard)
             && self
                 .pending
                 .values()
@@ -1087,6 +1090,11 @@ impl Actor {
     }
 
     /// Quarter nodes: whether `peer` is the centre.
+    /// Whether a message came from `peer` within `within` (`None`: never).
+    fn heard_within(&self, peer: &PeerId, within: Duration) -> Option<bool> {
+        self.heard.get(peer).map(|t| t.elapsed() < within)
+    }
+
     fn is_centre(&self, peer: &PeerId) -> bool {
         self.center.as_ref().is_some_and(|(c, _)| c == peer)
     }
@@ -1355,8 +1363,16 @@ impl Actor {
                 result: Err(failure),
             })) if !matches!(failure, libp2p::ping::Failure::Unsupported) => {
                 // (A peer without ping, an older node, keeps its connection.)
-                tracing::info!(%peer, %failure, "ping failed; closing the connection to redial");
-                self.swarm.close_connection(connection);
+                // A ping waits behind the sync messages on the same
+                // connection: on a busy link it can time out while messages
+                // still arrive, and closing then would restart every session.
+                // (After a partition, nothing arrives for a ping interval.)
+                if self.heard_within(&peer, transport::PING_INTERVAL) == Some(true) {
+                    tracing::debug!(%peer, %failure, "ping failed, but the peer's messages arrive: keeping the connection");
+                } else {
+                    tracing::info!(%peer, %failure, "ping failed; closing the connection to redial");
+                    self.swarm.close_connection(connection);
+                }
             }
             SwarmEvent::IncomingConnectionError {
                 error,
@@ -1376,9 +1392,9 @@ impl Actor {
     fn handle_sync(&mut self, event: request_response::Event<Request, Response>) {
         use request_response::{Event, Message};
         if let Event::Message { peer, .. } = &event
-            && self.is_centre(peer)
+            && self.allowed.contains(peer)
         {
-            self.centre_heard = Instant::now();
+            self.heard.insert(*peer, Instant::now());
         }
         match event {
             Event::Message {

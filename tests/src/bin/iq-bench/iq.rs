@@ -245,6 +245,7 @@ pub fn catch_up(cfg: &Config) -> Result<(Run, Value)> {
         holds(held, &expected)
     })?;
     let first_doc = first.lock().ok().and_then(|f| *f);
+    eprintln!("iq: P1 the centre holds every document after {to_centre:.2?}");
     let mut everything = expected.clone();
     let city = heads_now(&centre, &agent)?
         .docs

@@ -132,6 +132,16 @@ fn run(mut args: Args) -> Result<(), String> {
             eprintln!("{}: P2 {q} quarters, {} writes", mode.name(), args.live);
             let lat = floor::live(q, args.live, mode, args.seed)?;
             let (c, e): (Vec<Duration>, Vec<Duration>) = lat.into_iter().unzip();
+            // Printed as they come: a later part of a long run may not finish.
+            eprintln!(
+                "{}: P1 to centre {:.1} ms, every node {:.1} ms, {} B all; P2 p99 {:.2} / {:.2} ms",
+                mode.name(),
+                p1.to_centre.as_secs_f64() * 1000.0,
+                p1.to_all.as_secs_f64() * 1000.0,
+                p1.to_all_bytes,
+                Stats::of(&c).p99,
+                Stats::of(&e).p99,
+            );
             floors.insert(
                 mode.name().into(),
                 json!({
