@@ -16,13 +16,15 @@
 //! including the heads it announced — so no session waits forever for an
 //! answer that will not come, and no timer has to guess that it might.
 //!
-//! A peer can be made *passive* ([`Engine::set_active`]): this node then
-//! never starts a session with it, relays nothing to it and pushes none of
-//! its own changes to it, but answers every message the peer sends within
-//! the session the peer opened. Quarter nodes keep their neighbouring
-//! quarters passive while the centre is reachable, so each document travels
-//! over the star (owner → centre → everyone) once instead of over every
-//! pair of quarters; see `replicator`.
+//! What a node does for a peer unasked is set per peer ([`Activity`],
+//! [`Engine::set_active`]): everything (the default); only offering and
+//! pushing the documents it writes; or nothing (*passive*). Whatever it is,
+//! the node answers every message the peer sends within the session the
+//! peer opened. Quarter nodes keep their neighbouring quarters passive while
+//! the centre is reachable, so each document travels over the star (owner →
+//! centre → everyone) once instead of over every pair of quarters, push
+//! their own documents to each other while it is not, and relay everything
+//! only in a long outage; see `replicator`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -49,6 +51,18 @@ pub const PEER_WINDOW: usize = 8;
 
 /// After a failed send, wait this long before trying again.
 pub const RETRY_MS: u64 = 1_000;
+
+/// What a node does for a peer unasked. Whatever it is, the node answers
+/// every message the peer sends, within the session the peer opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activity {
+    /// Starts no session, pushes and relays nothing.
+    Passive,
+    /// Offers and pushes the documents this node writes, relays no others.
+    OwnDocs,
+    /// Offers, pushes and relays every document (the default).
+    Full,
+}
 
 /// One sync message to send, with the signatures of the changes it carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -227,8 +241,9 @@ pub struct Engine<P: Ord + Clone> {
     /// Quarter documents this node replicates (besides `city`).
     quarters: BTreeSet<QuarterSlug>,
     peers: BTreeMap<P, Peer>,
-    /// Peers this node does not start sessions with (see [`Engine::set_active`]).
-    passive: BTreeSet<P>,
+    /// Peers this node does less for than [`Activity::Full`] (see
+    /// [`Engine::set_active`]).
+    activity: BTreeMap<P, Activity>,
     /// Sessions whose messages this node refused for carrying changes by
     /// someone it does not know as a writer (yet): reopened when the
     /// writers change (see [`Engine::set_writers`]).
@@ -260,7 +275,7 @@ impl<P: Ord + Clone> Engine<P> {
             cache: ChangeCache::default(),
             quarters: BTreeSet::new(),
             peers: BTreeMap::new(),
-            passive: BTreeSet::new(),
+            activity: BTreeMap::new(),
             refused_writers: BTreeSet::new(),
             relay_due: BTreeSet::new(),
             generate_due: BTreeSet::new(),
@@ -365,51 +380,67 @@ impl<P: Ord + Clone> Engine<P> {
 
     /// The peers that are up now and not passive: the ones this node
     /// starts sessions with and relays to.
-    fn active_peers(&self) -> Vec<P> {
+    /// The peers this node offers `doc` to unasked: up, and active for it.
+    fn peers_reached(&self, doc: &DocId) -> Vec<P> {
         self.peers
             .iter()
-            .filter(|(k, p)| p.up && !self.passive.contains(k))
+            .filter(|(k, p)| p.up && self.reaches(k, doc))
             .map(|(k, _)| k.clone())
             .collect()
     }
 
-    /// Whether this node starts sessions with `peer` and relays to it
-    /// (the default), or only answers what it sends (`false`).
+    /// Whether this node offers, pushes and relays `doc` to `peer` unasked.
+    fn reaches(&self, peer: &P, doc: &DocId) -> bool {
+        match self.activity(peer) {
+            Activity::Full => true,
+            Activity::OwnDocs => self.writers.may_write(doc, &self.actor),
+            Activity::Passive => false,
+        }
+    }
+
+    /// Sets what this node does for `peer` unasked (see [`Activity`]; the
+    /// default is [`Activity::Full`]). Whatever it is, this node answers
+    /// every message the peer sends.
     ///
-    /// Made passive, the peer's sessions end (their sync states are kept for
-    /// the next time); made active while it is up, every document is offered
-    /// to it at once.
-    pub fn set_active(&mut self, peer: &P, active: bool, now: u64) -> Effects<P> {
+    /// Sessions of documents no longer reached end (their sync states are
+    /// kept for the next time); documents newly reached are offered to the
+    /// peer at once, if it is up.
+    pub fn set_active(&mut self, peer: &P, activity: Activity, now: u64) -> Effects<P> {
         let mut fx = Effects::default();
-        let changed = if active {
-            self.passive.remove(peer)
-        } else {
-            self.passive.insert(peer.clone())
-        };
-        if !changed || !self.is_up(peer) {
+        let before = self.activity(peer);
+        if before == activity {
             return fx;
         }
-        if active {
-            let docs: Vec<DocId> = self
-                .docs
-                .keys()
-                .filter(|d| self.accepts(d))
-                .cloned()
-                .collect();
-            for doc in docs {
+        if activity == Activity::Full {
+            self.activity.remove(peer);
+        } else {
+            self.activity.insert(peer.clone(), activity);
+        }
+        if !self.is_up(peer) {
+            return fx;
+        }
+        let docs: Vec<DocId> = self
+            .docs
+            .keys()
+            .filter(|d| self.accepts(d))
+            .cloned()
+            .collect();
+        for doc in docs {
+            let reached = self.reaches(peer, &doc);
+            if reached {
                 self.generate(peer, &doc, now, &mut fx);
-            }
-        } else if let Some(p) = self.peers.get_mut(peer) {
-            for (doc, session) in std::mem::take(&mut p.sessions) {
+            } else if let Some(p) = self.peers.get_mut(peer)
+                && let Some(session) = p.sessions.remove(&doc)
+            {
                 p.persisted.insert(doc, session.state.encode());
             }
         }
         fx
     }
 
-    /// Whether `peer` is active (see [`Engine::set_active`]).
-    pub fn is_active(&self, peer: &P) -> bool {
-        !self.passive.contains(peer)
+    /// What this node does for `peer` unasked (see [`Engine::set_active`]).
+    pub fn activity(&self, peer: &P) -> Activity {
+        self.activity.get(peer).copied().unwrap_or(Activity::Full)
     }
 
     /// Replaces `doc` by what the store holds (after [`SyncError::Poisoned`])
@@ -426,7 +457,7 @@ impl<P: Ord + Clone> Engine<P> {
         for peer in self.peers.values_mut() {
             peer.sessions.remove(doc);
         }
-        for p in self.active_peers() {
+        for p in self.peers_reached(doc) {
             self.generate(&p, doc, now, &mut fx);
         }
         Ok(fx)
@@ -476,7 +507,7 @@ impl<P: Ord + Clone> Engine<P> {
         for q in added {
             let doc = DocId::quarter(&q);
             self.ensure_doc(&doc);
-            for p in self.active_peers() {
+            for p in self.peers_reached(&doc) {
                 self.generate(&p, &doc, now, &mut fx);
             }
         }
@@ -496,13 +527,10 @@ impl<P: Ord + Clone> Engine<P> {
         entry.stats.session_bytes_received = 0;
         entry.stats.session_messages_sent = 0;
         entry.stats.session_messages_received = 0;
-        if self.passive.contains(&peer) {
-            return fx;
-        }
         let docs: Vec<DocId> = self
             .docs
             .keys()
-            .filter(|d| self.accepts(d))
+            .filter(|d| self.accepts(d) && self.reaches(&peer, d))
             .cloned()
             .collect();
         for doc in docs {
@@ -628,7 +656,7 @@ impl<P: Ord + Clone> Engine<P> {
                 .into_iter()
                 .filter_map(|h| self.sigs.get(&h).map(|s| (h, s.clone())))
                 .collect();
-            session.carries_changes = !sigs.is_empty() || !msg.changes.is_empty();
+            session.carries_changes = !msg.changes.is_empty();
             let data = msg.encode();
             session.outstanding = true;
             session.last_activity_ms = now;
@@ -810,10 +838,9 @@ impl<P: Ord + Clone> Engine<P> {
     /// node long.
     pub fn flush(&mut self, now: u64) -> Effects<P> {
         let mut fx = Effects::default();
-        let peers = self.active_peers();
         for doc in std::mem::take(&mut self.relay_due) {
-            for p in &peers {
-                self.generate_due.insert((p.clone(), doc.clone()));
+            for p in self.peers_reached(&doc) {
+                self.generate_due.insert((p, doc.clone()));
             }
         }
         // A slice at a time, so one call never holds the node for long: a
@@ -1056,7 +1083,7 @@ impl<P: Ord + Clone> Engine<P> {
         if !changes.is_empty() {
             fx.changes.push((doc.clone(), changes));
             fx.changed.insert(doc.clone());
-            for p in self.active_peers() {
+            for p in self.peers_reached(doc) {
                 self.generate(&p, doc, now, &mut fx);
             }
         }
@@ -1444,7 +1471,7 @@ mod tests {
         // but passive towards each other while the centre is up.
         let mut sim = Sim::new(3, vec![(0, 1), (0, 2)], &q, &[1, 2], 5, 0);
         for (x, y) in [(1, 2), (2, 1)] {
-            let fx = sim.nodes[x].set_active(&y, false, 0);
+            let fx = sim.nodes[x].set_active(&y, Activity::Passive, 0);
             assert!(fx.sends.is_empty());
             let fx = sim.nodes[x].peer_up(y, vec![], 0);
             assert!(fx.sends.is_empty(), "a passive peer is offered nothing");
@@ -1457,14 +1484,15 @@ mod tests {
         sim.assert_converged();
         assert_eq!(messages_between(&sim, 1, 2), 0, "quarters synced directly");
 
-        // The centre goes away: the quarters turn active and sync directly.
+        // The centre goes away: the quarters push their own documents to
+        // each other directly.
         for x in [1, 2] {
             sim.nodes[x].peer_down(&0);
             sim.nodes[0].peer_down(&x);
         }
-        let fx = sim.nodes[1].set_active(&2, true, sim.now);
+        let fx = sim.nodes[1].set_active(&2, Activity::OwnDocs, sim.now);
         sim.enqueue(1, fx);
-        let fx = sim.nodes[2].set_active(&1, true, sim.now);
+        let fx = sim.nodes[2].set_active(&1, Activity::OwnDocs, sim.now);
         sim.enqueue(2, fx);
         for i in 10..15 {
             sim.write(1, &a, format!("a{i}"));
@@ -1480,6 +1508,51 @@ mod tests {
                 15
             );
         }
+    }
+
+    #[test]
+    fn an_own_docs_peer_gets_this_nodes_documents_and_no_relays_until_full() {
+        let q = [slug("a"), slug("b"), slug("c")];
+        let docs: Vec<DocId> = q.iter().map(DocId::quarter).collect();
+        // Quarters 1 – 2 – 3 in a line (no centre); each writes its own.
+        let mut sim = Sim::new(4, vec![], &q, &[1, 2, 3], 11, 0);
+        for (x, y) in [(1, 2), (2, 1), (2, 3), (3, 2)] {
+            let fx = sim.nodes[x].set_active(&y, Activity::OwnDocs, 0);
+            assert!(fx.sends.is_empty(), "the peer is not up yet");
+        }
+        for (x, y) in [(1, 2), (2, 1), (2, 3), (3, 2)] {
+            let fx = sim.nodes[x].peer_up(y, vec![], 0);
+            sim.enqueue(x, fx);
+        }
+        for (i, doc) in docs.iter().enumerate() {
+            sim.write(i + 1, doc, format!("{doc}-1"));
+        }
+        sim.run(100_000);
+        let count = |sim: &Sim, n: usize, d: &DocId| {
+            schema::concern_count(sim.nodes[n].doc(d).expect("doc"))
+        };
+        assert_eq!(count(&sim, 1, &docs[1]), 1, "1 has 2's own document");
+        assert_eq!(count(&sim, 2, &docs[0]), 1, "2 has 1's own document");
+        assert_eq!(count(&sim, 2, &docs[2]), 1, "2 has 3's own document");
+        assert_eq!(count(&sim, 1, &docs[2]), 0, "2 relayed 3's document to 1");
+        assert_eq!(count(&sim, 3, &docs[0]), 0, "2 relayed 1's document to 3");
+
+        // Full activity (a long outage): 2 relays what it holds.
+        for (x, y) in [(2, 1), (2, 3)] {
+            let fx = sim.nodes[x].set_active(&y, Activity::Full, sim.now);
+            sim.enqueue(x, fx);
+        }
+        sim.run(100_000);
+        assert_eq!(
+            count(&sim, 1, &docs[2]),
+            1,
+            "3's document reached 1 through 2"
+        );
+        assert_eq!(
+            count(&sim, 3, &docs[0]),
+            1,
+            "1's document reached 3 through 2"
+        );
     }
 
     #[test]
@@ -1516,7 +1589,7 @@ mod tests {
         // Quarter 1 lost the centre and is active towards 2; 2 still counts
         // on the centre and keeps 1 passive. 1 still gets what 2 holds.
         let mut sim = Sim::new(3, vec![], &q, &[1, 2], 9, 0);
-        let fx = sim.nodes[2].set_active(&1, false, 0);
+        let fx = sim.nodes[2].set_active(&1, Activity::Passive, 0);
         sim.enqueue(2, fx);
         for i in 0..5 {
             sim.write(1, &a, format!("a{i}"));

@@ -33,7 +33,7 @@ use tokio::task::JoinHandle;
 
 use crate::authorship::{SIGNATURE_LEN, Signer, Writers};
 use crate::datadir::Role;
-use crate::engine::{ChangeError, Effects, Engine, Outgoing, PeerStats, SyncError};
+use crate::engine::{Activity, ChangeError, Effects, Engine, Outgoing, PeerStats, SyncError};
 use crate::identity::{Identity, actor_id_of_peer};
 use crate::ids::{DocId, QuarterSlug};
 use crate::schema::{self, SchemaError};
@@ -57,6 +57,10 @@ const CENTRE_GRACE: Duration = Duration::from_secs(3);
 /// came from the centre meanwhile. Long enough that a centre slowed by a
 /// catch-up of many quarters at once is not taken for a partitioned one.
 const CENTRE_STALL: Duration = Duration::from_secs(10);
+
+/// A quarter node also relays what it holds to the other quarters once the
+/// centre has been gone this long (until then each pushes its own document).
+const CENTRE_OUTAGE: Duration = Duration::from_secs(60);
 
 /// Longest wait between dials of an unreachable neighbouring quarter.
 const MAX_NEIGHBOUR_BACKOFF: Duration = Duration::from_secs(60);
@@ -1042,10 +1046,14 @@ impl Actor {
 
     /// Quarter nodes: the other quarters are passive partners while the
     /// centre is up (every document travels owner → centre → everyone, each
-    /// once) and active ones once it has been gone for [`CENTRE_GRACE`] or
-    /// has been silent with a message unanswered for [`CENTRE_STALL`]
-    /// (quarters relay to each other until it is back). See `engine` on
-    /// passive peers.
+    /// once). Once it has been gone for [`CENTRE_GRACE`] or has been silent
+    /// with a message unanswered for [`CENTRE_STALL`], each quarter pushes
+    /// its own document to the others directly; once it has been gone for
+    /// [`CENTRE_OUTAGE`], quarters also relay what they hold to each other.
+    /// A centre slowed down by load can look gone for seconds; relaying
+    /// every document over every pair of quarters then multiplies that load
+    /// (see `docs/benchmarks.md`), pushing their own documents does not. See
+    /// `engine::Activity`.
     fn neighbour_activity(&mut self) -> Effects<PeerId> {
         let mut fx = Effects::default();
         let Some((center, _)) = self.center else {
@@ -1066,35 +1074,43 @@ impl Actor {
                 .pending
                 .values()
                 .any(|(p, _, _, sent)| *p == center && sent.elapsed() >= CENTRE_STALL);
-        let active = gone || stalled;
+        let outage = !self.engine.is_up(&center)
+            && self
+                .centre_down_since
+                .is_some_and(|t| t.elapsed() >= CENTRE_OUTAGE);
+        let activity = if outage {
+            Activity::Full
+        } else if gone || stalled {
+            Activity::OwnDocs
+        } else {
+            Activity::Passive
+        };
         let now = self.now();
         let neighbours: Vec<PeerId> = self
             .allowed
             .iter()
-            .filter(|p| **p != center && self.engine.is_active(p) != active)
+            .filter(|p| **p != center && self.engine.activity(p) != activity)
             .copied()
             .collect();
         if !neighbours.is_empty() {
             tracing::debug!(
-                active,
+                ?activity,
                 neighbours = neighbours.len(),
-                "centre {}: quarters sync {}",
-                if active { "down" } else { "up" },
-                if active { "directly" } else { "through it" }
+                "the centre's state changed: new activity towards the other quarters"
             );
         }
         for p in neighbours {
-            fx.extend(self.engine.set_active(&p, active, now));
+            fx.extend(self.engine.set_active(&p, activity, now));
         }
         fx
     }
 
-    /// Quarter nodes: whether `peer` is the centre.
     /// Whether a message came from `peer` within `within` (`None`: never).
     fn heard_within(&self, peer: &PeerId, within: Duration) -> Option<bool> {
         self.heard.get(peer).map(|t| t.elapsed() < within)
     }
 
+    /// Quarter nodes: whether `peer` is the centre.
     fn is_centre(&self, peer: &PeerId) -> bool {
         self.center.as_ref().is_some_and(|(c, _)| c == peer)
     }

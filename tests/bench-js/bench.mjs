@@ -139,6 +139,8 @@ const toCentre = await until("the hub to hold every quarter document", t0, () =>
   }),
 )
 const centreReceived = traffic.in
+// Logged as it comes: the fetches below may not finish in time.
+log(`P1 the hub holds every quarter document after ${toCentre.toFixed(1)} ms (${centreReceived} B in)`)
 // Then every quarter fetches every other quarter's document from the hub.
 await Promise.all(
   clients.flatMap((c, q) =>
