@@ -1379,6 +1379,55 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_the_peers_changes_wait_for_goes_ahead_of_a_full_window() {
+        // Node 0 writes PEER_WINDOW + 1 documents, node 1 writes x.
+        let mut q: Vec<QuarterSlug> = (0..=PEER_WINDOW).map(|i| slug(&format!("q{i}"))).collect();
+        q.push(slug("x"));
+        let mut owners = vec![0; PEER_WINDOW + 1];
+        owners.push(1);
+        let (mut e0, mut e1) = (engine(0, &q, &owners), engine(1, &q, &owners));
+        let write = |e: &mut Engine<usize>, doc: &DocId| {
+            e.change(doc, 0, |tx| {
+                schema::put_concern(tx, &concern(format!("{doc}")))
+            })
+            .expect("local write");
+        };
+        for slug in &q[..=PEER_WINDOW] {
+            write(&mut e0, &DocId::quarter(slug));
+        }
+        let x = DocId::quarter(&q[PEER_WINDOW + 1]);
+        write(&mut e1, &x);
+        // Both say hello; node 1's hellos reach node 0, which has its own
+        // acknowledged already: its answers carry its changes.
+        for out in e0.peer_up(1, vec![], 0).sends {
+            e0.delivered(&1, &out.doc, out.epoch, 0);
+        }
+        let hellos = e1.peer_up(0, vec![], 0).sends;
+        let (to_x, others): (Vec<_>, Vec<_>) = hellos.into_iter().partition(|o| o.doc == x);
+        let mut with_changes = 0;
+        for out in others {
+            let fx = e0
+                .receive(&1, &out.doc, &out.data, &out.sigs, 0)
+                .expect("receive");
+            with_changes += fx.sends.iter().filter(|o| !o.sigs.is_empty()).count();
+        }
+        assert_eq!(
+            with_changes, PEER_WINDOW,
+            "the window holds the last document back"
+        );
+        // Node 1's hello for x names heads node 0 lacks: the answer (asking
+        // for them) goes although the window is full.
+        let out = &to_x[0];
+        let fx = e0
+            .receive(&1, &x, &out.data, &out.sigs, 0)
+            .expect("receive");
+        assert!(
+            fx.sends.iter().any(|o| o.doc == x),
+            "the answer for x waited"
+        );
+    }
+
+    #[test]
     fn unconfirmed_changes_count_what_a_peer_lacks_also_while_it_is_down() {
         let q = [slug("a")];
         let doc = DocId::quarter(&q[0]);
