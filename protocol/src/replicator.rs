@@ -47,13 +47,13 @@ const TICK: Duration = Duration::from_millis(250);
 /// A quarter node redials the centre this often while disconnected.
 const REDIAL: Duration = Duration::from_secs(1);
 
-/// How long a quarter node goes without the centre before it syncs with the
-/// other quarters directly: long enough that a restarting centre does not
-/// set off a sync of every quarter with every other.
+/// How long a quarter node goes without the centre before it pushes its own
+/// document to the other quarters directly: long enough that a restarting
+/// centre does not set that off.
 const CENTRE_GRACE: Duration = Duration::from_secs(3);
 
-/// A quarter node also syncs with the other quarters directly while a
-/// message to the centre has gone unanswered this long and nothing else
+/// A quarter node also pushes its own document to the other quarters while
+/// a message to the centre has gone unanswered this long and nothing else
 /// came from the centre meanwhile. Long enough that a centre slowed by a
 /// catch-up of many quarters at once is not taken for a partitioned one.
 const CENTRE_STALL: Duration = Duration::from_secs(10);
