@@ -587,9 +587,8 @@ pub struct Actor {
     /// Peers this node syncs with (centre: roster writers; quarter: the centre).
     allowed: BTreeSet<PeerId>,
     connected: BTreeSet<PeerId>,
-    /// Requests in flight: their (peer, document, session epoch) and when
-    /// they were sent.
-    pending: HashMap<OutboundRequestId, (PeerId, DocId, u64, Instant)>,
+    /// Requests in flight: their (peer, document, session epoch).
+    pending: HashMap<OutboundRequestId, (PeerId, DocId, u64)>,
     chunks: HashMap<DocId, usize>,
     started: (Instant, SystemTime),
     next_dial: Instant,
@@ -597,6 +596,10 @@ pub struct Actor {
     centre_down_since: Option<Instant>,
     /// When a sync message or answer last came from each peer.
     heard: HashMap<PeerId, Instant>,
+    /// Quarter nodes: when the first message to the centre since anything
+    /// last came from it was sent (failed requests count: they went
+    /// unanswered too).
+    centre_waiting_since: Option<Instant>,
     /// Quarters' writer nodes (other than this one) and where they listen
     /// (from their documents), dialled directly: see `refresh_neighbours`.
     neighbours: HashMap<PeerId, Multiaddr>,
@@ -703,6 +706,7 @@ impl Actor {
             next_dial: Instant::now(),
             centre_down_since: Some(Instant::now()),
             heard: HashMap::new(),
+            centre_waiting_since: None,
             neighbours: HashMap::new(),
             neighbours_of: BTreeMap::new(),
             roster: Vec::new(),
@@ -897,8 +901,10 @@ impl Actor {
                 .behaviour_mut()
                 .sync
                 .send_request(&out.peer, request);
-            self.pending
-                .insert(id, (out.peer, out.doc, out.epoch, Instant::now()));
+            if self.is_centre(&out.peer) && self.centre_waiting_since.is_none() {
+                self.centre_waiting_since = Some(Instant::now());
+            }
+            self.pending.insert(id, (out.peer, out.doc, out.epoch));
         }
     }
 
@@ -1068,12 +1074,8 @@ impl Actor {
         // came from it either, tells sooner. (A centre busy catching up
         // answers late but keeps sending.)
         let stalled = self
-            .heard_within(&center, CENTRE_STALL)
-            .is_none_or(|heard| !heard)
-            && self
-                .pending
-                .values()
-                .any(|(p, _, _, sent)| *p == center && sent.elapsed() >= CENTRE_STALL);
+            .centre_waiting_since
+            .is_some_and(|t| t.elapsed() >= CENTRE_STALL);
         let outage = !self.engine.is_up(&center)
             && self
                 .centre_down_since
@@ -1344,6 +1346,7 @@ impl Actor {
                 if first && self.allowed.contains(&peer_id) {
                     if self.is_centre(&peer_id) {
                         self.centre_down_since = None;
+                        self.centre_waiting_since = None;
                     }
                     let mut fx = self.peer_up(peer_id);
                     fx.extend(self.neighbour_activity());
@@ -1411,6 +1414,9 @@ impl Actor {
             && self.allowed.contains(peer)
         {
             self.heard.insert(*peer, Instant::now());
+            if self.is_centre(peer) {
+                self.centre_waiting_since = None;
+            }
         }
         match event {
             Event::Message {
@@ -1499,7 +1505,7 @@ impl Actor {
                     },
                 ..
             } => {
-                let Some((_, doc, epoch, _)) = self.pending.remove(&request_id) else {
+                let Some((_, doc, epoch)) = self.pending.remove(&request_id) else {
                     return;
                 };
                 let now = self.now();
@@ -1523,7 +1529,7 @@ impl Actor {
                 error,
                 ..
             } => {
-                if let Some((_, doc, epoch, _)) = self.pending.remove(&request_id) {
+                if let Some((_, doc, epoch)) = self.pending.remove(&request_id) {
                     tracing::debug!(%peer, %doc, %error, "sync message not delivered");
                     let now = self.now();
                     self.engine.send_failed(&peer, &doc, epoch, now);
