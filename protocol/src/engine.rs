@@ -616,29 +616,21 @@ impl<P: Ord + Clone> Engine<P> {
         fx: &mut Effects<P>,
     ) {
         let Some(am) = self.docs.get(doc) else { return };
+        // The peer's window is full: generated when one of its messages
+        // with changes is acknowledged.
+        let window_full = windowed
+            && self.peers.get(peer).is_some_and(|p| {
+                p.sessions
+                    .values()
+                    .filter(|s| s.outstanding && s.carries_changes)
+                    .count()
+                    >= PEER_WINDOW
+            });
         let Some(session) = Self::session(&mut self.peers, &mut self.next_epoch, peer, doc, now)
         else {
             return;
         };
-        if session.outstanding || session.retry_at_ms.is_some_and(|t| now < t) {
-            session.dirty = true;
-            return;
-        }
-        let outstanding = self.peers.get(peer).map_or(0, |p| {
-            p.sessions
-                .values()
-                .filter(|s| s.outstanding && s.carries_changes)
-                .count()
-        });
-        let Some(session) = self
-            .peers
-            .get_mut(peer)
-            .and_then(|p| p.sessions.get_mut(doc))
-        else {
-            return;
-        };
-        if windowed && outstanding >= PEER_WINDOW {
-            // Generated when one of the peer's messages is acknowledged.
+        if session.outstanding || session.retry_at_ms.is_some_and(|t| now < t) || window_full {
             session.dirty = true;
             return;
         }
