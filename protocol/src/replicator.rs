@@ -1515,7 +1515,7 @@ impl Actor {
                     }
                     Response::V1(ResponseV1::Busy) => {
                         tracing::debug!(%peer, %doc, "peer is busy; retrying later");
-                        self.engine.send_failed(&peer, &doc, epoch, now);
+                        self.engine.busy(&peer, &doc, epoch, now);
                     }
                     Response::V1(ResponseV1::Refused { reason }) => {
                         tracing::debug!(%peer, %doc, %reason, "peer refused sync message");
