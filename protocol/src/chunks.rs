@@ -185,6 +185,12 @@ pub fn hashes_in(element: &[u8], out: &mut Vec<ChangeHash>) -> Result<(), ChunkE
     Ok(())
 }
 
+/// How many chunks `bytes` concatenates (0 if they cannot be split), e.g.
+/// the changes in one stored entry.
+pub fn count(bytes: &[u8]) -> usize {
+    split(bytes).map_or(0, |chunks| chunks.len())
+}
+
 /// Whether `bytes` start with a whole-document chunk (what
 /// `Automerge::save` writes), as a compacted document's snapshot does.
 pub fn is_document(bytes: &[u8]) -> bool {
@@ -244,6 +250,8 @@ mod tests {
             changes_in(&doc.save(), &mut out),
             Err(ChunkError::UnexpectedType(0))
         );
+        assert_eq!(count(&concatenated), 3);
+        assert_eq!(count(&concatenated[..concatenated.len() - 1]), 0);
     }
 
     #[test]

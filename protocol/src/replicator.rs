@@ -65,11 +65,21 @@ const CENTRE_OUTAGE: Duration = Duration::from_secs(60);
 /// Longest wait between dials of an unreachable neighbouring quarter.
 const MAX_NEIGHBOUR_BACKOFF: Duration = Duration::from_secs(60);
 
-/// Compact a document once this many change chunks have piled up.
-const COMPACT_AFTER_CHUNKS: usize = 512;
+/// Compact a document once this many loose changes have piled up and no
+/// sync message came for [`COMPACT_WHEN_QUIET`]: saving a document whole
+/// costs about as much as applying its changes, so a node catching up does
+/// it afterwards, once per document, rather than midway.
+const COMPACT_AFTER_CHANGES: usize = 512;
+
+/// See [`COMPACT_AFTER_CHANGES`].
+const COMPACT_WHEN_QUIET: Duration = Duration::from_secs(2);
+
+/// A document with this many loose changes is compacted even while sync
+/// messages keep coming, so a node that is never quiet still compacts.
+const COMPACT_ANYWAY_CHANGES: usize = 16 * COMPACT_AFTER_CHANGES;
 
 /// On a clean stop, compact every document with at least this many.
-const COMPACT_ON_STOP_CHUNKS: usize = 16;
+const COMPACT_ON_STOP_CHANGES: usize = 16;
 
 /// Capacity of the command channel: callers wait when the actor is busy.
 const COMMAND_QUEUE: usize = 256;
@@ -589,6 +599,7 @@ pub struct Actor {
     connected: BTreeSet<PeerId>,
     /// Requests in flight: their (peer, document, session epoch).
     pending: HashMap<OutboundRequestId, (PeerId, DocId, u64)>,
+    /// Loose changes stored per document since its last compaction.
     chunks: HashMap<DocId, usize>,
     started: (Instant, SystemTime),
     next_dial: Instant,
@@ -596,6 +607,8 @@ pub struct Actor {
     centre_down_since: Option<Instant>,
     /// When a sync message or answer last came from each peer.
     heard: HashMap<PeerId, Instant>,
+    /// When the last sync message or answer came from any peer.
+    last_message: Option<Instant>,
     /// Quarter nodes: when the first message to the centre since anything
     /// last came from it was sent (failed requests count: they went
     /// unanswered too).
@@ -671,7 +684,14 @@ impl Actor {
         let stored_docs = config.store.load_docs()?;
         tracing::debug!(elapsed = ?loading.elapsed(), "documents read from the store");
         for stored in stored_docs {
-            chunks.insert(stored.id.clone(), stored.chunks.len());
+            // Loose changes, the snapshot not counted (see `compact`).
+            let loose = stored
+                .chunks
+                .iter()
+                .filter(|c| !crate::chunks::is_document(c))
+                .map(|c| crate::chunks::count(c))
+                .sum::<usize>();
+            chunks.insert(stored.id.clone(), loose);
             engine
                 .load_doc(&stored.id, stored.chunks.iter().map(|c| c.as_slice()))
                 .map_err(|e| ReplicatorError::Load {
@@ -706,6 +726,7 @@ impl Actor {
             next_dial: Instant::now(),
             centre_down_since: Some(Instant::now()),
             heard: HashMap::new(),
+            last_message: None,
             centre_waiting_since: None,
             neighbours: HashMap::new(),
             neighbours_of: BTreeMap::new(),
@@ -843,7 +864,7 @@ impl Actor {
         }
         // Documents with many loose changes are saved whole, so the next
         // start loads snapshots (much faster than change by change).
-        match self.compact(COMPACT_ON_STOP_CHUNKS) {
+        match self.compact(COMPACT_ON_STOP_CHANGES) {
             Ok(0) => {}
             Ok(n) => tracing::info!(documents = n, "compacted on stop"),
             Err(e) => tracing::warn!(error = %e, "cannot compact on stop"),
@@ -1305,13 +1326,22 @@ impl Actor {
                 tracing::debug!(%peer, error = %e, "dial to neighbour failed");
             }
         }
-        if let Err(e) = self.compact(COMPACT_AFTER_CHUNKS) {
+        let quiet = self
+            .last_message
+            .is_none_or(|t| t.elapsed() >= COMPACT_WHEN_QUIET);
+        let threshold = if quiet {
+            COMPACT_AFTER_CHANGES
+        } else {
+            COMPACT_ANYWAY_CHANGES
+        };
+        if let Err(e) = self.compact(threshold) {
             self.fatal = Some(e.into());
         }
     }
 
-    /// Replaces the stored chunks of every document with at least
-    /// `threshold` of them by one snapshot; says how many were compacted.
+    /// Replaces the stored changes of every document with at least
+    /// `threshold` loose changes by one snapshot; says how many were
+    /// compacted.
     fn compact(&mut self, threshold: usize) -> Result<usize, StoreError> {
         let due: Vec<DocId> = self
             .chunks
@@ -1413,7 +1443,9 @@ impl Actor {
         if let Event::Message { peer, .. } = &event
             && self.allowed.contains(peer)
         {
-            self.heard.insert(*peer, Instant::now());
+            let now = Instant::now();
+            self.heard.insert(*peer, now);
+            self.last_message = Some(now);
             if self.is_centre(peer) {
                 self.centre_waiting_since = None;
             }

@@ -3,9 +3,13 @@
 //!
 //! Layout (one sled tree each):
 //! - `snapshots`: doc id → the document saved whole (compacted form);
-//! - `changes`:   doc id, 0, 8-byte id → one incremental change chunk;
+//! - `changes`:   doc id, 0, 8-byte id → the changes one commit added to the
+//!   document (one local write or one received message), concatenated as
+//!   automerge loads them: one sled entry per message, not per change;
 //! - `sync`:      peer, 0, doc id → encoded automerge sync state;
-//! - `sigs`:      change hash → its author's signature;
+//! - `sigs`:      0xff, 8-byte id → the signatures one commit added, each
+//!   as change hash (32 bytes), length (2 bytes, big-endian), signature
+//!   (stores written before this layout hold change hash → signature);
 //! - `local`:     key → value, node-local data that is never replicated.
 //!
 //! Durability: sled's `flush` writes its log with `sync_file_range` on Linux,
@@ -35,6 +39,8 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
     #[error("store holds a malformed key in tree {tree}")]
     BadKey { tree: &'static str },
+    #[error("store holds a malformed value in tree {tree}")]
+    BadValue { tree: &'static str },
     #[error("a backup names an unknown store tree {0:?}; it was made by another version of iq")]
     UnknownTree(String),
 }
@@ -89,6 +95,39 @@ fn change_prefix(doc: &DocId) -> Vec<u8> {
     let mut k = doc.to_string().into_bytes();
     k.push(0);
     k
+}
+
+/// First key byte of an entry of the `sigs` tree that holds a commit's
+/// signatures (an older entry's key is a 32-byte change hash).
+const SIGNATURE_BATCH: u8 = 0xff;
+
+fn encode_signatures(sigs: &[StoredSignature]) -> Result<Vec<u8>, StoreError> {
+    let mut out = Vec::with_capacity(sigs.len() * (32 + 2 + 64));
+    for (hash, sig) in sigs {
+        let len = u16::try_from(sig.len()).map_err(|_| StoreError::BadValue { tree: "sigs" })?;
+        out.extend_from_slice(hash);
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(sig);
+    }
+    Ok(out)
+}
+
+fn decode_signatures(mut v: &[u8], out: &mut Vec<StoredSignature>) -> Result<(), StoreError> {
+    while !v.is_empty() {
+        let (hash, rest) = v.split_first_chunk::<32>().ok_or(bad_value())?;
+        let (len, rest) = rest.split_first_chunk::<2>().ok_or(bad_value())?;
+        let len = usize::from(u16::from_be_bytes(*len));
+        if rest.len() < len {
+            return Err(bad_value());
+        }
+        out.push((*hash, rest[..len].to_vec()));
+        v = &rest[len..];
+    }
+    Ok(())
+}
+
+fn bad_value() -> StoreError {
+    StoreError::BadValue { tree: "sigs" }
 }
 
 fn sync_key(peer: &str, doc: &DocId) -> Vec<u8> {
@@ -219,22 +258,33 @@ impl Store {
         if batch.is_empty() {
             return Ok(false);
         }
-        // Ids are taken before the transaction, which may be retried.
+        // Ids are taken before the transaction, which may be retried. The
+        // changes of one document go into one entry: a message of a
+        // thousand changes is one insert, not a thousand.
         let mut keyed = Vec::new();
         for (doc, chunks) in &batch.changes {
-            for chunk in chunks {
-                let mut key = change_prefix(doc);
-                key.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
-                keyed.push((key, chunk));
+            if chunks.is_empty() {
+                continue;
             }
+            let mut key = change_prefix(doc);
+            key.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
+            keyed.push((key, chunks.concat()));
         }
+        // Likewise the signatures: one entry per commit.
+        let signatures = if batch.signatures.is_empty() {
+            None
+        } else {
+            let mut key = vec![SIGNATURE_BATCH];
+            key.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
+            Some((key, encode_signatures(&batch.signatures)?))
+        };
         (&self.changes, &self.sync, &self.sigs)
             .transaction(|(changes, sync, sigs)| {
                 for (key, chunk) in &keyed {
                     changes.insert(key.as_slice(), chunk.as_slice())?;
                 }
-                for (hash, sig) in &batch.signatures {
-                    sigs.insert(&hash[..], sig.as_slice())?;
+                if let Some((key, value)) = &signatures {
+                    sigs.insert(key.as_slice(), value.as_slice())?;
                 }
                 for (peer, doc, state) in &batch.sync_states {
                     sync.insert(sync_key(peer, doc), state.as_slice())?;
@@ -245,7 +295,8 @@ impl Store {
         Ok(!batch.changes.is_empty() || !batch.signatures.is_empty())
     }
 
-    /// Number of change chunks stored for `doc` since its last compaction.
+    /// Number of change entries stored for `doc` since its last compaction
+    /// (one per commit that added changes to it).
     pub fn chunk_count(&self, doc: &DocId) -> usize {
         self.changes.scan_prefix(change_prefix(doc)).count()
     }
@@ -276,9 +327,14 @@ impl Store {
         let mut out = Vec::new();
         for item in self.sigs.iter() {
             let (k, v) = item?;
-            let hash =
-                <[u8; 32]>::try_from(&k[..]).map_err(|_| StoreError::BadKey { tree: "sigs" })?;
-            out.push((hash, v.to_vec()));
+            if k.len() == 9 && k[0] == SIGNATURE_BATCH {
+                decode_signatures(&v, &mut out)?;
+            } else {
+                // One signature per entry, as stores before batches held them.
+                let hash = <[u8; 32]>::try_from(&k[..])
+                    .map_err(|_| StoreError::BadKey { tree: "sigs" })?;
+                out.push((hash, v.to_vec()));
+            }
         }
         Ok(out)
     }
@@ -428,7 +484,8 @@ mod tests {
         let store = Store::open(dir.path()).expect("reopen");
         let docs = store.load_docs().expect("load");
         assert_eq!(docs.len(), 1);
-        assert_eq!(docs[0].chunks, vec![b"one".to_vec(), b"two".to_vec()]);
+        // One entry per commit and document, its changes concatenated.
+        assert_eq!(docs[0].chunks, vec![b"onetwo".to_vec()]);
         assert_eq!(
             store.sync_states("peer").expect("states"),
             vec![(doc(), b"state".to_vec())]
@@ -438,6 +495,39 @@ mod tests {
             store.signatures().expect("sigs"),
             vec![([7; 32], vec![9; 64])]
         );
+    }
+
+    #[test]
+    fn signatures_are_stored_a_commit_at_a_time_and_older_entries_still_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        // An entry as stores before signature batches wrote it.
+        store.sigs.insert([1; 32], vec![2; 64]).expect("old entry");
+        let batch = Batch {
+            changes: vec![],
+            sync_states: vec![],
+            signatures: vec![([3; 32], vec![4; 64]), ([5; 32], vec![6; 7])],
+        };
+        store.commit(&batch).expect("commit");
+        assert_eq!(store.sigs.len(), 2, "one entry per commit");
+        let mut sigs = store.signatures().expect("sigs");
+        sigs.sort();
+        assert_eq!(
+            sigs,
+            vec![
+                ([1; 32], vec![2; 64]),
+                ([3; 32], vec![4; 64]),
+                ([5; 32], vec![6; 7])
+            ]
+        );
+        // A truncated entry is an error, not a silently shorter list.
+        let mut key = vec![SIGNATURE_BATCH];
+        key.extend_from_slice(&9u64.to_be_bytes());
+        store.sigs.insert(key, vec![7; 40]).expect("bad entry");
+        assert!(matches!(
+            store.signatures(),
+            Err(StoreError::BadValue { tree: "sigs" })
+        ));
     }
 
     #[test]
@@ -494,6 +584,7 @@ mod tests {
             sync_states: vec![],
             signatures: vec![],
         };
+        store.commit(&batch).expect("commit");
         store.commit(&batch).expect("commit");
         assert_eq!(store.chunk_count(&doc()), 2);
         store.compact(&doc(), b"snap").expect("compact");
