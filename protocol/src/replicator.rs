@@ -53,10 +53,18 @@ const REDIAL: Duration = Duration::from_secs(1);
 const CENTRE_GRACE: Duration = Duration::from_secs(3);
 
 /// A quarter node also pushes its own document to the other quarters while
-/// a message to the centre has gone unanswered this long and nothing else
-/// came from the centre meanwhile. Long enough that a centre slowed by a
-/// catch-up of many quarters at once is not taken for a partitioned one.
+/// a message to the centre has gone unanswered this long, nothing else came
+/// from the centre meanwhile, and no ping to it succeeded for
+/// [`CENTRE_PONG_FRESH`]. Long enough that a centre slowed by a catch-up of
+/// many quarters at once is not taken for a partitioned one.
 const CENTRE_STALL: Duration = Duration::from_secs(10);
+
+/// A ping the centre answered within this long shows the path to it works:
+/// a centre that is slow to answer sync messages is busy, not cut off, and
+/// quarters pushing their documents to each other would only add to its
+/// load (see `docs/benchmarks.md`). One ping interval plus slack, so a
+/// working connection always has a fresh answer.
+const CENTRE_PONG_FRESH: Duration = Duration::from_secs(15);
 
 /// A quarter node also relays what it holds to the other quarters once the
 /// centre has been gone this long (until then each pushes its own document).
@@ -613,6 +621,8 @@ pub struct Actor {
     /// last came from it was sent (failed requests count: they went
     /// unanswered too).
     centre_waiting_since: Option<Instant>,
+    /// Quarter nodes: when a ping to the centre last succeeded.
+    centre_pong: Option<Instant>,
     /// Quarters' writer nodes (other than this one) and where they listen
     /// (from their documents), dialled directly: see `refresh_neighbours`.
     neighbours: HashMap<PeerId, Multiaddr>,
@@ -728,6 +738,7 @@ impl Actor {
             heard: HashMap::new(),
             last_message: None,
             centre_waiting_since: None,
+            centre_pong: None,
             neighbours: HashMap::new(),
             neighbours_of: BTreeMap::new(),
             roster: Vec::new(),
@@ -1074,7 +1085,8 @@ impl Actor {
     /// Quarter nodes: the other quarters are passive partners while the
     /// centre is up (every document travels owner → centre → everyone, each
     /// once). Once it has been gone for [`CENTRE_GRACE`] or has been silent
-    /// with a message unanswered for [`CENTRE_STALL`], each quarter pushes
+    /// with a message unanswered for [`CENTRE_STALL`] and without answering
+    /// pings (see [`CENTRE_PONG_FRESH`]), each quarter pushes
     /// its own document to the others directly; once it has been gone for
     /// [`CENTRE_OUTAGE`], quarters also relay what they hold to each other.
     /// A centre slowed down by load can look gone for seconds; relaying
@@ -1090,13 +1102,17 @@ impl Actor {
             && self
                 .centre_down_since
                 .is_some_and(|t| t.elapsed() >= CENTRE_GRACE);
-        // A connection a partition broke looks up until pings fail; a
-        // message the centre has not answered for long, while nothing else
-        // came from it either, tells sooner. (A centre busy catching up
-        // answers late but keeps sending.)
+        // A connection a partition broke looks up until pings fail (up to
+        // 30 s); a message the centre has not answered for long, while
+        // nothing else came from it and no ping got through either, tells
+        // sooner. A centre busy catching up answers sync messages late but
+        // its connections still answer pings.
         let stalled = self
             .centre_waiting_since
-            .is_some_and(|t| t.elapsed() >= CENTRE_STALL);
+            .is_some_and(|t| t.elapsed() >= CENTRE_STALL)
+            && self
+                .centre_pong
+                .is_none_or(|t| t.elapsed() >= CENTRE_PONG_FRESH);
         let outage = !self.engine.is_up(&center)
             && self
                 .centre_down_since
@@ -1406,6 +1422,13 @@ impl Actor {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Sync(event)) => self.handle_sync(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(libp2p::ping::Event {
+                peer,
+                result: Ok(_),
+                ..
+            })) if self.is_centre(&peer) => {
+                self.centre_pong = Some(Instant::now());
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Ping(libp2p::ping::Event {
                 peer,
                 connection,

@@ -114,8 +114,8 @@ fn encode_signatures(sigs: &[StoredSignature]) -> Result<Vec<u8>, StoreError> {
 
 fn decode_signatures(mut v: &[u8], out: &mut Vec<StoredSignature>) -> Result<(), StoreError> {
     while !v.is_empty() {
-        let (hash, rest) = v.split_first_chunk::<32>().ok_or(bad_value())?;
-        let (len, rest) = rest.split_first_chunk::<2>().ok_or(bad_value())?;
+        let (hash, rest) = v.split_first_chunk::<32>().ok_or_else(bad_value)?;
+        let (len, rest) = rest.split_first_chunk::<2>().ok_or_else(bad_value)?;
         let len = usize::from(u16::from_be_bytes(*len));
         if rest.len() < len {
             return Err(bad_value());
