@@ -398,6 +398,28 @@ impl<P: Ord + Clone> Engine<P> {
         }
     }
 
+    /// Whether `peer` is known to hold everything of the documents this node
+    /// writes: in each one's session the heads both sides last agreed on are
+    /// this node's heads. (False while the peer is down or a session has not
+    /// got that far.)
+    pub fn peer_holds_own_docs(&self, peer: &P) -> bool {
+        let Some(p) = self.peers.get(peer) else {
+            return false;
+        };
+        self.docs
+            .iter()
+            .filter(|(doc, _)| self.writers.may_write(doc, &self.actor))
+            .all(|(doc, am)| {
+                p.sessions.get(doc).is_some_and(|s| {
+                    let mut shared = s.state.shared_heads.clone();
+                    shared.sort();
+                    let mut heads = am.get_heads();
+                    heads.sort();
+                    shared == heads
+                })
+            })
+    }
+
     /// Sets what this node does for `peer` unasked (see [`Activity`]; the
     /// default is [`Activity::Full`]). Whatever it is, this node answers
     /// every message the peer sends.
@@ -1348,6 +1370,23 @@ mod tests {
         sim.assert_converged();
         let am = sim.nodes[1].doc(&DocId::quarter(&q[0])).expect("replica");
         assert_eq!(schema::concern_count(am), 20);
+    }
+
+    #[test]
+    fn a_peer_holds_this_nodes_documents_once_their_sync_says_so() {
+        let q = [slug("a"), slug("b")];
+        let mut sim = Sim::new(2, vec![(0, 1)], &q, &[1, 1], 5, 0);
+        sim.write(1, &DocId::quarter(&q[0]), "a1".into());
+        assert!(!sim.nodes[1].peer_holds_own_docs(&0), "not synced yet");
+        sim.run(10_000);
+        assert!(sim.nodes[1].peer_holds_own_docs(&0));
+        // Node 0 writes none of these documents: nothing of its own to hold.
+        assert!(sim.nodes[0].peer_holds_own_docs(&1));
+        sim.write(1, &DocId::quarter(&q[1]), "b1".into());
+        assert!(!sim.nodes[1].peer_holds_own_docs(&0), "a new write");
+        sim.run(10_000);
+        assert!(sim.nodes[1].peer_holds_own_docs(&0));
+        assert!(!sim.nodes[1].peer_holds_own_docs(&7), "an unknown peer");
     }
 
     /// Node 0 writes 20 concerns; its message with them reaches node 1, but

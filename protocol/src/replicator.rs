@@ -54,9 +54,10 @@ const CENTRE_GRACE: Duration = Duration::from_secs(3);
 
 /// A quarter node also pushes its own document to the other quarters while
 /// a message to the centre has gone unanswered this long, nothing else came
-/// from the centre meanwhile, and no ping to it succeeded for
-/// [`CENTRE_PONG_FRESH`]. Long enough that a centre slowed by a catch-up of
-/// many quarters at once is not taken for a partitioned one.
+/// from the centre meanwhile, no ping to it succeeded for
+/// [`CENTRE_PONG_FRESH`], and the centre has not confirmed the quarter's
+/// own changes. Long enough that a centre slowed by a catch-up of many
+/// quarters at once is not taken for a partitioned one.
 const CENTRE_STALL: Duration = Duration::from_secs(10);
 
 /// A ping the centre answered within this long shows the path to it works:
@@ -1085,8 +1086,9 @@ impl Actor {
     /// Quarter nodes: the other quarters are passive partners while the
     /// centre is up (every document travels owner → centre → everyone, each
     /// once). Once it has been gone for [`CENTRE_GRACE`] or has been silent
-    /// with a message unanswered for [`CENTRE_STALL`] and without answering
-    /// pings (see [`CENTRE_PONG_FRESH`]), each quarter pushes
+    /// with a message unanswered for [`CENTRE_STALL`], without answering
+    /// pings (see [`CENTRE_PONG_FRESH`]) and without confirming this
+    /// quarter's own changes, each quarter pushes
     /// its own document to the others directly; once it has been gone for
     /// [`CENTRE_OUTAGE`], quarters also relay what they hold to each other.
     /// A centre slowed down by load can look gone for seconds; relaying
@@ -1107,12 +1109,16 @@ impl Actor {
         // nothing else came from it and no ping got through either, tells
         // sooner. A centre busy catching up answers sync messages late but
         // its connections still answer pings.
+        // Only while the centre has not confirmed this quarter's own
+        // changes does pushing them to the others help: once it holds
+        // them, it relays them, however slowly.
         let stalled = self
             .centre_waiting_since
             .is_some_and(|t| t.elapsed() >= CENTRE_STALL)
             && self
                 .centre_pong
-                .is_none_or(|t| t.elapsed() >= CENTRE_PONG_FRESH);
+                .is_none_or(|t| t.elapsed() >= CENTRE_PONG_FRESH)
+            && !self.engine.peer_holds_own_docs(&center);
         let outage = !self.engine.is_up(&center)
             && self
                 .centre_down_since
