@@ -69,7 +69,13 @@ const CENTRE_PONG_FRESH: Duration = Duration::from_secs(15);
 
 /// A quarter node also relays what it holds to the other quarters once the
 /// centre has been gone this long (until then each pushes its own document).
-const CENTRE_OUTAGE: Duration = Duration::from_secs(60);
+/// Relaying is for quarters that cannot reach each other directly, which
+/// matters in a long outage; pushing their own documents already covers
+/// those that can. A starved centre can fail handshakes for minutes (three,
+/// at 64 quarters × 1,000 concerns on two cores), and relaying every
+/// document over every pair of quarters then multiplied the traffic about
+/// four times (`docs/benchmarks.md`).
+const CENTRE_OUTAGE: Duration = Duration::from_secs(300);
 
 /// Longest wait between dials of an unreachable neighbouring quarter.
 const MAX_NEIGHBOUR_BACKOFF: Duration = Duration::from_secs(60);
