@@ -34,6 +34,16 @@ pub const PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// direction, so a federation needs about twice its document count.
 pub const MAX_STREAMS_PER_CONNECTION: usize = 300;
 
+/// Events one connection may queue for the node's event loop (libp2p's
+/// default is 7). A connection whose queue is full stops reading, and so
+/// stops answering pings: with the default, a node busy applying a large
+/// catch-up let its peers' pings time out and lost the connections (at 64
+/// quarters × 1,000 concerns on two cores). What a peer can make a
+/// connection queue is bounded anyway, by one outstanding message per
+/// document and the peer's window of messages with changes
+/// (`engine::PEER_WINDOW`).
+pub const CONNECTION_EVENT_BUFFER: usize = 64;
+
 /// Concurrent sync requests per connection, both directions together:
 /// room for 128 documents (127 quarters and the city).
 pub const MAX_CONCURRENT_REQUESTS: usize = 256;
@@ -64,6 +74,11 @@ pub struct Behaviour {
     pub sync: request_response::cbor::Behaviour<Request, Response>,
     /// Liveness of each connection (see [`PING_INTERVAL`]).
     pub ping: ping::Behaviour,
+}
+
+fn swarm_config(c: libp2p::swarm::Config) -> libp2p::swarm::Config {
+    c.with_idle_connection_timeout(IDLE_TIMEOUT)
+        .with_per_connection_event_buffer_size(CONNECTION_EVENT_BUFFER)
 }
 
 /// Builds the swarm for `identity`.
@@ -121,7 +136,7 @@ pub fn build_swarm(
             )?
             .with_behaviour(|_| behaviour())
             .map_err(|e| TransportError::Build(e.to_string()))?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_TIMEOUT))
+            .with_swarm_config(swarm_config)
             .build(),
         Some(psk) => builder
             .with_other_transport(|key| {
@@ -137,7 +152,7 @@ pub fn build_swarm(
             .map_err(|e| TransportError::Build(e.to_string()))?
             .with_behaviour(|_| behaviour())
             .map_err(|e| TransportError::Build(e.to_string()))?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_TIMEOUT))
+            .with_swarm_config(swarm_config)
             .build(),
     };
     Ok(swarm)
