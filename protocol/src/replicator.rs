@@ -1405,6 +1405,9 @@ impl Actor {
                     if self.is_centre(&peer_id) {
                         self.centre_down_since = None;
                         self.centre_waiting_since = None;
+                        // The handshake just went through: as good as a
+                        // ping answered (the first ping comes later).
+                        self.centre_pong = Some(Instant::now());
                     }
                     let mut fx = self.peer_up(peer_id);
                     fx.extend(self.neighbour_activity());
