@@ -1391,8 +1391,8 @@ mod tests {
 
     /// Node 0 writes 20 concerns; its message with them reaches node 1, but
     /// node 0 learns only that the request failed (as on a timeout), and
-    /// retries before node 1's answer arrives. Returns how many changes node 0 put on the wire after that, and
-    /// checks the two converge.
+    /// retries before node 1's answer arrives. Returns how many changes
+    /// node 0 put on the wire after that, and checks the two converge.
     fn changes_resent_after(fail: fn(&mut Engine<usize>, &usize, &DocId, u64, u64)) -> usize {
         let q = [slug("a"), slug("b")];
         let doc = DocId::quarter(&q[0]);

@@ -1094,8 +1094,8 @@ impl Actor {
     /// once). Once it has been gone for [`CENTRE_GRACE`] or has been silent
     /// with a message unanswered for [`CENTRE_STALL`], without answering
     /// pings (see [`CENTRE_PONG_FRESH`]) and without confirming this
-    /// quarter's own changes, each quarter pushes
-    /// its own document to the others directly; once it has been gone for
+    /// quarter's own changes, each quarter pushes its own document to the
+    /// others directly; once it has been gone for
     /// [`CENTRE_OUTAGE`], quarters also relay what they hold to each other.
     /// A centre slowed down by load can look gone for seconds; relaying
     /// every document over every pair of quarters then multiplies that load
@@ -1115,6 +1115,7 @@ impl Actor {
         // nothing else came from it and no ping got through either, tells
         // sooner. A centre busy catching up answers sync messages late but
         // its connections still answer pings.
+        //
         // Only while the centre has not confirmed this quarter's own
         // changes does pushing them to the others help: once it holds
         // them, it relays them, however slowly.

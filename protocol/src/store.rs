@@ -104,7 +104,7 @@ const SIGNATURE_BATCH: u8 = 0xff;
 fn encode_signatures(sigs: &[StoredSignature]) -> Result<Vec<u8>, StoreError> {
     let mut out = Vec::with_capacity(sigs.len() * (32 + 2 + 64));
     for (hash, sig) in sigs {
-        let len = u16::try_from(sig.len()).map_err(|_| StoreError::BadValue { tree: "sigs" })?;
+        let len = u16::try_from(sig.len()).map_err(|_| bad_value())?;
         out.extend_from_slice(hash);
         out.extend_from_slice(&len.to_be_bytes());
         out.extend_from_slice(sig);
