@@ -378,8 +378,6 @@ impl<P: Ord + Clone> Engine<P> {
         fx
     }
 
-    /// The peers that are up now and not passive: the ones this node
-    /// starts sessions with and relays to.
     /// The peers this node offers `doc` to unasked: up, and active for it.
     fn peers_reached(&self, doc: &DocId) -> Vec<P> {
         self.peers
@@ -393,9 +391,14 @@ impl<P: Ord + Clone> Engine<P> {
     fn reaches(&self, peer: &P, doc: &DocId) -> bool {
         match self.activity(peer) {
             Activity::Full => true,
-            Activity::OwnDocs => self.writers.may_write(doc, &self.actor),
+            Activity::OwnDocs => self.writes(doc),
             Activity::Passive => false,
         }
+    }
+
+    /// Whether this node is a writer of `doc` (its own documents).
+    fn writes(&self, doc: &DocId) -> bool {
+        self.writers.may_write(doc, &self.actor)
     }
 
     /// Whether `peer` is known to hold everything of the documents this node
@@ -408,7 +411,7 @@ impl<P: Ord + Clone> Engine<P> {
         };
         self.docs
             .iter()
-            .filter(|(doc, _)| self.writers.may_write(doc, &self.actor))
+            .filter(|(doc, _)| self.writes(doc))
             .all(|(doc, am)| {
                 p.sessions.get(doc).is_some_and(|s| {
                     let mut shared = s.state.shared_heads.clone();

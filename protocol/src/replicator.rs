@@ -622,8 +622,6 @@ pub struct Actor {
     centre_down_since: Option<Instant>,
     /// When a sync message or answer last came from each peer.
     heard: HashMap<PeerId, Instant>,
-    /// When the last sync message or answer came from any peer.
-    last_message: Option<Instant>,
     /// Quarter nodes: when the first message to the centre since anything
     /// last came from it was sent (failed requests count: they went
     /// unanswered too).
@@ -743,7 +741,6 @@ impl Actor {
             next_dial: Instant::now(),
             centre_down_since: Some(Instant::now()),
             heard: HashMap::new(),
-            last_message: None,
             centre_waiting_since: None,
             centre_pong: None,
             neighbours: HashMap::new(),
@@ -1356,7 +1353,9 @@ impl Actor {
             }
         }
         let quiet = self
-            .last_message
+            .heard
+            .values()
+            .max()
             .is_none_or(|t| t.elapsed() >= COMPACT_WHEN_QUIET);
         let threshold = if quiet {
             COMPACT_AFTER_CHANGES
@@ -1451,10 +1450,12 @@ impl Actor {
                 result: Err(failure),
             })) if !matches!(failure, libp2p::ping::Failure::Unsupported) => {
                 // (A peer without ping, an older node, keeps its connection.)
-                // A ping waits behind the sync messages on the same
-                // connection: on a busy link it can time out while messages
-                // still arrive, and closing then would restart every session.
-                // (After a partition, nothing arrives for a ping interval.)
+                // On a busy link a ping can time out while messages still
+                // arrive (behind the sync messages on the same connection,
+                // or while this node's event loop is behind; see
+                // `transport::CONNECTION_EVENT_BUFFER`), and closing then
+                // would restart every session. (After a partition, nothing
+                // arrives for a ping interval.)
                 if self.heard_within(&peer, transport::PING_INTERVAL) == Some(true) {
                     tracing::debug!(%peer, %failure, "ping failed, but the peer's messages arrive: keeping the connection");
                 } else {
@@ -1482,9 +1483,7 @@ impl Actor {
         if let Event::Message { peer, .. } = &event
             && self.allowed.contains(peer)
         {
-            let now = Instant::now();
-            self.heard.insert(*peer, now);
-            self.last_message = Some(now);
+            self.heard.insert(*peer, Instant::now());
             if self.is_centre(peer) {
                 self.centre_waiting_since = None;
             }
