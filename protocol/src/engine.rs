@@ -712,7 +712,7 @@ impl<P: Ord + Clone> Engine<P> {
         if !self.accepts(doc) {
             return Err(SyncError::NotAccepted(doc.clone()));
         }
-        let (msg, new_sigs, fresh) = match self.check_message(doc, data, sigs) {
+        let (msg, new_sigs, parsed) = match self.check_message(doc, data, sigs) {
             Ok(ok) => ok,
             Err((err, bad_changes)) => {
                 if matches!(err, SyncError::Unauthorised(AuthorError::NotAWriter { .. })) {
@@ -736,8 +736,12 @@ impl<P: Ord + Clone> Engine<P> {
             return Err(SyncError::UnknownPeer);
         };
         let before = am.get_heads();
+        let fresh: Vec<(ChangeHash, Vec<u8>)> = parsed
+            .iter()
+            .map(|c| (c.hash(), c.raw_bytes().to_vec()))
+            .collect();
         let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            am.receive_sync_message(&mut session.state, msg)
+            receive_parsed(am, &mut session.state, msg, parsed)
         }));
         let failure = match applied {
             Ok(Ok(())) => None,
@@ -873,8 +877,9 @@ impl<P: Ord + Clone> Engine<P> {
 
     /// Decodes a message and checks the authorship of every change in it
     /// that this node does not hold yet. Returns the message, the signatures
-    /// to keep and the hashes and bytes of the changes not held yet. On
-    /// refusal, also says how many changes failed the check.
+    /// to keep and the changes not held yet, parsed (applied as they are by
+    /// [`receive_parsed`], so no change is parsed twice). On refusal, also
+    /// says how many changes failed the check.
     #[allow(clippy::type_complexity)]
     fn check_message(
         &mut self,
@@ -885,7 +890,7 @@ impl<P: Ord + Clone> Engine<P> {
         (
             sync::Message,
             Vec<(ChangeHash, Vec<u8>)>,
-            Vec<(ChangeHash, Vec<u8>)>,
+            Vec<automerge::Change>,
         ),
         (SyncError, u64),
     > {
@@ -918,7 +923,12 @@ impl<P: Ord + Clone> Engine<P> {
                 .get(doc)
                 .is_some_and(|am| am.get_change_meta_by_hash(hash).is_some())
         };
-        let new: Vec<&automerge::Change> = carried.iter().filter(|c| !held(&c.hash())).collect();
+        let is_new: Vec<bool> = carried.iter().map(|c| !held(&c.hash())).collect();
+        let new: Vec<&automerge::Change> = carried
+            .iter()
+            .zip(&is_new)
+            .filter_map(|(c, &n)| n.then_some(c))
+            .collect();
         let mut first_error = None;
         let mut bad = 0u64;
         let mut signed = Vec::with_capacity(new.len());
@@ -971,9 +981,10 @@ impl<P: Ord + Clone> Engine<P> {
         match first_error {
             Some(e) => Err((SyncError::Unauthorised(e), bad)),
             None => {
-                let fresh = new
-                    .iter()
-                    .map(|c| (c.hash(), c.raw_bytes().to_vec()))
+                let fresh = carried
+                    .into_iter()
+                    .zip(is_new)
+                    .filter_map(|(c, n)| n.then_some(c))
                     .collect();
                 Ok((msg, accepted, fresh))
             }
@@ -1128,6 +1139,46 @@ impl<P: Ord + Clone> Engine<P> {
     }
 }
 
+/// What automerge's `receive_sync_message` does, with the message's changes
+/// already parsed (`changes`: those among them this document lacks, as
+/// [`Engine::check_message`] parsed them to check their authorship). Given
+/// the message with its change chunks, automerge would parse every change
+/// again; instead they are applied as they are, the message goes on without
+/// them, and the two things automerge's receive does differently when a
+/// message carries changes are done here: the shared heads advance over
+/// what was applied, and `last_sent_heads` is left alone. The test
+/// `receiving_parsed_changes_leaves_what_automerge_would` holds this to
+/// automerge's own receive.
+fn receive_parsed(
+    am: &mut Automerge,
+    state: &mut sync::State,
+    mut msg: sync::Message,
+    changes: Vec<automerge::Change>,
+) -> Result<(), automerge::AutomergeError> {
+    if msg.changes.is_empty() || state.read_only {
+        return am.receive_sync_message(state, msg);
+    }
+    state.in_flight = false;
+    let before = am.get_heads();
+    am.apply_changes(changes)?;
+    let after = am.get_heads();
+    let advanced: BTreeSet<ChangeHash> = after
+        .iter()
+        .filter(|h| !before.contains(h))
+        .chain(state.shared_heads.iter().filter(|h| after.contains(h)))
+        .copied()
+        .collect();
+    state.shared_heads = advanced.into_iter().collect();
+    let last_sent = state.last_sent_heads.clone();
+    msg.changes = sync::ChunkList::from(Vec::<Vec<u8>>::new());
+    let keeps_last_sent = msg.heads == after && !msg.heads.is_empty();
+    am.receive_sync_message(state, msg)?;
+    if keeps_last_sent {
+        state.last_sent_heads = last_sent;
+    }
+    Ok(())
+}
+
 /// Indices of `batch`, each author's changes latest first (by sequence
 /// number), so a signature checked early vouches for what comes after.
 fn vouched_order(batch: &[&automerge::Change]) -> Vec<usize> {
@@ -1216,6 +1267,134 @@ mod tests {
         fn below(&mut self, n: u64) -> u64 {
             self.next() % n
         }
+    }
+
+    /// `receive_parsed` must leave a document and its sync state exactly as
+    /// automerge's `receive_sync_message` would. Two documents that diverge
+    /// (one empty, then both editing concurrently, then one far ahead) sync
+    /// in both directions; every message is received twice, once each way,
+    /// and the results compared message by message.
+    #[test]
+    fn receiving_parsed_changes_leaves_what_automerge_would() {
+        fn edit(doc: &mut Automerge, key: &str, n: usize) {
+            for i in 0..n {
+                let mut tx = doc.transaction();
+                automerge::transaction::Transactable::put(
+                    &mut tx,
+                    automerge::ROOT,
+                    format!("{key}{i}"),
+                    i as i64,
+                )
+                .expect("put");
+                tx.commit();
+            }
+        }
+        // Receives `msg` both ways into (doc, state), checks they agree, and
+        // keeps automerge's result.
+        fn receive_both(doc: &mut Automerge, state: &mut sync::State, msg: sync::Message) {
+            let mut carried = Vec::new();
+            for element in msg.changes.iter() {
+                chunks::changes_in(element, &mut carried).expect("parse");
+            }
+            let lacking: Vec<automerge::Change> = carried
+                .into_iter()
+                .filter(|c| doc.get_change_meta_by_hash(&c.hash()).is_none())
+                .collect();
+            let (mut ours, mut ours_state) = (doc.clone(), state.clone());
+            receive_parsed(&mut ours, &mut ours_state, msg.clone(), lacking).expect("ours");
+            doc.receive_sync_message(state, msg).expect("automerge's");
+            assert_eq!(ours.get_heads(), doc.get_heads());
+            assert_eq!(ours_state, *state);
+            // And both answer the same.
+            let (mut a, mut b) = (ours_state.clone(), state.clone());
+            assert_eq!(
+                ours.generate_sync_message(&mut a).map(|m| m.encode()),
+                doc.generate_sync_message(&mut b).map(|m| m.encode())
+            );
+        }
+        fn sync_rounds(
+            x: &mut Automerge,
+            y: &mut Automerge,
+            xs: &mut sync::State,
+            ys: &mut sync::State,
+        ) -> usize {
+            let mut received = 0;
+            // Without capabilities, as `generate` sends them: only change
+            // lists travel, never whole documents.
+            let without_flags = |mut m: sync::Message| {
+                m.flags = None;
+                m
+            };
+            for _ in 0..20 {
+                let to_y = x.generate_sync_message(xs).map(without_flags);
+                let to_x = y.generate_sync_message(ys).map(without_flags);
+                if to_y.is_none() && to_x.is_none() {
+                    return received;
+                }
+                if let Some(m) = to_y {
+                    received += usize::from(!m.changes.is_empty());
+                    receive_both(y, ys, m);
+                }
+                if let Some(m) = to_x {
+                    received += usize::from(!m.changes.is_empty());
+                    receive_both(x, xs, m);
+                }
+            }
+            panic!("the documents did not settle within 20 rounds");
+        }
+        let mut a = Automerge::new().with_actor(ActorId::from(vec![1u8; 16]));
+        let mut b = Automerge::new().with_actor(ActorId::from(vec![2u8; 16]));
+        let (mut sa, mut sb) = (sync::State::new(), sync::State::new());
+        edit(&mut a, "a", 5);
+        let mut with_changes = sync_rounds(&mut a, &mut b, &mut sa, &mut sb);
+        edit(&mut a, "a2-", 3);
+        edit(&mut b, "b", 4);
+        with_changes += sync_rounds(&mut a, &mut b, &mut sa, &mut sb);
+        edit(&mut b, "b2-", 50);
+        with_changes += sync_rounds(&mut b, &mut a, &mut sb, &mut sa);
+        // A fresh session over documents that share history.
+        let (mut sa, mut sb) = (sync::State::new(), sync::State::new());
+        edit(&mut a, "a3-", 2);
+        with_changes += sync_rounds(&mut a, &mut b, &mut sa, &mut sb);
+        assert_eq!(a.get_heads(), b.get_heads());
+        // A message whose heads name a change it does not carry (the
+        // sender took it from a third node meanwhile): the shared heads
+        // then come from what was applied, not from the message's heads,
+        // and the heads shared before are superseded.
+        edit(&mut a, "a4-", 2);
+        let mut shared_before = None;
+        for _ in 0..10 {
+            let Some(mut m) = a.generate_sync_message(&mut sa) else {
+                break;
+            };
+            m.flags = None;
+            let carries = !m.changes.is_empty();
+            if carries {
+                m.heads.push(ChangeHash([7; 32]));
+                shared_before = Some(sb.shared_heads.clone());
+            }
+            receive_both(&mut b, &mut sb, m);
+            if carries {
+                break;
+            }
+            if let Some(mut answer) = b.generate_sync_message(&mut sb) {
+                answer.flags = None;
+                a.receive_sync_message(&mut sa, answer).expect("answer");
+            }
+        }
+        let shared_before = shared_before.expect("a message with changes went to b");
+        assert!(
+            !shared_before.is_empty(),
+            "the session shared no heads to supersede"
+        );
+        assert_ne!(
+            sb.shared_heads, shared_before,
+            "the shared heads did not advance"
+        );
+        assert!(
+            with_changes >= 4,
+            "only {with_changes} messages carried changes"
+        );
     }
 
     fn slug(s: &str) -> QuarterSlug {
