@@ -299,6 +299,11 @@ impl<P: Ord + Clone> Engine<P> {
         })
     }
 
+    /// The actor this node writes as.
+    pub fn actor(&self) -> &ActorId {
+        &self.actor
+    }
+
     /// Whether this node replicates `doc`.
     pub fn accepts(&self, doc: &DocId) -> bool {
         match doc {
@@ -313,35 +318,25 @@ impl<P: Ord + Clone> Engine<P> {
         doc: &DocId,
         chunks: impl IntoIterator<Item = &'a [u8]>,
     ) -> Result<(), automerge::AutomergeError> {
+        let am = load_chunks(doc, &self.actor, chunks)?;
+        self.insert_loaded(doc, am)
+    }
+
+    /// Takes in a document built by [`load_chunks`] (on any thread, so a
+    /// node starting up loads its documents in parallel), merging what the
+    /// engine already holds of it (a genesis).
+    pub fn insert_loaded(
+        &mut self,
+        doc: &DocId,
+        mut am: Automerge,
+    ) -> Result<(), automerge::AutomergeError> {
         if let DocId::Quarter(q) = doc {
             self.quarters.insert(q.clone());
         }
-        // One call for all chunks: automerge does work per call that grows
-        // with the document, so loading chunk by chunk is quadratic.
-        let all: Vec<u8> = chunks.into_iter().flatten().copied().collect();
-        if chunks::is_document(&all) {
-            // A snapshot first: load it as a new document, then merge what is
-            // already held (genesis). `load_incremental` into a non-empty
-            // document would split the snapshot into its changes and apply
-            // them one by one, many times slower than loading it whole. Same
-            // options as `load_incremental` into an empty document.
-            let mut am = Automerge::load_with_options(
-                &all,
-                LoadOptions::new()
-                    .on_partial_load(OnPartialLoad::Ignore)
-                    .verification_mode(VerificationMode::Check),
-            )?;
-            am.set_actor(self.actor.clone());
-            if let Some(mut held) = self.docs.remove(doc) {
-                am.merge(&mut held)?;
-            }
-            self.docs.insert(doc.clone(), am);
-            return Ok(());
+        if let Some(mut held) = self.docs.remove(doc) {
+            am.merge(&mut held)?;
         }
-        let am = self.ensure_doc(doc);
-        if !all.is_empty() {
-            am.load_incremental(&all)?;
-        }
+        self.docs.insert(doc.clone(), am);
         Ok(())
     }
 
@@ -1137,6 +1132,40 @@ impl<P: Ord + Clone> Engine<P> {
         }
         Ok((value, fx))
     }
+}
+
+/// Builds `doc` from its persisted chunks (snapshots or changes, in order)
+/// as this node's `actor` edits it. Needs no engine, so documents load in
+/// parallel at start-up; [`Engine::insert_loaded`] takes the result.
+pub fn load_chunks<'a>(
+    doc: &DocId,
+    actor: &ActorId,
+    chunks: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<Automerge, automerge::AutomergeError> {
+    // One call for all chunks: automerge does work per call that grows
+    // with the document, so loading chunk by chunk is quadratic.
+    let all: Vec<u8> = chunks.into_iter().flatten().copied().collect();
+    let mut am = if chunks::is_document(&all) {
+        // A snapshot first: load it as a new document (the engine merges
+        // its genesis in). `load_incremental` into a non-empty document
+        // would split the snapshot into its changes and apply them one by
+        // one, many times slower than loading it whole. Same options as
+        // `load_incremental` into an empty document.
+        Automerge::load_with_options(
+            &all,
+            LoadOptions::new()
+                .on_partial_load(OnPartialLoad::Ignore)
+                .verification_mode(VerificationMode::Check),
+        )?
+    } else {
+        let mut am = schema::genesis(doc);
+        if !all.is_empty() {
+            am.load_incremental(&all)?;
+        }
+        am
+    };
+    am.set_actor(actor.clone());
+    Ok(am)
 }
 
 /// What automerge's `receive_sync_message` does, with the message's changes

@@ -193,6 +193,61 @@ enum Command {
     Shutdown,
 }
 
+/// Builds the stored documents on as many threads as there are cores
+/// (automerge loads one document on one core), in the order given; a
+/// document that fails to load says why.
+fn load_in_parallel(
+    stored: &[crate::store::StoredDoc],
+    actor: &automerge::ActorId,
+) -> Vec<(DocId, Result<automerge::Automerge, String>)> {
+    let load = |doc: &crate::store::StoredDoc| {
+        let chunks = doc.chunks.iter().map(Vec::as_slice);
+        match std::panic::catch_unwind(|| crate::engine::load_chunks(&doc.id, actor, chunks)) {
+            Ok(Ok(am)) => Ok(am),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("automerge panicked loading it".to_string()),
+        }
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, stored.len().max(1));
+    // Documents go to the threads in turn, so big and small ones spread
+    // evenly enough.
+    let mut loaded: Vec<(usize, Result<automerge::Automerge, String>)> =
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|t| {
+                    scope.spawn(move || {
+                        stored
+                            .iter()
+                            .enumerate()
+                            .skip(t)
+                            .step_by(threads)
+                            .map(|(i, doc)| (i, load(doc)))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().unwrap_or_default())
+                .collect()
+        });
+    loaded.sort_by_key(|(i, _)| *i);
+    let mut loaded = loaded.into_iter().peekable();
+    stored
+        .iter()
+        .enumerate()
+        .map(|(i, doc)| {
+            let am = match loaded.next_if(|(j, _)| *j == i) {
+                Some((_, am)) => am,
+                None => Err("its loading thread stopped".to_string()),
+            };
+            (doc.id.clone(), am)
+        })
+        .collect()
+}
+
 /// What the actor's loop takes next (`Actor::run`). One lives on the stack
 /// per turn of the loop; boxing the network event would allocate per event.
 #[allow(clippy::large_enum_variant)]
@@ -714,7 +769,7 @@ impl Actor {
         let mut chunks = HashMap::new();
         let stored_docs = config.store.load_docs()?;
         tracing::debug!(elapsed = ?loading.elapsed(), "documents read from the store");
-        for stored in stored_docs {
+        for stored in &stored_docs {
             // Loose changes, the snapshot not counted (see `compact`).
             let loose = stored
                 .chunks
@@ -723,14 +778,17 @@ impl Actor {
                 .map(|c| crate::chunks::count(c))
                 .sum::<usize>();
             chunks.insert(stored.id.clone(), loose);
-            engine
-                .load_doc(&stored.id, stored.chunks.iter().map(|c| c.as_slice()))
-                .map_err(|e| ReplicatorError::Load {
-                    doc: stored.id.clone(),
-                    reason: e.to_string(),
-                })?;
-            tracing::debug!(doc = %stored.id, chunks = stored.chunks.len(), elapsed = ?loading.elapsed(), "document loaded");
         }
+        for (id, loaded) in load_in_parallel(&stored_docs, engine.actor()) {
+            loaded
+                .and_then(|am| engine.insert_loaded(&id, am).map_err(|e| e.to_string()))
+                .map_err(|reason| ReplicatorError::Load {
+                    doc: id.clone(),
+                    reason,
+                })?;
+        }
+        drop(stored_docs);
+        tracing::debug!(elapsed = ?loading.elapsed(), "documents loaded");
         let swarm = transport::build_swarm(&config.identity, config.psk)?;
         let store = Arc::new(config.store);
         let mut actor = Self {
@@ -1717,4 +1775,69 @@ fn parse_sigs(sigs: Vec<SignedHash>) -> Option<Vec<(ChangeHash, Vec<u8>)>> {
             (s.sig.len() == SIGNATURE_LEN).then_some((ChangeHash(hash), s.sig))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoredDoc;
+    use automerge::ReadDoc;
+    use automerge::transaction::Transactable;
+
+    /// Documents load on several threads but come back in the order given,
+    /// and one that cannot be loaded says so without taking the others down.
+    #[test]
+    fn stored_documents_load_in_parallel_in_order() {
+        let actor = automerge::ActorId::from(vec![9u8; 16]);
+        let stored: Vec<StoredDoc> = (0..7)
+            .map(|i| {
+                let id =
+                    DocId::quarter(&crate::ids::QuarterSlug::new(&format!("q{i}")).expect("slug"));
+                let mut am = crate::schema::genesis(&id);
+                am.set_actor(actor.clone());
+                let mut tx = am.transaction();
+                tx.put(automerge::ROOT, "n", i as i64).expect("put");
+                tx.commit();
+                // Even documents as a snapshot, odd ones as loose changes.
+                let chunk = if i % 2 == 0 {
+                    am.save()
+                } else {
+                    am.get_changes(&[])
+                        .iter()
+                        .flat_map(|c| c.raw_bytes().to_vec())
+                        .collect()
+                };
+                StoredDoc {
+                    id,
+                    chunks: vec![chunk],
+                }
+            })
+            .chain(std::iter::once({
+                // A snapshot damaged on disk: its checksum no longer fits.
+                let mut snapshot = crate::schema::genesis(&DocId::City).save();
+                let middle = snapshot.len() / 2;
+                snapshot[middle] ^= 0xff;
+                StoredDoc {
+                    id: DocId::City,
+                    chunks: vec![snapshot],
+                }
+            }))
+            .collect();
+        let loaded = load_in_parallel(&stored, &actor);
+        assert_eq!(loaded.len(), stored.len());
+        for (i, ((id, am), want)) in loaded.iter().zip(&stored).enumerate() {
+            assert_eq!(id, &want.id);
+            if want.id == DocId::City {
+                assert!(am.is_err(), "a damaged snapshot loaded");
+                continue;
+            }
+            let am = am.as_ref().expect("a stored document loads");
+            let n = am
+                .get(automerge::ROOT, "n")
+                .expect("read")
+                .map(|(v, _)| v.as_i64());
+            assert_eq!(n, Some(Some(i as i64)));
+            assert_eq!(am.get_actor(), &actor);
+        }
+    }
 }
