@@ -96,11 +96,6 @@ const COMPACT_ANYWAY_CHANGES: usize = 16 * COMPACT_AFTER_CHANGES;
 /// On a clean stop, compact every document with at least this many.
 const COMPACT_ON_STOP_CHANGES: usize = 16;
 
-/// At most this many network events are taken in a row while answers and
-/// relays wait to be generated (`Actor::run`): intake goes first, but
-/// passing things on is never starved.
-const INTAKE_BEFORE_FLUSH: usize = 16;
-
 /// Capacity of the command channel: callers wait when the actor is busy.
 const COMMAND_QUEUE: usize = 256;
 
@@ -246,17 +241,6 @@ fn load_in_parallel(
             (doc.id.clone(), am)
         })
         .collect()
-}
-
-/// What the actor's loop takes next (`Actor::run`). One lives on the stack
-/// per turn of the loop; boxing the network event would allocate per event.
-#[allow(clippy::large_enum_variant)]
-enum Step {
-    Durable(Option<Result<u64, StoreError>>),
-    Command(Option<Command>),
-    Network(SwarmEvent<BehaviourEvent>),
-    Tick,
-    Flush,
 }
 
 /// A cloneable handle to the running replicator.
@@ -912,71 +896,31 @@ impl Actor {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) -> Result<(), ReplicatorError> {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Network events taken since the last slice of answers and relays.
-        let mut intake = 0usize;
         loop {
-            let flush_due = self.engine.flush_due();
-            let step = if flush_due && intake >= INTAKE_BEFORE_FLUSH {
-                Step::Flush
-            } else {
-                // What came in goes ahead of what is passed on: one ready
-                // branch of the first group at random (requests from the
-                // API, the network, the timer: none starves the others),
-                // and a slice of answers and relays (`flush`) only when
-                // none of them is ready, or after INTAKE_BEFORE_FLUSH
-                // network events in a row. A centre taking in a catch-up
-                // from many quarters so gets every document before it
-                // spends its time passing the first ones on.
-                let durability = &mut self.durability.done;
-                let swarm = &mut self.swarm;
-                tokio::select! {
-                    biased;
-                    step = async {
-                        tokio::select! {
-                            done = durability.recv() => Step::Durable(done),
-                            cmd = rx.recv() => Step::Command(cmd),
-                            event = swarm.select_next_some() => Step::Network(event),
-                            _ = tick.tick() => Step::Tick,
-                        }
-                    } => step,
-                    () = std::future::ready(()), if flush_due => Step::Flush,
-                }
-            };
-            match step {
-                Step::Durable(done) => match done {
+            tokio::select! {
+                // One ready branch at random: requests from the API, the
+                // network and the slices of answers and relays (`flush`)
+                // share the actor, none starves the others.
+                done = self.durability.done.recv() => match done {
                     Some(Ok(ticket)) => self.now_durable(ticket),
                     Some(Err(e)) => self.fatal = Some(e.into()),
-                    None => {
-                        self.fatal = Some(ReplicatorError::Crashed(
-                            "the durability thread stopped".into(),
-                        ))
-                    }
+                    None => self.fatal = Some(ReplicatorError::Crashed("the durability thread stopped".into())),
                 },
-                Step::Command(cmd) => match cmd {
+                cmd = rx.recv() => match cmd {
                     Some(Command::Job(job)) => {
                         // A request that panics (a bug, or data no check
                         // foresaw) fails alone; its caller sees the node as
                         // unavailable for that request, and the node carries on.
-                        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            job(&mut self)
-                        }));
+                        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut self)));
                         if ran.is_err() {
-                            tracing::error!(
-                                "a request panicked; it was dropped and the node carries on"
-                            );
+                            tracing::error!("a request panicked; it was dropped and the node carries on");
                         }
                     }
                     Some(Command::Shutdown) | None => break,
                 },
-                Step::Network(event) => {
-                    intake += 1;
-                    self.handle_event(event);
-                }
-                Step::Tick => self.handle_tick(),
-                Step::Flush => {
-                    intake = 0;
-                    self.flush();
-                }
+                event = self.swarm.select_next_some() => self.handle_event(event),
+                _ = tick.tick() => self.handle_tick(),
+                () = std::future::ready(()), if self.engine.flush_due() => self.flush(),
             }
             if let Some(err) = self.fatal.take() {
                 tracing::error!(error = %err, "stopping the node");
