@@ -49,6 +49,12 @@ pub const FLUSH_SLICE: usize = 32;
 /// changes wait for do not wait for the window.
 pub const PEER_WINDOW: usize = 8;
 
+/// Messages with changes outstanding at most over all peers: with many
+/// peers connected, each peer's window shrinks to its share of this (down
+/// to one message), so what a centre holds in flight while it catches up
+/// many quarters does not grow with their number ([`Engine::peer_window`]).
+pub const NODE_WINDOW: usize = 128;
+
 /// After a failed send, wait this long before trying again.
 pub const RETRY_MS: u64 = 1_000;
 
@@ -619,8 +625,16 @@ impl<P: Ord + Clone> Engine<P> {
         p.sessions.get_mut(doc)
     }
 
+    /// How many messages with changes may be outstanding to one peer:
+    /// [`PEER_WINDOW`], or an even share of [`NODE_WINDOW`] among the peers
+    /// that are up, whichever is smaller, and at least one.
+    pub fn peer_window(&self) -> usize {
+        let up = self.peers.values().filter(|p| p.up).count().max(1);
+        (NODE_WINDOW / up).clamp(1, PEER_WINDOW)
+    }
+
     /// Generates the next message for (peer, doc) unless one is outstanding
-    /// or the peer's window is full ([`PEER_WINDOW`]).
+    /// or the peer's window is full ([`Engine::peer_window`]).
     fn generate(&mut self, peer: &P, doc: &DocId, now: u64, fx: &mut Effects<P>) {
         self.generate_within(peer, doc, now, true, fx);
     }
@@ -638,13 +652,14 @@ impl<P: Ord + Clone> Engine<P> {
         let Some(am) = self.docs.get(doc) else { return };
         // The peer's window is full: generated when one of its messages
         // with changes is acknowledged.
+        let window = self.peer_window();
         let window_full = windowed
             && self.peers.get(peer).is_some_and(|p| {
                 p.sessions
                     .values()
                     .filter(|s| s.outstanding && s.carries_changes)
                     .count()
-                    >= PEER_WINDOW
+                    >= window
             });
         let Some(session) = Self::session(&mut self.peers, &mut self.next_epoch, peer, doc, now)
         else {
@@ -1648,27 +1663,31 @@ mod tests {
         assert_eq!(changes_resent_after(Engine::busy), 20);
     }
 
-    #[test]
-    fn a_peer_is_sent_at_most_a_window_of_messages_at_once_and_still_gets_everything() {
-        // Node 0 writes 3 × PEER_WINDOW documents; node 1 must get them all,
-        // with never more than PEER_WINDOW messages with changes from 0 on
-        // the wire.
+    /// Node 0 writes 3 × PEER_WINDOW documents, and each of its `peers`
+    /// (a star around it) must get them all, with never more than `window`
+    /// messages with changes from 0 to one peer on the wire. Returns the
+    /// most seen to one peer and in all.
+    fn window_used(peers: usize, window: usize) -> (usize, usize) {
         let q: Vec<QuarterSlug> = (0..3 * PEER_WINDOW)
             .map(|i| slug(&format!("q{i}")))
             .collect();
         let owners = vec![0; q.len()];
-        let mut sim = Sim::new(2, vec![(0, 1)], &q, &owners, 3, 0);
+        let links = (1..=peers).map(|p| (0, p)).collect();
+        let mut sim = Sim::new(peers + 1, links, &q, &owners, 3, 0);
+        assert_eq!(sim.nodes[0].peer_window(), window);
         for doc in &q {
             sim.write(0, &DocId::quarter(doc), format!("{doc}-1"));
         }
-        let mut most = 0;
-        for _ in 0..100_000 {
-            let from_0 = sim
-                .wire
-                .iter()
-                .filter(|(from, out)| *from == 0 && !out.sigs.is_empty())
-                .count();
-            most = most.max(from_0);
+        let (mut most, mut most_in_all) = (0, 0);
+        for _ in 0..1_000_000 {
+            let mut to = vec![0; peers + 1];
+            for (from, out) in &sim.wire {
+                if *from == 0 && !out.sigs.is_empty() {
+                    to[out.peer] += 1;
+                }
+            }
+            most = most.max(to.iter().copied().max().unwrap_or(0));
+            most_in_all = most_in_all.max(to.iter().sum());
             if sim.wire.is_empty() {
                 sim.run(1_000);
                 break;
@@ -1677,19 +1696,36 @@ mod tests {
             sim.now += 1;
             sim.deliver(k);
         }
-        assert!(
-            most <= PEER_WINDOW,
-            "{most} messages outstanding to one peer"
-        );
+        assert!(most <= window, "{most} messages outstanding to one peer");
         assert!(
             most > 1,
             "the window was never used: the test shows nothing"
         );
         sim.assert_converged();
-        for doc in &q {
-            let am = sim.nodes[1].doc(&DocId::quarter(doc)).expect("replica");
-            assert_eq!(schema::concern_count(am), 1, "{doc}");
+        for node in 1..=peers {
+            for doc in &q {
+                let am = sim.nodes[node].doc(&DocId::quarter(doc)).expect("replica");
+                assert_eq!(schema::concern_count(am), 1, "{doc} at {node}");
+            }
         }
+        (most, most_in_all)
+    }
+
+    #[test]
+    fn a_peer_is_sent_at_most_a_window_of_messages_at_once_and_still_gets_everything() {
+        window_used(1, PEER_WINDOW);
+    }
+
+    #[test]
+    fn with_many_peers_each_gets_a_share_of_the_nodes_window() {
+        let peers = NODE_WINDOW / 3 + 1;
+        let window = NODE_WINDOW / peers;
+        assert!(window < PEER_WINDOW && window > 1);
+        let (_, in_all) = window_used(peers, window);
+        assert!(
+            in_all <= NODE_WINDOW,
+            "{in_all} messages outstanding in all"
+        );
     }
 
     #[test]
