@@ -37,6 +37,8 @@ pub enum ChunkError {
     Inflate(String),
     #[error("change cannot be parsed: {0}")]
     Change(String),
+    #[error("change {0}'s checksum does not match its contents")]
+    BadChecksum(ChangeHash),
     #[error("message carries more than {MAX_CHANGES_PER_MESSAGE} changes")]
     TooManyChanges,
     #[error("message carries {0} 'have' summaries; at most one is accepted")]
@@ -158,6 +160,18 @@ pub fn changes_in(element: &[u8], out: &mut Vec<Change>) -> Result<(), ChunkErro
             }
             other => return Err(ChunkError::UnexpectedType(other)),
         }
+        // automerge's parser does not compare a change's checksum (header
+        // bytes 4..8) with its hash, which covers everything but those
+        // bytes; automerge's loader does, and drops the change and every
+        // one stored after it. A change whose checksum was altered on its
+        // way would pass its signature check, be stored as it came, and be
+        // lost with its successors at the next start: refused here.
+        if let Some(change) = out.last() {
+            let hash = change.hash();
+            if chunk.bytes[4..8] != hash.0[..4] {
+                return Err(ChunkError::BadChecksum(hash));
+            }
+        }
         if out.len() > MAX_CHANGES_PER_MESSAGE {
             return Err(ChunkError::TooManyChanges);
         }
@@ -229,6 +243,30 @@ mod tests {
             hashes_in(&doc.save(), &mut Vec::new()),
             Err(ChunkError::UnexpectedType(0))
         );
+    }
+
+    /// A change whose checksum bytes were altered keeps its hash (and so
+    /// its signature), but automerge's loader would drop it and every
+    /// change stored after it at the next start: it is refused on receipt.
+    #[test]
+    fn a_change_with_a_wrong_checksum_is_refused() {
+        let doc = doc_with_changes(2);
+        let changes = doc.get_changes(&[]);
+        let mut bytes = changes[1].raw_bytes().to_vec();
+        let mut out = Vec::new();
+        changes_in(&bytes, &mut out).expect("the change as built");
+        bytes[5] ^= 0x01;
+        let mut out = Vec::new();
+        assert_eq!(
+            changes_in(&bytes, &mut out),
+            Err(ChunkError::BadChecksum(changes[1].hash()))
+        );
+        // What automerge's loader does with it, as the store's next start would.
+        let mut loaded = Automerge::new();
+        let mut stored = changes[0].raw_bytes().to_vec();
+        stored.extend_from_slice(&bytes);
+        let _ = loaded.load_incremental(&stored);
+        assert!(loaded.get_change_meta_by_hash(&changes[1].hash()).is_none());
     }
 
     #[test]
