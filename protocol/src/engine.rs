@@ -1192,7 +1192,9 @@ pub fn load_chunks<'a>(
 /// message carries changes are done here: the shared heads advance over
 /// what was applied, and `last_sent_heads` is left alone. The test
 /// `receiving_parsed_changes_leaves_what_automerge_would` holds this to
-/// automerge's own receive.
+/// automerge's own receive. One difference remains: when applying fails,
+/// automerge has already taken the message's capability flags and this
+/// has not; the message is refused either way, and iq peers send none.
 fn receive_parsed(
     am: &mut Automerge,
     state: &mut sync::State,
@@ -1665,9 +1667,9 @@ mod tests {
 
     /// Node 0 writes 3 × PEER_WINDOW documents, and each of its `peers`
     /// (a star around it) must get them all, with never more than `window`
-    /// messages with changes from 0 to one peer on the wire. Returns the
-    /// most seen to one peer and in all.
-    fn window_used(peers: usize, window: usize) -> (usize, usize) {
+    /// messages with changes from 0 to one peer on the wire, and more than
+    /// one at some point.
+    fn window_used(peers: usize, window: usize) {
         let q: Vec<QuarterSlug> = (0..3 * PEER_WINDOW)
             .map(|i| slug(&format!("q{i}")))
             .collect();
@@ -1678,7 +1680,7 @@ mod tests {
         for doc in &q {
             sim.write(0, &DocId::quarter(doc), format!("{doc}-1"));
         }
-        let (mut most, mut most_in_all) = (0, 0);
+        let mut most = 0;
         for _ in 0..1_000_000 {
             let mut to = vec![0; peers + 1];
             for (from, out) in &sim.wire {
@@ -1687,7 +1689,6 @@ mod tests {
                 }
             }
             most = most.max(to.iter().copied().max().unwrap_or(0));
-            most_in_all = most_in_all.max(to.iter().sum());
             if sim.wire.is_empty() {
                 sim.run(1_000);
                 break;
@@ -1708,7 +1709,6 @@ mod tests {
                 assert_eq!(schema::concern_count(am), 1, "{doc} at {node}");
             }
         }
-        (most, most_in_all)
     }
 
     #[test]
@@ -1718,14 +1718,11 @@ mod tests {
 
     #[test]
     fn with_many_peers_each_gets_a_share_of_the_nodes_window() {
+        // 43 peers: 2 messages in flight to each (not PEER_WINDOW).
         let peers = NODE_WINDOW / 3 + 1;
         let window = NODE_WINDOW / peers;
         assert!(window < PEER_WINDOW && window > 1);
-        let (_, in_all) = window_used(peers, window);
-        assert!(
-            in_all <= NODE_WINDOW,
-            "{in_all} messages outstanding in all"
-        );
+        window_used(peers, window);
     }
 
     #[test]
