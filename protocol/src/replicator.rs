@@ -207,37 +207,35 @@ fn load_in_parallel(
         .map_or(1, |n| n.get())
         .clamp(1, stored.len().max(1));
     // Documents go to the threads in turn, so big and small ones spread
-    // evenly enough.
-    let mut loaded: Vec<(usize, Result<automerge::Automerge, String>)> =
-        std::thread::scope(|scope| {
-            let workers: Vec<_> = (0..threads)
-                .map(|t| {
-                    scope.spawn(move || {
-                        stored
-                            .iter()
-                            .enumerate()
-                            .skip(t)
-                            .step_by(threads)
-                            .map(|(i, doc)| (i, load(doc)))
-                            .collect::<Vec<_>>()
-                    })
+    // evenly enough; each comes back to its place in the input.
+    let mut loaded: Vec<Option<Result<automerge::Automerge, String>>> =
+        stored.iter().map(|_| None).collect();
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                scope.spawn(move || {
+                    stored
+                        .iter()
+                        .enumerate()
+                        .skip(t)
+                        .step_by(threads)
+                        .map(|(i, doc)| (i, load(doc)))
+                        .collect::<Vec<_>>()
                 })
-                .collect();
-            workers
-                .into_iter()
-                .flat_map(|w| w.join().unwrap_or_default())
-                .collect()
-        });
-    loaded.sort_by_key(|(i, _)| *i);
-    let mut loaded = loaded.into_iter().peekable();
+            })
+            .collect();
+        for (i, am) in workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_default())
+        {
+            loaded[i] = Some(am);
+        }
+    });
     stored
         .iter()
-        .enumerate()
-        .map(|(i, doc)| {
-            let am = match loaded.next_if(|(j, _)| *j == i) {
-                Some((_, am)) => am,
-                None => Err("its loading thread stopped".to_string()),
-            };
+        .zip(loaded)
+        .map(|(doc, am)| {
+            let am = am.unwrap_or_else(|| Err("its loading thread stopped".to_string()));
             (doc.id.clone(), am)
         })
         .collect()
