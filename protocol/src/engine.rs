@@ -652,14 +652,13 @@ impl<P: Ord + Clone> Engine<P> {
         let Some(am) = self.docs.get(doc) else { return };
         // The peer's window is full: generated when one of its messages
         // with changes is acknowledged.
-        let window = self.peer_window();
         let window_full = windowed
             && self.peers.get(peer).is_some_and(|p| {
                 p.sessions
                     .values()
                     .filter(|s| s.outstanding && s.carries_changes)
                     .count()
-                    >= window
+                    >= self.peer_window()
             });
         let Some(session) = Self::session(&mut self.peers, &mut self.next_epoch, peer, doc, now)
         else {
@@ -933,12 +932,9 @@ impl<P: Ord + Clone> Engine<P> {
                 .get(doc)
                 .is_some_and(|am| am.get_change_meta_by_hash(hash).is_some())
         };
-        let is_new: Vec<bool> = carried.iter().map(|c| !held(&c.hash())).collect();
-        let new: Vec<&automerge::Change> = carried
-            .iter()
-            .zip(&is_new)
-            .filter_map(|(c, &n)| n.then_some(c))
-            .collect();
+        let fresh: Vec<automerge::Change> =
+            carried.into_iter().filter(|c| !held(&c.hash())).collect();
+        let new: Vec<&automerge::Change> = fresh.iter().collect();
         let mut first_error = None;
         let mut bad = 0u64;
         let mut signed = Vec::with_capacity(new.len());
@@ -990,14 +986,7 @@ impl<P: Ord + Clone> Engine<P> {
         }
         match first_error {
             Some(e) => Err((SyncError::Unauthorised(e), bad)),
-            None => {
-                let fresh = carried
-                    .into_iter()
-                    .zip(is_new)
-                    .filter_map(|(c, n)| n.then_some(c))
-                    .collect();
-                Ok((msg, accepted, fresh))
-            }
+            None => Ok((msg, accepted, fresh)),
         }
     }
 

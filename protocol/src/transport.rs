@@ -41,7 +41,7 @@ pub const MAX_STREAMS_PER_CONNECTION: usize = 300;
 /// quarters × 1,000 concerns on two cores). What a peer can make a
 /// connection queue is bounded anyway, by one outstanding message per
 /// document and the peer's window of messages with changes
-/// (`engine::PEER_WINDOW`).
+/// (`engine::Engine::peer_window`).
 pub const CONNECTION_EVENT_BUFFER: usize = 64;
 
 /// Concurrent sync requests per connection, both directions together:
