@@ -30,7 +30,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use automerge::sync::{self, SyncDoc};
 use automerge::transaction::Transaction;
-use automerge::{ActorId, Automerge, ChangeHash, LoadOptions, OnPartialLoad, VerificationMode};
+use automerge::{
+    ActorId, Automerge, ChangeHash, LoadOptions, OnPartialLoad, ReadDoc, VerificationMode,
+};
 
 use crate::authorship::{AuthorError, SIGNATURE_LEN, Signer, Writers};
 use crate::change_cache::{self, ChangeCache};
@@ -323,9 +325,9 @@ impl<P: Ord + Clone> Engine<P> {
         &mut self,
         doc: &DocId,
         chunks: impl IntoIterator<Item = &'a [u8]>,
-    ) -> Result<(), automerge::AutomergeError> {
+    ) -> Result<(), LoadError> {
         let am = load_chunks(doc, &self.actor, chunks)?;
-        self.insert_loaded(doc, am)
+        Ok(self.insert_loaded(doc, am)?)
     }
 
     /// Takes in a document built by [`load_chunks`] (on any thread, so a
@@ -476,7 +478,7 @@ impl<P: Ord + Clone> Engine<P> {
         doc: &DocId,
         chunks: impl IntoIterator<Item = &'a [u8]>,
         now: u64,
-    ) -> Result<Effects<P>, automerge::AutomergeError> {
+    ) -> Result<Effects<P>, LoadError> {
         self.docs.remove(doc);
         self.load_doc(doc, chunks)?;
         let mut fx = Effects::default();
@@ -1138,27 +1140,57 @@ impl<P: Ord + Clone> Engine<P> {
     }
 }
 
+/// Why a stored document could not be built from its chunks.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Automerge(#[from] automerge::AutomergeError),
+    #[error("a stored entry of its changes cannot be read: {0}")]
+    Unreadable(ChunkError),
+    #[error(
+        "{missing} of its {stored} stored changes did not load (the first: {first}); \
+         the store is damaged or was written by a faulty build"
+    )]
+    Incomplete {
+        missing: usize,
+        stored: usize,
+        first: ChangeHash,
+    },
+}
+
 /// Builds `doc` from its persisted chunks (snapshots or changes, in order)
 /// as this node's `actor` edits it. Needs no engine, so documents load in
 /// parallel at start-up; [`Engine::insert_loaded`] takes the result.
+///
+/// Every stored change must end up in the document. automerge's loaders
+/// drop, with a warning only, a chunk they cannot use and every chunk
+/// after it; a document missing changes would lose them for good at its
+/// next compaction (which replaces the stored chunks by the document as
+/// held). So a stored change that did not load fails the load instead.
 pub fn load_chunks<'a>(
     doc: &DocId,
     actor: &ActorId,
     chunks: impl IntoIterator<Item = &'a [u8]>,
-) -> Result<Automerge, automerge::AutomergeError> {
+) -> Result<Automerge, LoadError> {
+    let chunks: Vec<&[u8]> = chunks.into_iter().collect();
+    // The hashes of the stored loose changes (read without parsing them),
+    // to check afterwards that every one loaded.
+    let mut stored = Vec::new();
+    for chunk in chunks.iter().filter(|c| !chunks::is_document(c)) {
+        chunks::hashes_in(chunk, &mut stored).map_err(LoadError::Unreadable)?;
+    }
     // One call for all chunks: automerge does work per call that grows
     // with the document, so loading chunk by chunk is quadratic.
-    let all: Vec<u8> = chunks.into_iter().flatten().copied().collect();
+    let all: Vec<u8> = chunks.concat();
     let mut am = if chunks::is_document(&all) {
         // A snapshot first: load it as a new document (the engine merges
         // its genesis in). `load_incremental` into a non-empty document
         // would split the snapshot into its changes and apply them one by
-        // one, many times slower than loading it whole. Same options as
-        // `load_incremental` into an empty document.
+        // one, many times slower than loading it whole.
         Automerge::load_with_options(
             &all,
             LoadOptions::new()
-                .on_partial_load(OnPartialLoad::Ignore)
+                .on_partial_load(OnPartialLoad::Error)
                 .verification_mode(VerificationMode::Check),
         )?
     } else {
@@ -1168,6 +1200,22 @@ pub fn load_chunks<'a>(
         }
         am
     };
+    // Stored changes not in the document, and changes automerge queued
+    // because their dependencies are not in it either.
+    let missing = am.get_missing_deps(&stored);
+    if !missing.is_empty() {
+        let first = stored
+            .iter()
+            .find(|h| missing.contains(h))
+            .or(missing.first())
+            .copied()
+            .unwrap_or(ChangeHash([0; 32]));
+        return Err(LoadError::Incomplete {
+            missing: missing.len(),
+            stored: stored.len(),
+            first,
+        });
+    }
     am.set_actor(actor.clone());
     Ok(am)
 }
@@ -2555,5 +2603,65 @@ mod tests {
         assert!(automerge::ReadDoc::get_missing_deps(am, &genesis).is_empty());
         let x = automerge::ReadDoc::get(am, automerge::ROOT, "x").expect("get");
         assert!(x.is_some(), "the snapshot's content is loaded");
+    }
+
+    /// automerge's loaders drop a stored chunk they cannot use, and every
+    /// chunk after it, with a warning only; the next compaction would then
+    /// delete those changes for good. Loading a document checks that every
+    /// stored change is in it, after a snapshot or without one.
+    #[test]
+    fn a_stored_change_that_does_not_load_fails_the_load() {
+        let q = slug("prohlis");
+        let doc = DocId::quarter(&q);
+        let quarters = std::slice::from_ref(&q);
+        let mut owner = engine(1, quarters, &[1]);
+        let mut entries: Vec<Vec<u8>> = Vec::new();
+        for id in ["a", "b", "c", "d"] {
+            let (_, fx) = owner
+                .change(&doc, 0, |tx| schema::put_concern(tx, &concern(id.into())))
+                .expect("write");
+            entries.extend(fx.changes.into_iter().map(|(_, c)| c.concat()));
+            if id == "b" {
+                entries = vec![owner.doc(&doc).expect("doc").save()];
+            }
+        }
+        // The snapshot (a, b) and two loose entries (c, d), as stored.
+        assert_eq!(entries.len(), 3);
+        let actor = signer(1).actor();
+        let whole = load_chunks(&doc, &actor, entries.iter().map(Vec::as_slice)).expect("load");
+        assert_eq!(whole.get_heads(), owner.doc(&doc).expect("doc").get_heads());
+        // Entry c damaged on disk (its checksum): c and d do not load.
+        let mut damaged = entries.clone();
+        damaged[1][5] ^= 0x01;
+        let loose: Vec<&[u8]> = damaged[1..].iter().map(Vec::as_slice).collect();
+        // What automerge makes of the loose entries alone: no error, two
+        // changes gone.
+        let mut quiet = schema::genesis(&doc);
+        quiet
+            .load_incremental(&loose.concat())
+            .expect("automerge loads");
+        assert!(
+            !quiet
+                .get_missing_deps(&owner.doc(&doc).expect("doc").get_heads())
+                .is_empty()
+        );
+        match load_chunks(&doc, &actor, loose.iter().copied()) {
+            Err(LoadError::Incomplete {
+                missing, stored, ..
+            }) => {
+                assert_eq!((missing, stored), (2, 2));
+            }
+            other => panic!("loose entries missing changes loaded: {other:?}"),
+        }
+        // After the snapshot, automerge's own option refuses it too.
+        let err = load_chunks(&doc, &actor, damaged.iter().map(Vec::as_slice))
+            .expect_err("a snapshot with damaged changes after it loaded");
+        assert!(matches!(err, LoadError::Automerge(_)), "{err}");
+        // A loose entry that is not even a chunk.
+        let mut garbage = entries.clone();
+        garbage[2] = b"not a change".to_vec();
+        let err = load_chunks(&doc, &actor, garbage.iter().map(Vec::as_slice))
+            .expect_err("garbage loaded");
+        assert!(matches!(err, LoadError::Unreadable(_)), "{err}");
     }
 }
