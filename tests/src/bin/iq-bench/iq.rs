@@ -33,6 +33,9 @@ pub struct Config {
     pub seed: u64,
     /// Threads recording concerns in the (untimed) offline phase.
     pub writers: usize,
+    /// Concerns every other quarter records while one is offline (0: no
+    /// rejoin run).
+    pub rejoin: usize,
     /// Bound on every wait.
     pub timeout: Duration,
 }
@@ -332,6 +335,53 @@ pub fn scale_and_reconnect(run: &mut Run, cfg: &Config) -> Result<(Value, Value)
     });
     let p4 = json!({ "centre": centre_reconnect, "quarter": quarter_reconnect });
     Ok((p3, p4))
+}
+
+/// A quarter office back after a week closed, the others connected: the
+/// first quarter stops, every other quarter records `cfg.rejoin` concerns
+/// and the centre takes them in, then the quarter starts again. Timed from
+/// its process start until it holds every document as the centre does,
+/// with the bytes it received; the cluster is left converged.
+pub fn rejoin(run: &mut Run, cfg: &Config) -> Result<Value> {
+    let c = &mut run.cluster;
+    if cfg.rejoin == 0 || c.quarters.len() < 2 {
+        return Ok(Value::Null);
+    }
+    c.quarters[0].stop()?;
+    record(&c.quarters[1..], cfg.rejoin, cfg.writers)?;
+    let agent = agent();
+    let mut written = DocHeads::new();
+    for (slug, q) in run.slugs.iter().zip(&c.quarters).skip(1) {
+        let doc = format!("quarter/{slug}");
+        let heads = heads_now(&q.endpoint(), &agent)?;
+        let own = heads.docs.get(&doc).ok_or(format!("{slug} lacks {doc}"))?;
+        written.insert(doc, own.clone());
+    }
+    let centre = c.center.endpoint();
+    wait_heads(&centre, Instant::now(), cfg.timeout, |held| {
+        holds(held, &written)
+    })?;
+    let target = heads_now(&centre, &agent)?.docs;
+    let quarter = &mut c.quarters[0];
+    let t0 = Instant::now();
+    quarter.start()?;
+    let ready = t0.elapsed();
+    let back = wait_heads(&quarter.endpoint(), t0, cfg.timeout, |held| {
+        holds(held, &target)
+    })?;
+    let status = settled(&[&c.quarters[0]], "session_bytes_received", cfg.timeout)?;
+    let received = status
+        .first()
+        .map_or(0, |s| peer_sum(s, "session_bytes_received"));
+    eprintln!("iq: rejoin after {back:.2?} ({received} B received)");
+    converged(c, cfg.timeout)?;
+    Ok(json!({
+        "quarters_recording": c.quarters.len() - 1,
+        "concerns_each": cfg.rejoin,
+        "ready_ms": ms(ready),
+        "holds_everything_ms": ms(back),
+        "received_bytes": received,
+    }))
 }
 
 /// Bytes `node` exchanged after it came back, once `peers` are connected

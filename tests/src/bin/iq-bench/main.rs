@@ -37,6 +37,10 @@ struct Args {
     /// Threads recording concerns in the untimed offline phase.
     #[arg(long, default_value_t = 4)]
     writers: usize,
+    /// Concerns every other quarter records while the first is offline,
+    /// before it rejoins (0 skips the rejoin run).
+    #[arg(long, default_value_t = 50)]
+    rejoin: usize,
     /// Bound on every wait, in seconds.
     #[arg(long, default_value_t = 900)]
     timeout: u64,
@@ -109,6 +113,7 @@ fn run(mut args: Args) -> Result<(), String> {
         args.quarters = 2;
         args.concerns = 20;
         args.live = 10;
+        args.rejoin = 5;
         args.no_peer = true;
         args.timeout = args.timeout.min(120);
     }
@@ -121,7 +126,7 @@ fn run(mut args: Args) -> Result<(), String> {
         "date": now_utc(),
         "commit": commit(),
         "machine": machine(),
-        "params": {"quarters": q, "concerns": m, "live_writes": args.live, "seed": args.seed},
+        "params": {"quarters": q, "concerns": m, "live_writes": args.live, "rejoin": args.rejoin, "seed": args.seed},
     });
 
     if !args.no_floor {
@@ -185,6 +190,7 @@ fn run(mut args: Args) -> Result<(), String> {
             live_writes: args.live,
             seed: args.seed,
             writers: args.writers,
+            rejoin: args.rejoin,
             timeout,
         };
         eprintln!("iq: P1 {q} × {m}");
@@ -192,9 +198,11 @@ fn run(mut args: Args) -> Result<(), String> {
         eprintln!("iq: P1 {p1}");
         eprintln!("iq: P3 and P4");
         let (p3, p4) = iq::scale_and_reconnect(&mut run, &cfg)?;
+        eprintln!("iq: rejoin, {} concerns at each other quarter", args.rejoin);
+        let rejoin = iq::rejoin(&mut run, &cfg)?;
         eprintln!("iq: P2 {} writes", args.live);
         let p2 = iq::live(&run, &cfg)?;
-        report["iq"] = json!({"p1": p1, "p2": p2, "p3": p3, "p4": p4});
+        report["iq"] = json!({"p1": p1, "p2": p2, "p3": p3, "p4": p4, "rejoin": rejoin});
     }
 
     let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
@@ -404,6 +412,16 @@ fn markdown(r: &Value) -> String {
             "P2 write acknowledged (fsynced) p99",
             "ms",
             "iq.p2.ack_ms.p99",
+        ),
+        (
+            "Rejoin: a quarter back, others recorded (see params), until it holds everything",
+            "ms",
+            "iq.rejoin.holds_everything_ms",
+        ),
+        (
+            "Rejoin: bytes the quarter received",
+            "B",
+            "iq.rejoin.received_bytes",
         ),
         ("P3 centre peak RSS", "MiB", "iq.p3.centre_peak_rss_mib"),
         (
