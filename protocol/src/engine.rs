@@ -51,10 +51,12 @@ pub const FLUSH_SLICE: usize = 32;
 /// changes wait for do not wait for the window.
 pub const PEER_WINDOW: usize = 8;
 
-/// Messages with changes outstanding at most over all peers: with many
-/// peers connected, each peer's window shrinks to its share of this (down
-/// to one message), so what a centre holds in flight while it catches up
-/// many quarters does not grow with their number ([`Engine::peer_window`]).
+/// Messages with changes outstanding over all peers that the peers' windows
+/// share: with many peers being sent changes at once, each peer's window
+/// shrinks to its share of this (down to one message), so what a centre
+/// holds in flight while it catches up many quarters does not grow with
+/// their number; a peer caught up alone keeps [`PEER_WINDOW`]
+/// ([`Engine::peer_window`]).
 pub const NODE_WINDOW: usize = 128;
 
 /// After a failed send, wait this long before trying again.
@@ -232,6 +234,9 @@ struct Peer {
     /// a document is first opened.
     persisted: BTreeMap<DocId, Vec<u8>>,
     stats: PeerStats,
+    /// Has messages with changes outstanding: as counted at the last
+    /// [`Engine::tick`], or sent one since.
+    busy: bool,
 }
 
 /// The sync engine of one node. `P` names peers (a libp2p `PeerId` in the
@@ -264,6 +269,8 @@ pub struct Engine<P: Ord + Clone> {
     refused: (u64, u64),
     /// The next session epoch.
     next_epoch: u64,
+    /// How many peers are `busy`, among which [`NODE_WINDOW`] is shared.
+    busy_peers: usize,
 }
 
 impl<P: Ord + Clone> Engine<P> {
@@ -289,6 +296,7 @@ impl<P: Ord + Clone> Engine<P> {
             generate_due: BTreeSet::new(),
             refused: (0, 0),
             next_epoch: 1,
+            busy_peers: 0,
         };
         engine.ensure_doc(&DocId::City);
         for q in quarters {
@@ -550,6 +558,7 @@ impl<P: Ord + Clone> Engine<P> {
         let entry = self.peers.entry(peer.clone()).or_default();
         entry.up = true;
         entry.sessions.clear();
+        entry.busy = false;
         entry.persisted = persisted.into_iter().collect();
         entry.stats.session_bytes_sent = 0;
         entry.stats.session_bytes_received = 0;
@@ -564,6 +573,7 @@ impl<P: Ord + Clone> Engine<P> {
         for doc in docs {
             self.generate(&peer, &doc, now, &mut fx);
         }
+        self.count_busy();
         fx
     }
 
@@ -573,10 +583,12 @@ impl<P: Ord + Clone> Engine<P> {
     pub fn peer_down(&mut self, peer: &P) {
         if let Some(p) = self.peers.get_mut(peer) {
             p.up = false;
+            p.busy = false;
             for (doc, session) in std::mem::take(&mut p.sessions) {
                 p.persisted.insert(doc, session.state.encode());
             }
         }
+        self.count_busy();
     }
 
     /// Changes this node holds that `peer` has not confirmed holding, over
@@ -627,12 +639,24 @@ impl<P: Ord + Clone> Engine<P> {
         p.sessions.get_mut(doc)
     }
 
-    /// How many messages with changes may be outstanding to one peer:
+    /// How many messages with changes may be outstanding to `peer`:
     /// [`PEER_WINDOW`], or an even share of [`NODE_WINDOW`] among the peers
-    /// that are up, whichever is smaller, and at least one.
-    pub fn peer_window(&self) -> usize {
-        let up = self.peers.values().filter(|p| p.up).count().max(1);
-        (NODE_WINDOW / up).clamp(1, PEER_WINDOW)
+    /// being sent changes (`peer` included), whichever is smaller, and at
+    /// least one. Peers that are up but idle take no share: a quarter
+    /// catching up alone gets the whole [`PEER_WINDOW`]. Peers count as
+    /// being sent changes from their first such message until the next
+    /// [`Engine::tick`] finds none outstanding, so peers that start
+    /// together share from the start: the first of them may take more
+    /// than their share only while fewer are counted.
+    pub fn peer_window(&self, peer: &P) -> usize {
+        let counted = self.peers.get(peer).is_some_and(|p| p.busy);
+        let sharing = self.busy_peers + usize::from(!counted);
+        (NODE_WINDOW / sharing.max(1)).clamp(1, PEER_WINDOW)
+    }
+
+    /// Recounts the peers being sent changes.
+    fn count_busy(&mut self) {
+        self.busy_peers = self.peers.values().filter(|p| p.busy).count();
     }
 
     /// Generates the next message for (peer, doc) unless one is outstanding
@@ -660,7 +684,7 @@ impl<P: Ord + Clone> Engine<P> {
                     .values()
                     .filter(|s| s.outstanding && s.carries_changes)
                     .count()
-                    >= self.peer_window()
+                    >= self.peer_window(peer)
             });
         let Some(session) = Self::session(&mut self.peers, &mut self.next_epoch, peer, doc, now)
         else {
@@ -685,11 +709,16 @@ impl<P: Ord + Clone> Engine<P> {
                 .filter_map(|h| self.sigs.get(&h).map(|s| (h, s.clone())))
                 .collect();
             session.carries_changes = !msg.changes.is_empty();
+            let carries_changes = session.carries_changes;
             let data = msg.encode();
             session.outstanding = true;
             session.last_activity_ms = now;
             let epoch = session.epoch;
             if let Some(p) = self.peers.get_mut(peer) {
+                if carries_changes && !p.busy {
+                    p.busy = true;
+                    self.busy_peers += 1;
+                }
                 let n = (data.len() + signature_bytes(&sigs)) as u64;
                 p.stats.session_bytes_sent += n;
                 p.stats.total_bytes_sent += n;
@@ -1089,7 +1118,11 @@ impl<P: Ord + Clone> Engine<P> {
     pub fn tick(&mut self, now: u64) -> Effects<P> {
         let mut fx = Effects::default();
         let mut due = Vec::new();
-        for (peer_id, peer) in &self.peers {
+        for (peer_id, peer) in &mut self.peers {
+            peer.busy = peer
+                .sessions
+                .values()
+                .any(|s| s.outstanding && s.carries_changes);
             for (doc, s) in &peer.sessions {
                 let retry_due = s.retry_at_ms.is_some_and(|t| now >= t);
                 if !s.outstanding && (retry_due || (s.dirty && s.retry_at_ms.is_none())) {
@@ -1097,6 +1130,7 @@ impl<P: Ord + Clone> Engine<P> {
                 }
             }
         }
+        self.count_busy();
         for (peer, doc) in due {
             self.generate(&peer, &doc, now, &mut fx);
         }
@@ -1702,21 +1736,28 @@ mod tests {
         assert_eq!(changes_resent_after(Engine::busy), 20);
     }
 
-    /// Node 0 writes 3 × PEER_WINDOW documents, and each of its `peers`
-    /// (a star around it) must get them all, with never more than `window`
-    /// messages with changes from 0 to one peer on the wire, and more than
-    /// one at some point.
-    fn window_used(peers: usize, window: usize) {
+    /// Node 0, in a star with `peers`, writes 3 × PEER_WINDOW documents
+    /// that it pushes only to the first `busy` of them (it is passive
+    /// towards the others meanwhile). No peer may have more than `window`
+    /// messages with changes from node 0 on the wire at once, and some peer
+    /// must have that many; then node 0 turns active towards the others
+    /// too, and every peer ends up with every document.
+    fn window_used(peers: usize, busy: usize, window: usize) {
         let q: Vec<QuarterSlug> = (0..3 * PEER_WINDOW)
             .map(|i| slug(&format!("q{i}")))
             .collect();
         let owners = vec![0; q.len()];
         let links = (1..=peers).map(|p| (0, p)).collect();
         let mut sim = Sim::new(peers + 1, links, &q, &owners, 3, 0);
-        assert_eq!(sim.nodes[0].peer_window(), window);
+        sim.run(1_000_000);
+        for p in busy + 1..=peers {
+            let fx = sim.nodes[0].set_active(&p, Activity::Passive, sim.now);
+            sim.enqueue(0, fx);
+        }
         for doc in &q {
             sim.write(0, &DocId::quarter(doc), format!("{doc}-1"));
         }
+        assert_eq!(sim.nodes[0].peer_window(&1), window);
         let mut most = 0;
         for _ in 0..1_000_000 {
             let mut to = vec![0; peers + 1];
@@ -1727,18 +1768,18 @@ mod tests {
             }
             most = most.max(to.iter().copied().max().unwrap_or(0));
             if sim.wire.is_empty() {
-                sim.run(1_000);
                 break;
             }
             let k = sim.rng.below(sim.wire.len() as u64) as usize;
             sim.now += 1;
             sim.deliver(k);
         }
-        assert!(most <= window, "{most} messages outstanding to one peer");
-        assert!(
-            most > 1,
-            "the window was never used: the test shows nothing"
-        );
+        assert_eq!(most, window, "most messages outstanding to one peer");
+        for p in busy + 1..=peers {
+            let fx = sim.nodes[0].set_active(&p, Activity::Full, sim.now);
+            sim.enqueue(0, fx);
+        }
+        sim.run(1_000_000);
         sim.assert_converged();
         for node in 1..=peers {
             for doc in &q {
@@ -1750,16 +1791,21 @@ mod tests {
 
     #[test]
     fn a_peer_is_sent_at_most_a_window_of_messages_at_once_and_still_gets_everything() {
-        window_used(1, PEER_WINDOW);
+        window_used(1, 1, PEER_WINDOW);
     }
 
     #[test]
-    fn with_many_peers_each_gets_a_share_of_the_nodes_window() {
+    fn with_many_peers_being_sent_changes_each_gets_a_share_of_the_nodes_window() {
         // 43 peers: 2 messages in flight to each (not PEER_WINDOW).
         let peers = NODE_WINDOW / 3 + 1;
         let window = NODE_WINDOW / peers;
         assert!(window < PEER_WINDOW && window > 1);
-        window_used(peers, window);
+        window_used(peers, peers, window);
+    }
+
+    #[test]
+    fn a_peer_caught_up_alone_gets_the_whole_window_however_many_are_up() {
+        window_used(NODE_WINDOW / 3 + 1, 1, PEER_WINDOW);
     }
 
     #[test]
