@@ -1206,16 +1206,16 @@ pub fn load_chunks<'a>(
     actor: &ActorId,
     chunks: impl IntoIterator<Item = &'a [u8]>,
 ) -> Result<Automerge, LoadError> {
-    let chunks: Vec<&[u8]> = chunks.into_iter().collect();
+    let entries: Vec<&[u8]> = chunks.into_iter().collect();
     // The hashes of the stored loose changes (read without parsing them),
     // to check afterwards that every one loaded.
     let mut stored = Vec::new();
-    for chunk in chunks.iter().filter(|c| !chunks::is_document(c)) {
-        chunks::hashes_in(chunk, &mut stored).map_err(LoadError::Unreadable)?;
+    for entry in entries.iter().filter(|e| !chunks::is_document(e)) {
+        chunks::hashes_in(entry, &mut stored).map_err(LoadError::Unreadable)?;
     }
     // One call for all chunks: automerge does work per call that grows
     // with the document, so loading chunk by chunk is quadratic.
-    let all: Vec<u8> = chunks.concat();
+    let all: Vec<u8> = entries.concat();
     let mut am = if chunks::is_document(&all) {
         // A snapshot first: load it as a new document (the engine merges
         // its genesis in). `load_incremental` into a non-empty document
