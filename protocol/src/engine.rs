@@ -59,10 +59,6 @@ pub const PEER_WINDOW: usize = 8;
 /// ([`Engine::peer_window`]).
 pub const NODE_WINDOW: usize = 128;
 
-/// With intake first ([`Engine::set_intake_first`]), how long after a peer
-/// came up the changes pushed to it may wait for its own to come in.
-pub const INTAKE_HOLD_MS: u64 = 10_000;
-
 /// After a failed send, wait this long before trying again.
 pub const RETRY_MS: u64 = 1_000;
 
@@ -211,8 +207,6 @@ struct Session {
     persisted_shared: Vec<ChangeHash>,
     /// Unique per session, so outcomes of an earlier session are ignored.
     epoch: u64,
-    /// The peer's last message named changes this node does not hold.
-    they_have_more: bool,
 }
 
 impl Session {
@@ -227,7 +221,6 @@ impl Session {
             last_activity_ms: now,
             retry_at_ms: None,
             persisted_shared,
-            they_have_more: false,
         }
     }
 }
@@ -244,9 +237,6 @@ struct Peer {
     /// Has messages with changes outstanding: as counted at the last
     /// [`Engine::tick`], or sent one since.
     busy: bool,
-    /// With intake first: until when pushes to the peer wait while it has
-    /// changes for this node.
-    hold_until_ms: u64,
 }
 
 /// The sync engine of one node. `P` names peers (a libp2p `PeerId` in the
@@ -281,8 +271,6 @@ pub struct Engine<P: Ord + Clone> {
     next_epoch: u64,
     /// How many peers are `busy`, among which [`NODE_WINDOW`] is shared.
     busy_peers: usize,
-    /// Take in a peer's changes before pushing it others' (the centre).
-    intake_first: bool,
 }
 
 impl<P: Ord + Clone> Engine<P> {
@@ -309,7 +297,6 @@ impl<P: Ord + Clone> Engine<P> {
             refused: (0, 0),
             next_epoch: 1,
             busy_peers: 0,
-            intake_first: false,
         };
         engine.ensure_doc(&DocId::City);
         for q in quarters {
@@ -326,16 +313,6 @@ impl<P: Ord + Clone> Engine<P> {
             am.set_actor(actor.clone());
             am
         })
-    }
-
-    /// Takes in what a peer that came up holds and this node lacks before
-    /// pushing it changes, for at most [`INTAKE_HOLD_MS`] after it came up:
-    /// the centre, when quarters reconnect after an outage, gets every
-    /// quarter's records first instead of sharing the machine between
-    /// taking them in and passing the others on to every quarter. Answers
-    /// a peer's sending waits for still go at once.
-    pub fn set_intake_first(&mut self, on: bool) {
-        self.intake_first = on;
     }
 
     /// The actor this node writes as.
@@ -582,11 +559,6 @@ impl<P: Ord + Clone> Engine<P> {
         entry.up = true;
         entry.sessions.clear();
         entry.busy = false;
-        entry.hold_until_ms = if self.intake_first {
-            now.saturating_add(INTAKE_HOLD_MS)
-        } else {
-            0
-        };
         entry.persisted = persisted.into_iter().collect();
         entry.stats.session_bytes_sent = 0;
         entry.stats.session_bytes_received = 0;
@@ -682,17 +654,6 @@ impl<P: Ord + Clone> Engine<P> {
         (NODE_WINDOW / sharing.max(1)).clamp(1, PEER_WINDOW)
     }
 
-    /// With intake first: whether pushes to `peer` wait because it named
-    /// changes this node lacks (in a session not refused for an unknown
-    /// writer: those changes will not come in), within its hold.
-    fn holds_back(&self, peer: &P, p: &Peer, now: u64) -> bool {
-        self.intake_first
-            && now < p.hold_until_ms
-            && p.sessions.iter().any(|(doc, s)| {
-                s.they_have_more && !self.refused_writers.contains(&(peer.clone(), doc.clone()))
-            })
-    }
-
     /// Recounts the peers being sent changes.
     fn count_busy(&mut self) {
         self.busy_peers = self.peers.values().filter(|p| p.busy).count();
@@ -715,17 +676,15 @@ impl<P: Ord + Clone> Engine<P> {
         fx: &mut Effects<P>,
     ) {
         let Some(am) = self.docs.get(doc) else { return };
-        // The peer's window is full, or it is held while it has changes for
-        // this node: generated when one of its messages with changes is
-        // acknowledged, or its changes are in.
+        // The peer's window is full: generated when one of its messages
+        // with changes is acknowledged.
         let window_full = windowed
             && self.peers.get(peer).is_some_and(|p| {
-                self.holds_back(peer, p, now)
-                    || p.sessions
-                        .values()
-                        .filter(|s| s.outstanding && s.carries_changes)
-                        .count()
-                        >= self.peer_window(peer)
+                p.sessions
+                    .values()
+                    .filter(|s| s.outstanding && s.carries_changes)
+                    .count()
+                    >= self.peer_window(peer)
             });
         let Some(session) = Self::session(&mut self.peers, &mut self.next_epoch, peer, doc, now)
         else {
@@ -920,20 +879,6 @@ impl<P: Ord + Clone> Engine<P> {
                         .any(|h| am.get_change_meta_by_hash(h).is_none())
                 })
         });
-        if let Some(p) = self.peers.get_mut(peer)
-            && let Some(s) = p.sessions.get_mut(doc)
-        {
-            let held = s.they_have_more;
-            s.they_have_more = they_have_more;
-            // Its changes are in: what was held back for it goes now.
-            if held && !they_have_more && self.intake_first {
-                for (d, s) in &p.sessions {
-                    if s.dirty && !s.outstanding && d != doc {
-                        self.generate_due.insert((peer.clone(), d.clone()));
-                    }
-                }
-            }
-        }
         self.generate_within(peer, doc, now, !they_have_more, &mut fx);
         Ok(fx)
     }
@@ -1861,65 +1806,6 @@ mod tests {
     #[test]
     fn a_peer_caught_up_alone_gets_the_whole_window_however_many_are_up() {
         window_used(NODE_WINDOW / 3 + 1, 1, PEER_WINDOW);
-    }
-
-    /// Two quarters (nodes 1 and 2) record offline, then connect to the
-    /// centre (node 0); their hellos reach it first, the rest goes in
-    /// random order. Counts the messages the centre put on the wire to a
-    /// quarter with another quarter's changes while it did not yet hold
-    /// all of that quarter's own document, over several seeds; checks all
-    /// converge.
-    fn relays_before_intake(intake_first: bool) -> usize {
-        let q = [slug("a"), slug("b")];
-        let own = |p: usize| DocId::quarter(&q[p - 1]);
-        let mut early = 0;
-        for seed in 1..=10 {
-            let mut sim = Sim::new(3, vec![], &q, &[1, 2], seed, 0);
-            sim.nodes[0].set_intake_first(intake_first);
-            for p in [1, 2] {
-                for i in 0..30 {
-                    sim.write(p, &own(p), format!("{p}-{i}"));
-                }
-            }
-            for p in [1, 2] {
-                let fx = sim.nodes[0].peer_up(p, vec![], sim.now);
-                sim.enqueue(0, fx);
-                let fx = sim.nodes[p].peer_up(0, vec![], sim.now);
-                sim.enqueue(p, fx);
-            }
-            while let Some(k) = sim.wire.iter().position(|(from, _)| *from != 0) {
-                sim.deliver(k);
-            }
-            for _ in 0..100_000 {
-                for (from, out) in &sim.wire {
-                    if *from == 0 && !out.sigs.is_empty() && out.doc != own(out.peer) {
-                        let theirs = sim.nodes[out.peer]
-                            .doc(&own(out.peer))
-                            .map(|d| d.get_heads());
-                        let held = sim.nodes[0].doc(&own(out.peer)).map(|d| d.get_heads());
-                        if theirs != held {
-                            early += 1;
-                        }
-                    }
-                }
-                if sim.wire.is_empty() {
-                    break;
-                }
-                let k = sim.rng.below(sim.wire.len() as u64) as usize;
-                sim.now += 1;
-                sim.deliver(k);
-            }
-            sim.run(100_000);
-            sim.assert_converged();
-        }
-        early
-    }
-
-    #[test]
-    fn with_intake_first_a_quarters_records_come_in_before_others_are_pushed_to_it() {
-        assert_eq!(relays_before_intake(true), 0);
-        // Without it the centre does push them earlier: the test can tell.
-        assert!(relays_before_intake(false) > 0);
     }
 
     #[test]

@@ -739,9 +739,6 @@ impl Actor {
             Writers::new([center_actor]),
             own_quarter,
         );
-        // The centre takes in a reconnecting quarter's records before it
-        // passes the other quarters' on to it.
-        engine.set_intake_first(config.role == Role::Center);
         let loading = Instant::now();
         engine.load_signatures(
             config
