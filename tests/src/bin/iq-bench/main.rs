@@ -409,6 +409,11 @@ fn markdown(r: &Value) -> String {
             "iq.p1.first_document_at_centre_ms",
         ),
         (
+            "P1 quarter documents complete at centre, p50",
+            "ms",
+            "iq.p1.documents_at_centre_ms.p50",
+        ),
+        (
             "P2 write acknowledged (fsynced) p99",
             "ms",
             "iq.p2.ack_ms.p99",
