@@ -371,10 +371,12 @@ pub fn rejoin(run: &mut Run, cfg: &Config) -> Result<Value> {
     let back = wait_heads(&quarter.endpoint(), t0, cfg.timeout, |held| {
         holds(held, &target)
     })?;
-    let status = settled(&[&c.quarters[0]], "session_bytes_received", cfg.timeout)?;
+    // Since its process start: a connection that closed and reopened
+    // meanwhile would have reset its session counters.
+    let status = settled(&[&c.quarters[0]], "total_bytes_received", cfg.timeout)?;
     let received = status
         .first()
-        .map_or(0, |s| peer_sum(s, "session_bytes_received"));
+        .map_or(0, |s| peer_sum(s, "total_bytes_received"));
     eprintln!("iq: rejoin after {back:.2?} ({received} B received)");
     converged(c, cfg.timeout)?;
     Ok(json!({
