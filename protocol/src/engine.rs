@@ -271,8 +271,6 @@ pub struct Engine<P: Ord + Clone> {
     refused: (u64, u64),
     /// The next session epoch.
     next_epoch: u64,
-    /// How many peers are `busy`, among which [`NODE_WINDOW`] is shared.
-    busy_peers: usize,
 }
 
 impl<P: Ord + Clone> Engine<P> {
@@ -298,7 +296,6 @@ impl<P: Ord + Clone> Engine<P> {
             generate_due: BTreeSet::new(),
             refused: (0, 0),
             next_epoch: 1,
-            busy_peers: 0,
         };
         engine.ensure_doc(&DocId::City);
         for q in quarters {
@@ -566,7 +563,6 @@ impl<P: Ord + Clone> Engine<P> {
         entry.stats.session_bytes_received = 0;
         entry.stats.session_messages_sent = 0;
         entry.stats.session_messages_received = 0;
-        self.count_busy();
         let docs: Vec<DocId> = self
             .docs
             .keys()
@@ -590,7 +586,6 @@ impl<P: Ord + Clone> Engine<P> {
                 p.persisted.insert(doc, session.state.encode());
             }
         }
-        self.count_busy();
     }
 
     /// Changes this node holds that `peer` has not confirmed holding, over
@@ -652,13 +647,9 @@ impl<P: Ord + Clone> Engine<P> {
     /// than their share only while fewer are counted.
     pub fn peer_window(&self, peer: &P) -> usize {
         let counted = self.peers.get(peer).is_some_and(|p| p.busy);
-        let sharing = self.busy_peers + usize::from(!counted);
+        let busy = self.peers.values().filter(|p| p.busy).count();
+        let sharing = busy + usize::from(!counted);
         (NODE_WINDOW / sharing.max(1)).clamp(1, PEER_WINDOW)
-    }
-
-    /// Recounts the peers being sent changes.
-    fn count_busy(&mut self) {
-        self.busy_peers = self.peers.values().filter(|p| p.busy).count();
     }
 
     /// Generates the next message for (peer, doc) unless one is outstanding
@@ -717,10 +708,7 @@ impl<P: Ord + Clone> Engine<P> {
             session.last_activity_ms = now;
             let epoch = session.epoch;
             if let Some(p) = self.peers.get_mut(peer) {
-                if carries_changes && !p.busy {
-                    p.busy = true;
-                    self.busy_peers += 1;
-                }
+                p.busy |= carries_changes;
                 let n = (data.len() + signature_bytes(&sigs)) as u64;
                 p.stats.session_bytes_sent += n;
                 p.stats.total_bytes_sent += n;
@@ -1132,7 +1120,6 @@ impl<P: Ord + Clone> Engine<P> {
                 }
             }
         }
-        self.count_busy();
         for (peer, doc) in due {
             self.generate(&peer, &doc, now, &mut fx);
         }
