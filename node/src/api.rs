@@ -379,7 +379,7 @@ async fn concern_status(
 ) -> Result<Json<ConcernView>, ApiError> {
     let Json(body) =
         body.map_err(|e| ApiError::bad_request(format!("invalid status: {}", e.body_text())))?;
-    let own = handle.read(|view| view.own_doc.clone()).await?;
+    let own = handle.own_doc().clone();
     let DocId::Quarter(slug) = own.clone() else {
         return Err(ApiError::bad_request("only quarter nodes change concerns"));
     };
@@ -439,12 +439,12 @@ pub async fn no_such_route(uri: axum::http::Uri) -> ApiError {
 }
 
 async fn openapi(State(handle): State<Handle>) -> Result<Json<serde_json::Value>, ApiError> {
-    let role = handle.read(|view| view.role).await?;
+    let role = handle.role();
     Ok(Json(crate::openapi::document(role)))
 }
 
 async fn status(State(handle): State<Handle>) -> Result<Json<Status>, ApiError> {
-    Ok(Json(handle.read(|view| view.status()).await?))
+    Ok(Json(handle.status().await?))
 }
 
 /// Longest a `GET /api/v1/heads?after=` waits for a change.
@@ -565,7 +565,7 @@ async fn add_concern(
 ) -> Result<(StatusCode, Json<ConcernView>), ApiError> {
     let Json(body) =
         body.map_err(|e| ApiError::bad_request(format!("invalid concern: {}", e.body_text())))?;
-    let own = handle.read(|view| view.own_doc.clone()).await?;
+    let own = handle.own_doc().clone();
     let DocId::Quarter(slug) = own.clone() else {
         return Err(ApiError::bad_request("only quarter nodes record concerns"));
     };

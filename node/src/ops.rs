@@ -47,16 +47,24 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// `/readyz`: the replicator answers within two seconds and listens for
-/// peers. 503 with the reason otherwise.
+/// `/readyz`: the replicator answers within two seconds, has loaded its
+/// stored documents and listens for peers. 503 with the reason otherwise.
 async fn readyz(State(handle): State<Handle>) -> Response {
-    let answer =
-        tokio::time::timeout(READY_TIMEOUT, handle.read(|view| view.listen_addrs().len())).await;
+    let answer = tokio::time::timeout(
+        READY_TIMEOUT,
+        handle.read_now(|view| (view.listen_addrs().len(), view.loading())),
+    )
+    .await;
     match answer {
-        Ok(Ok(n)) if n > 0 => (StatusCode::OK, "ready\n").into_response(),
+        Ok(Ok((_, loading))) if loading > 0 => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: still loading {loading} stored documents\n"),
+        )
+            .into_response(),
+        Ok(Ok((n, _))) if n > 0 => (StatusCode::OK, "ready\n").into_response(),
         Ok(Ok(_)) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: not listening for peers yet\n",
+            "not ready: not listening for peers yet\n".to_string(),
         )
             .into_response(),
         Ok(Err(_)) => (

@@ -110,6 +110,12 @@ pub fn print_status(s: &Status) {
         println!("listening: {l}");
     }
     println!("store:     {} bytes on disk", s.store_bytes);
+    if s.loading > 0 {
+        println!(
+            "loading:   {} more stored document(s); the node joins the network once they are loaded",
+            s.loading
+        );
+    }
     let r = &s.refusals;
     println!(
         "refused:   {} connection(s), {} request(s), {} over rate, {} message(s) with {} unauthorised change(s)",

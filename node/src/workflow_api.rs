@@ -188,7 +188,7 @@ async fn concern_overview(State(h): State<Handle>) -> Result<Json<Vec<ConcernOve
 
 /// This node's quarter, or an error for the centre.
 async fn own_quarter(h: &Handle) -> Result<(DocId, QuarterSlug), ApiError> {
-    let own = h.read(|v| v.own_doc.clone()).await?;
+    let own = h.own_doc().clone();
     match own.quarter_slug().cloned() {
         Some(q) => Ok((own, q)),
         None => Err(ApiError::bad_request(

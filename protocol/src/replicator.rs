@@ -183,8 +183,15 @@ pub enum WriteError {
 
 type Job = Box<dyn FnOnce(&mut Actor) + Send>;
 
+/// Documents loaded at start-up off the actor, each with why it did not load.
+type Loaded = Vec<(DocId, Result<automerge::Automerge, String>)>;
+
 enum Command {
+    /// Runs once every stored document is loaded (see [`Actor::new`]).
     Job(Job),
+    /// Runs at once, even while the other documents still load: it may
+    /// touch only the node's own document, the city document and the store.
+    Now(Job),
     Shutdown,
 }
 
@@ -246,6 +253,8 @@ fn load_in_parallel(
 pub struct Handle {
     tx: mpsc::Sender<Command>,
     peer_id: PeerId,
+    own_doc: DocId,
+    role: Role,
     /// Counts changes to what a page shows: documents and connections.
     changed: watch::Receiver<u64>,
     /// Every document's heads, published by the actor after each batch of
@@ -259,6 +268,7 @@ impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Command::Job(_) => "Job",
+            Command::Now(_) => "Now",
             Command::Shutdown => "Shutdown",
         })
     }
@@ -267,6 +277,33 @@ impl std::fmt::Debug for Command {
 impl Handle {
     pub fn peer_id(&self) -> PeerId {
         self.peer_id
+    }
+
+    /// The document this node writes.
+    pub fn own_doc(&self) -> &DocId {
+        &self.own_doc
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The node's status. Answers while the node still loads its documents
+    /// at start-up: [`Status::loading`] then counts those not yet loaded,
+    /// which `documents` does not list yet.
+    pub async fn status(&self) -> Result<Status, ReplicatorError> {
+        self.read_now(|view| view.status()).await
+    }
+
+    /// Runs `f` on a read-only view at once, even while the node still
+    /// loads its documents at start-up. Until [`View::loading`] is 0, only
+    /// the node's own document and the city document are there: `f` must
+    /// not take a missing document for an empty one.
+    pub async fn read_now<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(View<'_>) -> R + Send + 'static,
+    ) -> Result<R, ReplicatorError> {
+        self.run_now(move |actor| f(actor.view())).await
     }
 
     /// A counter that moves whenever a document changes (a local write or
@@ -279,7 +316,7 @@ impl Handle {
     /// Every entry of the store, read in one step of the actor (the only
     /// writer), so the copy is consistent.
     pub async fn export_store(&self) -> Result<crate::store::StoreExport, ReplicatorError> {
-        self.run(|actor| actor.store.export())
+        self.run_now(|actor| actor.store.export())
             .await?
             .map_err(ReplicatorError::from)
     }
@@ -303,22 +340,41 @@ impl Handle {
         let _ = tokio::time::timeout(timeout, rx.wait_for(|h| h.version > version)).await;
     }
 
+    /// Runs `f` on the actor once every stored document is loaded.
     async fn run<R: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Actor) -> R + Send + 'static,
+    ) -> Result<R, ReplicatorError> {
+        self.send(f, Command::Job).await
+    }
+
+    /// Runs `f` on the actor at once, even while the documents other than
+    /// the node's own and the city's still load (see [`Command::Now`]).
+    async fn run_now<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Actor) -> R + Send + 'static,
+    ) -> Result<R, ReplicatorError> {
+        self.send(f, Command::Now).await
+    }
+
+    async fn send<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Actor) -> R + Send + 'static,
+        command: fn(Job) -> Command,
     ) -> Result<R, ReplicatorError> {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |actor| {
             let _ = tx.send(f(actor));
         });
         self.tx
-            .send(Command::Job(job))
+            .send(command(job))
             .await
             .map_err(|_| ReplicatorError::Stopped)?;
         rx.await.map_err(|_| ReplicatorError::Stopped)
     }
 
-    /// Runs `f` on a read-only view of the node's state.
+    /// Runs `f` on a read-only view of the node's state, once the node has
+    /// loaded every stored document (at start-up, that waits for the load).
     pub async fn read<R: Send + 'static>(
         &self,
         f: impl FnOnce(View<'_>) -> R + Send + 'static,
@@ -328,14 +384,14 @@ impl Handle {
 
     /// Writes node-local data (never replicated), durably.
     pub async fn local_put(&self, key: String, value: Vec<u8>) -> Result<(), ReplicatorError> {
-        self.run(move |actor| actor.store.local_put(&key, &value))
+        self.run_now(move |actor| actor.store.local_put(&key, &value))
             .await?
             .map_err(ReplicatorError::from)
     }
 
     /// Reads node-local data.
     pub async fn local_get(&self, key: String) -> Result<Option<Vec<u8>>, ReplicatorError> {
-        self.run(move |actor| actor.store.local_get(&key))
+        self.run_now(move |actor| actor.store.local_get(&key))
             .await?
             .map_err(ReplicatorError::from)
     }
@@ -347,7 +403,7 @@ impl Handle {
         key: String,
         value: Vec<u8>,
     ) -> Result<bool, ReplicatorError> {
-        self.run(move |actor| actor.store.local_put_new(&key, &value))
+        self.run_now(move |actor| actor.store.local_put_new(&key, &value))
             .await?
             .map_err(ReplicatorError::from)
     }
@@ -357,14 +413,15 @@ impl Handle {
         &self,
         prefix: String,
     ) -> Result<Vec<(String, Vec<u8>)>, ReplicatorError> {
-        self.run(move |actor| actor.store.local_scan(&prefix))
+        self.run_now(move |actor| actor.store.local_scan(&prefix))
             .await?
             .map_err(ReplicatorError::from)
     }
 
     /// Reads what a write depends on (the city's frame, a consultation's
     /// deadline…) and writes `doc` in the same step of the actor, so no other
-    /// change comes between the check and the write.
+    /// change comes between the check and the write. At start-up it waits
+    /// until every stored document is loaded, as [`Handle::read`] does.
     pub async fn write_with<C: Send + 'static, R: Send + 'static>(
         &self,
         doc: DocId,
@@ -394,14 +451,16 @@ impl Handle {
     }
 
     /// Writes `doc` (which this node must own) and returns once the change
-    /// is durable on disk; it is then pushed to every connected peer.
+    /// is durable on disk; it is then pushed to every connected peer. Runs
+    /// while the node still loads the other documents at start-up: its own
+    /// document is loaded first.
     pub async fn write<R: Send + 'static>(
         &self,
         doc: DocId,
         f: impl FnOnce(&mut Transaction<'_>) -> Result<R, SchemaError> + Send + 'static,
     ) -> Result<R, WriteError> {
         let (value, ticket) = self
-            .run(move |actor| {
+            .run_now(move |actor| {
                 let value = actor.local_write(&doc, f)?;
                 Ok::<_, WriteError>((value, actor.written))
             })
@@ -424,6 +483,7 @@ pub struct View<'a> {
     listen: Vec<String>,
     started: (Instant, SystemTime),
     store_bytes: u64,
+    loading: usize,
 }
 
 /// The heads of every document, with the version they belong to.
@@ -447,6 +507,10 @@ pub struct Status {
     pub refusals: Refusals,
     pub documents: Vec<DocStatus>,
     pub peers: Vec<PeerStatus>,
+    /// Stored documents still loading at start-up (not in `documents` yet);
+    /// the node joins the network once this is 0.
+    #[serde(default)]
+    pub loading: usize,
 }
 
 /// Counters of refused input, for `status` (peers that are up also carry their own).
@@ -549,6 +613,11 @@ impl View<'_> {
         self.started.0.elapsed().as_secs()
     }
 
+    /// Stored documents still loading at start-up (0 once all are loaded).
+    pub fn loading(&self) -> usize {
+        self.loading
+    }
+
     pub fn status(&self) -> Status {
         let documents = self
             .engine
@@ -580,6 +649,7 @@ impl View<'_> {
             refusals: self.refusals,
             documents,
             peers,
+            loading: self.loading,
         }
     }
 }
@@ -592,28 +662,34 @@ pub struct Replicator {
 }
 
 impl Replicator {
-    /// Loads the store, starts listening and runs the actor.
+    /// Loads the store, starts listening and runs the actor. Returns once
+    /// the node's own document and the city document are loaded; the other
+    /// documents load behind it (see [`Actor::new`]).
     pub async fn spawn(config: ReplicatorConfig) -> Result<Self, ReplicatorError> {
-        let peer_id = config.identity.peer_id();
-        let mut actor = Actor::new(config)?;
+        Self::run_actor(Actor::new(config)?)
+    }
+
+    fn run_actor(mut actor: Actor) -> Result<Self, ReplicatorError> {
         actor.start()?;
-        actor.refresh_neighbours(None);
+        if actor.pending_load.is_none() {
+            actor.loaded(Vec::new());
+            if let Some(e) = actor.fatal.take() {
+                return Err(e);
+            }
+        }
         actor.advertise();
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
-        let changed = actor.changed.subscribe();
-        let heads = actor.heads.subscribe();
-        let durable = actor.durable_tx.subscribe();
+        let handle = Handle {
+            tx,
+            peer_id: actor.peer_id,
+            own_doc: actor.own_doc.clone(),
+            role: actor.role,
+            changed: actor.changed.subscribe(),
+            heads: actor.heads.subscribe(),
+            durable: actor.durable_tx.subscribe(),
+        };
         let task = tokio::spawn(actor.run(rx));
-        Ok(Self {
-            handle: Handle {
-                tx,
-                peer_id,
-                changed,
-                heads,
-                durable,
-            },
-            task,
-        })
+        Ok(Self { handle, task })
     }
 
     pub fn handle(&self) -> Handle {
@@ -646,6 +722,14 @@ pub struct Actor {
     store: Arc<Store>,
     /// Makes store writes durable off the actor (see the module docs).
     durability: Durability,
+    /// Stored documents still loading at start-up, off the actor (see
+    /// [`Actor::new`]); 0 once every document is loaded.
+    loading: usize,
+    /// Where they come from while they load.
+    pending_load: Option<oneshot::Receiver<Loaded>>,
+    /// Requests that wait for every document (`Command::Job`), in order,
+    /// while the node loads.
+    held_jobs: VecDeque<Job>,
     /// Ticket of the last store write that must reach the disk.
     written: u64,
     /// Ticket of the last store write known durable.
@@ -714,6 +798,15 @@ impl std::fmt::Debug for Actor {
 }
 
 impl Actor {
+    /// Reads the store and loads the node's own document and the city
+    /// document; the others load on threads of their own, and the actor
+    /// takes them in when all are loaded (`Actor::loaded`). Meanwhile
+    /// the node answers what needs only those two documents (its status,
+    /// its own writes: `Command::Now`) and holds everything else, and
+    /// it stays off the network (no partner is allowed in and no dial goes
+    /// out), so no session starts from documents not yet there. A quarter
+    /// office can record a concern at once however many other quarters'
+    /// documents its node holds.
     fn new(config: ReplicatorConfig) -> Result<Self, ReplicatorError> {
         let own_quarter: Vec<QuarterSlug> =
             config.own_doc.quarter_slug().cloned().into_iter().collect();
@@ -749,9 +842,13 @@ impl Actor {
         );
         tracing::debug!(elapsed = ?loading.elapsed(), "signatures loaded");
         let mut chunks = HashMap::new();
-        let stored_docs = config.store.load_docs()?;
+        let (first, rest): (Vec<_>, Vec<_>) = config
+            .store
+            .load_docs()?
+            .into_iter()
+            .partition(|d| d.id == config.own_doc || d.id == DocId::City);
         tracing::debug!(elapsed = ?loading.elapsed(), "documents read from the store");
-        for stored in &stored_docs {
+        for stored in first.iter().chain(&rest) {
             // Loose changes, the snapshot not counted (see `compact`).
             let loose = stored
                 .chunks
@@ -761,7 +858,7 @@ impl Actor {
                 .sum::<usize>();
             chunks.insert(stored.id.clone(), loose);
         }
-        for (id, loaded) in load_in_parallel(&stored_docs, engine.actor()) {
+        for (id, loaded) in load_in_parallel(&first, engine.actor()) {
             loaded
                 .and_then(|am| engine.insert_loaded(&id, am).map_err(|e| e.to_string()))
                 .map_err(|reason| ReplicatorError::Load {
@@ -769,12 +866,28 @@ impl Actor {
                     reason,
                 })?;
         }
-        drop(stored_docs);
-        tracing::debug!(elapsed = ?loading.elapsed(), "documents loaded");
+        drop(first);
+        tracing::debug!(elapsed = ?loading.elapsed(), "own and city documents loaded");
+        let pending = rest.len();
+        let pending_load = (!rest.is_empty()).then(|| {
+            let (tx, rx) = oneshot::channel();
+            let actor = engine.actor().clone();
+            // If the thread cannot start or dies, the sender is dropped and
+            // the actor stops with that (see `run`).
+            let _ = std::thread::Builder::new()
+                .name("iq-load".into())
+                .spawn(move || {
+                    let _ = tx.send(load_in_parallel(&rest, &actor));
+                });
+            rx
+        });
         let swarm = transport::build_swarm(&config.identity, config.psk)?;
         let store = Arc::new(config.store);
-        let mut actor = Self {
+        let actor = Self {
             engine,
+            loading: pending,
+            pending_load,
+            held_jobs: VecDeque::new(),
             durability: Durability::start(Arc::clone(&store))?,
             store,
             written: 0,
@@ -815,8 +928,52 @@ impl Actor {
                 documents: BTreeMap::new(),
             }),
         };
-        let _ = actor.refresh_roster();
+        actor.publish_heads(None);
         Ok(actor)
+    }
+
+    /// Takes in the documents loaded at start-up, then joins the network:
+    /// reads the roster (which lets partners in), finds the neighbours, and
+    /// runs the requests that waited. A document that did not load stops
+    /// the node with its name and the reason, as a start did before the API
+    /// answered ahead of the load.
+    fn loaded(&mut self, loaded: Loaded) {
+        let count = loaded.len();
+        for (id, am) in loaded {
+            let inserted = am.and_then(|am| {
+                self.engine
+                    .insert_loaded(&id, am)
+                    .map_err(|e| e.to_string())
+            });
+            if let Err(reason) = inserted {
+                self.fatal = Some(ReplicatorError::Load { doc: id, reason });
+                return;
+            }
+        }
+        self.loading = 0;
+        tracing::info!(documents = count, elapsed = ?self.started.0.elapsed(), "stored documents loaded; joining the network");
+        if self.refresh_roster().is_err() {
+            return;
+        }
+        self.refresh_neighbours(None);
+        self.publish_heads(None);
+        self.changed.send_modify(|n| *n += 1);
+        while let Some(job) = self.held_jobs.pop_front() {
+            self.run_job(job);
+            if self.fatal.is_some() {
+                return;
+            }
+        }
+    }
+
+    /// Runs one request. A request that panics (a bug, or data no check
+    /// foresaw) fails alone; its caller sees the node as unavailable for
+    /// that request, and the node carries on.
+    fn run_job(&mut self, job: Job) {
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(self)));
+        if ran.is_err() {
+            tracing::error!("a request panicked; it was dropped and the node carries on");
+        }
     }
 
     fn start(&mut self) -> Result<(), ReplicatorError> {
@@ -888,12 +1045,14 @@ impl Actor {
                 .collect(),
             started: self.started,
             store_bytes: self.store.size_on_disk(),
+            loading: self.loading,
         }
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) -> Result<(), ReplicatorError> {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pending_load = self.pending_load.take();
         loop {
             tokio::select! {
                 // One ready branch at random: requests from the API, the
@@ -904,16 +1063,24 @@ impl Actor {
                     Some(Err(e)) => self.fatal = Some(e.into()),
                     None => self.fatal = Some(ReplicatorError::Crashed("the durability thread stopped".into())),
                 },
-                cmd = rx.recv() => match cmd {
-                    Some(Command::Job(job)) => {
-                        // A request that panics (a bug, or data no check
-                        // foresaw) fails alone; its caller sees the node as
-                        // unavailable for that request, and the node carries on.
-                        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut self)));
-                        if ran.is_err() {
-                            tracing::error!("a request panicked; it was dropped and the node carries on");
-                        }
+                loaded = async {
+                    match pending_load.as_mut() {
+                        Some(rx) => rx.await,
+                        None => std::future::pending().await,
                     }
+                }, if pending_load.is_some() => {
+                    pending_load = None;
+                    match loaded {
+                        Ok(loaded) => self.loaded(loaded),
+                        Err(_) => self.fatal = Some(ReplicatorError::Crashed("the thread loading the documents stopped".into())),
+                    }
+                },
+                // While the node loads, requests that wait for it are held
+                // here, up to a queue's worth; then the queue fills and
+                // callers wait as they would for a busy actor.
+                cmd = rx.recv(), if self.held_jobs.len() < COMMAND_QUEUE => match cmd {
+                    Some(Command::Job(job)) if self.loading > 0 => self.held_jobs.push_back(job),
+                    Some(Command::Job(job) | Command::Now(job)) => self.run_job(job),
                     Some(Command::Shutdown) | None => break,
                 },
                 event = self.swarm.select_next_some() => self.handle_event(event),
@@ -1055,6 +1222,11 @@ impl Actor {
     /// Re-reads the roster after the city document changed: which quarters
     /// are replicated and which peers this node syncs with.
     fn refresh_roster(&mut self) -> Result<(), ()> {
+        if self.loading > 0 {
+            // Read once every document is loaded (`Actor::loaded`): it lets
+            // the partners in.
+            return Ok(());
+        }
         let roster = self
             .engine
             .doc(&DocId::City)
@@ -1284,6 +1456,9 @@ impl Actor {
     /// them so that, back from an outage, it does not wait for every
     /// quarter's next redial.
     fn refresh_neighbours(&mut self, changed: Option<&BTreeSet<DocId>>) {
+        if self.loading > 0 {
+            return;
+        }
         let all = changed.is_none_or(|c| c.contains(&DocId::City));
         if all {
             self.roster = self
@@ -1366,6 +1541,10 @@ impl Actor {
     }
 
     fn handle_tick(&mut self) {
+        if self.loading > 0 {
+            // Off the network until every document is loaded (`Actor::new`).
+            return;
+        }
         let fx = self.neighbour_activity();
         if !fx.is_empty() && self.apply(fx).is_err() {
             return;
@@ -1725,6 +1904,171 @@ mod tests {
     use crate::store::StoredDoc;
     use automerge::ReadDoc;
     use automerge::transaction::Transactable;
+
+    fn slug(s: &str) -> QuarterSlug {
+        QuarterSlug::new(s).expect("slug")
+    }
+
+    /// A quarter node's data directory as a node that ran before leaves it:
+    /// its own document (`n` = 1), the city's with every quarter on the
+    /// roster, and `others` quarters' documents (`n` = 2, 3, …), each stored
+    /// as a snapshot; `damaged` names one stored as bytes that do not load.
+    /// Returns the started actor, not yet running.
+    fn quarter_actor(dir: &std::path::Path, others: usize, damaged: Option<usize>) -> Actor {
+        let store = Store::open(dir).expect("store");
+        let put = |id: &DocId, n: i64, f: &dyn Fn(&mut Transaction<'_>)| {
+            let mut am = schema::genesis(id);
+            let mut tx = am.transaction();
+            tx.put(automerge::ROOT, "n", n).expect("put");
+            f(&mut tx);
+            tx.commit();
+            store.compact(id, &am.save()).expect("store");
+        };
+        let own = DocId::quarter(&slug("own"));
+        put(&own, 1, &|_| {});
+        let others: Vec<QuarterSlug> = (0..others).map(|i| slug(&format!("q{i}"))).collect();
+        put(&DocId::City, 0, &|tx| {
+            for q in others.iter().chain([slug("own")].iter()) {
+                let entry = schema::RosterEntry {
+                    name: q.to_string(),
+                    writers: vec![Identity::generate().peer_id().to_string()],
+                };
+                schema::put_roster_entry(tx, q, &entry).expect("roster");
+            }
+        });
+        for (i, q) in others.iter().enumerate() {
+            if damaged == Some(i) {
+                store
+                    .compact(&DocId::quarter(q), b"not a document")
+                    .expect("store");
+            } else {
+                put(&DocId::quarter(q), i as i64 + 2, &|_| {});
+            }
+        }
+        let centre = Identity::generate().peer_id();
+        Actor::new(ReplicatorConfig {
+            identity: Identity::generate(),
+            role: Role::Quarter,
+            own_doc: own,
+            listen: "/ip4/127.0.0.1/tcp/0".parse().expect("addr"),
+            advertise: None,
+            center: Some((centre, "/ip4/127.0.0.1/tcp/9".parse().expect("addr"))),
+            store,
+            psk: None,
+        })
+        .expect("actor")
+    }
+
+    /// The node's API answers once its own and the city document are
+    /// loaded: status and writes to its own document at once, everything
+    /// else once the other quarters' documents are in, and no partner is
+    /// let in before that.
+    #[tokio::test]
+    async fn a_node_answers_for_its_own_document_while_the_others_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut actor = quarter_actor(dir.path(), 3, None);
+        assert_eq!(actor.loading, 3);
+        // The test decides when the loading finishes.
+        let (release, held) = oneshot::channel();
+        let loading = actor.pending_load.replace(held).expect("loading");
+        let replicator = Replicator::run_actor(actor).expect("run");
+        let h = replicator.handle();
+        let own = DocId::quarter(&slug("own"));
+
+        let status = h.status().await.expect("status");
+        assert_eq!(status.loading, 3);
+        let listed: Vec<&str> = status.documents.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(listed, ["city", "quarter/own"]);
+        h.write(own.clone(), |tx| {
+            tx.put(automerge::ROOT, "recorded", true)?;
+            Ok(())
+        })
+        .await
+        .expect("a write to its own document while the others load");
+        let heads = h.heads().await.expect("heads");
+        assert_eq!(
+            heads.documents.keys().collect::<Vec<_>>(),
+            ["city", "quarter/own"]
+        );
+        // Partners are let in (and dialled) only from the roster, which is
+        // read once everything is loaded: no other quarter is replicated yet.
+        let replicated = |v: View<'_>| v.engine.accepts(&DocId::quarter(&slug("q0")));
+        let early = h.read_now(replicated).await.expect("read");
+        assert!(
+            !early,
+            "the roster was read before the documents were loaded"
+        );
+        let held_read = tokio::spawn({
+            let h = h.clone();
+            async move {
+                h.read(|v| {
+                    v.quarter_docs()
+                        .into_iter()
+                        .map(|(q, am)| {
+                            let n = am.get(automerge::ROOT, "n").ok().flatten();
+                            (q.to_string(), n.and_then(|(v, _)| v.as_i64()))
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !held_read.is_finished(),
+            "a read of every quarter ran before the others were loaded"
+        );
+
+        release
+            .send(loading.await.expect("loaded"))
+            .map_err(|_| "actor gone")
+            .expect("release");
+        let read = held_read.await.expect("join").expect("read");
+        assert_eq!(
+            read,
+            [
+                ("own".to_string(), Some(1)),
+                ("q0".to_string(), Some(2)),
+                ("q1".to_string(), Some(3)),
+                ("q2".to_string(), Some(4)),
+            ]
+        );
+        let status = h.status().await.expect("status");
+        assert_eq!(status.loading, 0);
+        assert_eq!(status.documents.len(), 5);
+        let kept = h
+            .read(move |v| {
+                let am = v.engine.doc(&own)?;
+                am.get(automerge::ROOT, "recorded")
+                    .ok()
+                    .flatten()?
+                    .0
+                    .as_bool()
+            })
+            .await
+            .expect("read");
+        assert_eq!(kept, Some(true), "the write made while loading is kept");
+        assert_eq!(h.heads().await.expect("heads").documents.len(), 5);
+        assert!(h.read_now(replicated).await.expect("read"));
+        replicator.shutdown().await.expect("shutdown");
+    }
+
+    /// A document that does not load stops the node, after the API
+    /// answered, with the document's name.
+    #[tokio::test]
+    async fn a_document_that_fails_to_load_behind_the_api_stops_the_node() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let actor = quarter_actor(dir.path(), 3, Some(1));
+        let replicator = Replicator::run_actor(actor).expect("run");
+        let err = tokio::time::timeout(Duration::from_secs(20), replicator.wait())
+            .await
+            .expect("the node stops by itself")
+            .expect_err("a damaged document loaded");
+        match err {
+            ReplicatorError::Load { doc, .. } => assert_eq!(doc, DocId::quarter(&slug("q1"))),
+            other => panic!("stopped with {other}"),
+        }
+    }
 
     /// Documents load on several threads but come back in the order given,
     /// and one that cannot be loaded says so without taking the others down.

@@ -423,6 +423,12 @@ fn markdown(r: &Value) -> String {
             "ms",
             "iq.rejoin.holds_everything_ms",
         ),
+        ("Rejoin: its API answered after", "ms", "iq.rejoin.ready_ms"),
+        (
+            "Rejoin: its first concern recorded after",
+            "ms",
+            "iq.rejoin.first_write_ms",
+        ),
         (
             "Rejoin: bytes the quarter received",
             "B",
@@ -440,8 +446,26 @@ fn markdown(r: &Value) -> String {
             "B",
             "iq.p3.quarter_disk_bytes_mean",
         ),
-        ("P3 centre cold start", "ms", "iq.p3.centre_cold_start_ms"),
-        ("P3 quarter cold start", "ms", "iq.p3.quarter_cold_start_ms"),
+        (
+            "P3 centre cold start (API answers)",
+            "ms",
+            "iq.p3.centre_cold_start_ms",
+        ),
+        (
+            "P3 centre cold start, every document loaded",
+            "ms",
+            "iq.p3.centre_loaded_ms",
+        ),
+        (
+            "P3 quarter cold start (API answers)",
+            "ms",
+            "iq.p3.quarter_cold_start_ms",
+        ),
+        (
+            "P3 quarter cold start, every document loaded",
+            "ms",
+            "iq.p3.quarter_loaded_ms",
+        ),
         (
             "P4 centre reconnect, sent per (peer, doc)",
             "B",
