@@ -958,6 +958,8 @@ impl Actor {
         self.refresh_neighbours(None);
         self.publish_heads(None);
         self.changed.send_modify(|n| *n += 1);
+        // Dial now rather than at the next tick, up to 250 ms away.
+        self.handle_tick();
         while let Some(job) = self.held_jobs.pop_front() {
             self.run_job(job);
             if self.fatal.is_some() {

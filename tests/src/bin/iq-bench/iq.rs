@@ -380,6 +380,8 @@ pub fn rejoin(run: &mut Run, cfg: &Config) -> Result<Value> {
     let ready = t0.elapsed();
     quarter.add_concern("recorded on arrival")?;
     let first_write = t0.elapsed();
+    loaded(quarter, cfg.timeout)?;
+    let all_loaded = t0.elapsed();
     let back = wait_heads(&quarter.endpoint(), t0, cfg.timeout, |held| {
         holds(held, &target)
     })?;
@@ -396,6 +398,7 @@ pub fn rejoin(run: &mut Run, cfg: &Config) -> Result<Value> {
         "concerns_each": cfg.rejoin,
         "ready_ms": ms(ready),
         "first_write_ms": ms(first_write),
+        "loaded_ms": ms(all_loaded),
         "holds_everything_ms": ms(back),
         "received_bytes": received,
     }))

@@ -430,6 +430,11 @@ fn markdown(r: &Value) -> String {
             "iq.rejoin.first_write_ms",
         ),
         (
+            "Rejoin: it had loaded every document after",
+            "ms",
+            "iq.rejoin.loaded_ms",
+        ),
+        (
             "Rejoin: bytes the quarter received",
             "B",
             "iq.rejoin.received_bytes",
