@@ -39,13 +39,13 @@ pub const ROUTES: &[Route] = &[
         "get",
         "/api/v1/status",
         On::Both,
-        "PeerId, listen addresses, documents with heads, peers with traffic, refusal counters",
+        "PeerId, listen addresses, documents with heads, peers with traffic, refusal counters; at start-up, `loading` counts stored documents not loaded yet",
     ),
     r(
         "get",
         "/api/v1/heads",
         On::Both,
-        "Heads of every document and a version that grows with each change; ?after=VERSION&wait_ms=MS waits (at most 30 s) until the documents changed after VERSION",
+        "Heads of every document and a version that grows with each change (at start-up, `loading` counts stored documents not loaded yet, which are not listed); ?after=VERSION&wait_ms=MS waits (at most 30 s) until the documents changed after VERSION",
     ),
     r(
         "get",
