@@ -961,25 +961,22 @@ impl Actor {
         }
         self.loading = 0;
         tracing::info!(documents = count, elapsed = ?self.started.0.elapsed(), "stored documents loaded; joining the network");
+        // Reading the roster also publishes every document's heads.
         if self.refresh_roster().is_err() {
             return;
         }
         self.refresh_neighbours(None);
-        self.publish_heads(None);
         self.changed.send_modify(|n| *n += 1);
         // Where this node listens goes into its own document only now: a
         // start that stops on a document that did not load writes nothing.
         self.advertise();
         // Dial now rather than at the next tick, up to 250 ms away.
         self.handle_tick();
-        if self.fatal.is_some() {
-            return;
-        }
-        while let Some(job) = self.held_jobs.pop_front() {
+        while self.fatal.is_none() {
+            let Some(job) = self.held_jobs.pop_front() else {
+                break;
+            };
             self.run_job(job);
-            if self.fatal.is_some() {
-                return;
-            }
         }
     }
 
