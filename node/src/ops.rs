@@ -163,6 +163,12 @@ pub fn render_metrics(view: &View<'_>) -> prometheus::Result<String> {
         "Bytes the node's sled store occupies on disk",
     )?
     .set(clamp(view.store_bytes()));
+    gauge(
+        &r,
+        "iq_sync_bytes_in_flight",
+        "Bytes of sync messages with changes sent and not yet acknowledged or failed",
+    )?
+    .set(clamp(view.engine.in_flight_bytes() as u64));
 
     let docs: Vec<_> = view
         .engine

@@ -26,7 +26,7 @@
 //! their own documents to each other while it is not, and relay everything
 //! only in a long outage; see `replicator`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use automerge::sync::{self, SyncDoc};
 use automerge::transaction::Transaction;
@@ -60,6 +60,22 @@ pub const PEER_WINDOW: usize = 8;
 /// another keep the share they got while fewer were counted (at 64 peers,
 /// about 280 messages at most, until those are acknowledged).
 pub const NODE_WINDOW: usize = 128;
+
+/// Bytes of messages with changes in flight over all peers (sent, not yet
+/// acknowledged or failed), past which no further such message is
+/// generated until some settle. The windows above count messages, whose
+/// size grows with the documents (a quarter's 1,000 concerns are one
+/// message of about 0.5 MB, 10,000 one of 5 MB); this bounds what a centre
+/// catching up many quarters holds in flight whatever the documents' size.
+/// One message may go past it, so a document larger than the budget still
+/// syncs; answers the peer's own changes wait for do not wait for it.
+pub const NODE_BYTES: usize = 16 << 20;
+
+/// A message with changes still counted in flight this long after it went
+/// out is no longer counted: every request settles well before
+/// (`transport::REQUEST_TIMEOUT`), so this only keeps a lost outcome from
+/// holding the budget forever.
+pub const IN_FLIGHT_EXPIRY_MS: u64 = 120_000;
 
 /// After a failed send, wait this long before trying again.
 pub const RETRY_MS: u64 = 1_000;
@@ -267,6 +283,17 @@ pub struct Engine<P: Ord + Clone> {
     /// sessions whose next message is not yet generated (see [`Engine::flush`]).
     relay_due: BTreeSet<DocId>,
     generate_due: BTreeSet<(P, DocId)>,
+    /// Messages with changes handed out and not yet settled, by session
+    /// epoch (one outstanding per session): their bytes and when they went
+    /// out. Counted until their outcome arrives, also when the session
+    /// ended meanwhile, as the transport still holds them ([`NODE_BYTES`]).
+    in_flight: HashMap<u64, (usize, u64)>,
+    in_flight_bytes: usize,
+    /// The budget for `in_flight_bytes` ([`NODE_BYTES`]).
+    node_bytes: usize,
+    /// Peers with a message held back by the budget, in the order they were
+    /// held back: each message that settles lets the first of them go on.
+    starved: VecDeque<P>,
     /// Refused messages and changes since start, over all peers (also gone ones).
     refused: (u64, u64),
     /// The next session epoch.
@@ -294,6 +321,10 @@ impl<P: Ord + Clone> Engine<P> {
             refused_writers: BTreeSet::new(),
             relay_due: BTreeSet::new(),
             generate_due: BTreeSet::new(),
+            in_flight: HashMap::new(),
+            in_flight_bytes: 0,
+            node_bytes: NODE_BYTES,
+            starved: VecDeque::new(),
             refused: (0, 0),
             next_epoch: 1,
         };
@@ -679,12 +710,20 @@ impl<P: Ord + Clone> Engine<P> {
                     .count()
                     >= self.peer_window(peer)
             });
+        let over_budget = windowed && self.in_flight_bytes >= self.node_bytes;
         let Some(session) = Self::session(&mut self.peers, &mut self.next_epoch, peer, doc, now)
         else {
             return;
         };
-        if session.outstanding || session.retry_at_ms.is_some_and(|t| now < t) || window_full {
+        if session.outstanding
+            || session.retry_at_ms.is_some_and(|t| now < t)
+            || window_full
+            || over_budget
+        {
             session.dirty = true;
+            if over_budget && !session.outstanding && !self.starved.contains(peer) {
+                self.starved.push_back(peer.clone());
+            }
             return;
         }
         session.retry_at_ms = None;
@@ -707,9 +746,14 @@ impl<P: Ord + Clone> Engine<P> {
             session.outstanding = true;
             session.last_activity_ms = now;
             let epoch = session.epoch;
+            let n = data.len() + signature_bytes(&sigs);
+            if carries_changes {
+                self.in_flight.insert(epoch, (n, now));
+                self.in_flight_bytes += n;
+            }
             if let Some(p) = self.peers.get_mut(peer) {
                 p.busy |= carries_changes;
-                let n = (data.len() + signature_bytes(&sigs)) as u64;
+                let n = n as u64;
                 p.stats.session_bytes_sent += n;
                 p.stats.total_bytes_sent += n;
                 p.stats.session_messages_sent += 1;
@@ -1034,13 +1078,40 @@ impl<P: Ord + Clone> Engine<P> {
             self.generate_due.insert((peer.clone(), doc.clone()));
         }
         self.window_opened(peer, now);
+        self.settle(epoch, now);
+    }
+
+    /// The message of session `epoch` settled (acknowledged, failed or
+    /// refused): its bytes no longer count in flight ([`NODE_BYTES`]).
+    fn settle(&mut self, epoch: u64, now: u64) {
+        if let Some((n, _)) = self.in_flight.remove(&epoch) {
+            self.in_flight_bytes -= n;
+            self.release_starved(now);
+        }
+    }
+
+    /// Room in the budget: the peers it held back go on, first held back
+    /// first, until one of them has a message to generate.
+    fn release_starved(&mut self, now: u64) {
+        while self.in_flight_bytes < self.node_bytes
+            && let Some(peer) = self.starved.pop_front()
+        {
+            if self.window_opened(&peer, now) {
+                break;
+            }
+        }
+    }
+
+    /// Bytes of messages with changes in flight to every peer ([`NODE_BYTES`]).
+    pub fn in_flight_bytes(&self) -> usize {
+        self.in_flight_bytes
     }
 
     /// A message to `peer` is no longer outstanding: a session the peer's
-    /// window held back takes its place.
-    fn window_opened(&mut self, peer: &P, now: u64) {
+    /// window held back takes its place. Says whether one did.
+    fn window_opened(&mut self, peer: &P, now: u64) -> bool {
         let Some(p) = self.peers.get(peer) else {
-            return;
+            return false;
         };
         let waiting = p
             .sessions
@@ -1052,8 +1123,9 @@ impl<P: Ord + Clone> Engine<P> {
                     && !self.generate_due.contains(&(peer.clone(), (*d).clone()))
             })
             .map(|(d, _)| d.clone());
-        if let Some(doc) = waiting {
-            self.generate_due.insert((peer.clone(), doc));
+        match waiting {
+            Some(doc) => self.generate_due.insert((peer.clone(), doc)),
+            None => false,
         }
     }
 
@@ -1091,12 +1163,14 @@ impl<P: Ord + Clone> Engine<P> {
             s.dirty = true;
         }
         self.window_opened(peer, now);
+        self.settle(epoch, now);
     }
 
     /// The peer refused the message of session `epoch` to (peer, doc): the
     /// session is dropped until either side changes the document again or
     /// the roster changes (see [`Engine::set_writers`]).
-    pub fn refused(&mut self, peer: &P, doc: &DocId, epoch: u64) {
+    pub fn refused(&mut self, peer: &P, doc: &DocId, epoch: u64, now: u64) {
+        self.settle(epoch, now);
         if self.session_of(peer, doc, epoch).is_some()
             && let Some(p) = self.peers.get_mut(peer)
         {
@@ -1107,6 +1181,22 @@ impl<P: Ord + Clone> Engine<P> {
     /// Time passed: retries failed sends whose back-off is over.
     pub fn tick(&mut self, now: u64) -> Effects<P> {
         let mut fx = Effects::default();
+        let mut expired = 0;
+        self.in_flight.retain(|_, (n, at)| {
+            let keep = now.saturating_sub(*at) < IN_FLIGHT_EXPIRY_MS;
+            if !keep {
+                expired += *n;
+            }
+            keep
+        });
+        if expired > 0 {
+            tracing::warn!(
+                bytes = expired,
+                "sync messages whose outcome never came no longer count in flight"
+            );
+            self.in_flight_bytes -= expired;
+            self.release_starved(now);
+        }
         let mut due = Vec::new();
         for (peer_id, peer) in &mut self.peers {
             peer.busy = peer
@@ -1799,6 +1889,129 @@ mod tests {
     #[test]
     fn a_peer_caught_up_alone_gets_the_whole_window_however_many_are_up() {
         window_used(NODE_WINDOW / 3 + 1, 1, PEER_WINDOW);
+    }
+
+    /// Node 0, in a star with 4 peers, writes 3 × PEER_WINDOW documents of
+    /// 5 concerns each, with its budget of bytes in flight set to `budget`
+    /// messages' worth; 5 % of the messages are lost. Returns the most bytes
+    /// of messages with changes node 0 had on the wire at once, and the
+    /// size of its largest such message. Checks on the way that what node 0
+    /// counts in flight covers what is on the wire, and at the end that
+    /// everything arrived and nothing is counted any more.
+    fn bytes_in_flight_with(budget: Option<usize>) -> (usize, usize) {
+        let q: Vec<QuarterSlug> = (0..3 * PEER_WINDOW)
+            .map(|i| slug(&format!("q{i}")))
+            .collect();
+        let owners = vec![0; q.len()];
+        let peers = 4;
+        let links = (1..=peers).map(|p| (0, p)).collect();
+        let mut sim = Sim::new(peers + 1, links, &q, &owners, 11, 50);
+        sim.run(1_000_000);
+        // One message carries one document's 5 concerns: about 2.5 KB.
+        let message = 5 * 500;
+        sim.nodes[0].node_bytes = budget.map_or(usize::MAX, |b| b * message);
+        for doc in &q {
+            for i in 0..5 {
+                sim.write(0, &DocId::quarter(doc), format!("{doc}-{i}"));
+            }
+        }
+        let (mut most, mut largest) = (0, 0);
+        for step in 0..1_000_000 {
+            let with_changes: Vec<usize> = sim
+                .wire
+                .iter()
+                .filter(|(from, out)| *from == 0 && !out.sigs.is_empty())
+                .map(|(_, out)| out.data.len() + signature_bytes(&out.sigs))
+                .collect();
+            let on_wire: usize = with_changes.iter().sum();
+            assert!(
+                sim.nodes[0].in_flight_bytes() >= on_wire,
+                "step {step}: {} counted, {on_wire} on the wire",
+                sim.nodes[0].in_flight_bytes()
+            );
+            most = most.max(on_wire);
+            largest = largest.max(with_changes.iter().copied().max().unwrap_or(0));
+            if sim.wire.is_empty() {
+                break;
+            }
+            sim.now += 1;
+            let k = sim.rng.below(sim.wire.len() as u64) as usize;
+            if sim.rng.below(1000) < sim.drop_per_mille {
+                let (from, out) = sim.wire.swap_remove(k);
+                sim.nodes[from].send_failed(&out.peer, &out.doc, out.epoch, sim.now);
+                continue;
+            }
+            sim.deliver(k);
+        }
+        sim.run(1_000_000);
+        sim.assert_converged();
+        for node in 1..=peers {
+            for doc in &q {
+                let am = sim.nodes[node].doc(&DocId::quarter(doc)).expect("replica");
+                assert_eq!(schema::concern_count(am), 5, "{doc} at {node}");
+            }
+        }
+        assert_eq!(sim.nodes[0].in_flight_bytes(), 0, "nothing left counted");
+        (most, largest)
+    }
+
+    #[test]
+    fn a_node_keeps_its_bytes_in_flight_within_its_budget_and_still_syncs_everything() {
+        let budget = 3;
+        let (most, largest) = bytes_in_flight_with(Some(budget));
+        let limit = budget * 5 * 500;
+        // One message may go past the budget.
+        assert!(
+            most <= limit + largest,
+            "{most} B in flight, budget {limit} B"
+        );
+        assert!(
+            most > limit / 2,
+            "the budget is used: {most} B of {limit} B"
+        );
+        // Without it, the windows alone let far more go at once.
+        let (unbounded, _) = bytes_in_flight_with(None);
+        assert!(
+            unbounded > 2 * (limit + largest),
+            "{unbounded} B without a budget"
+        );
+    }
+
+    #[test]
+    fn a_message_whose_outcome_never_comes_stops_counting_in_flight() {
+        let q = [slug("a"), slug("b")];
+        let mut sim = Sim::new(2, vec![(0, 1)], &q, &[0, 0], 3, 0);
+        sim.run(10_000);
+        sim.nodes[0].node_bytes = 1;
+        sim.write(0, &DocId::quarter(&q[0]), "a1".into());
+        sim.write(0, &DocId::quarter(&q[1]), "b1".into());
+        // The message with a1 is lost without an outcome (a transport that
+        // never reported back); b1 is held back by the budget meanwhile.
+        let lost = sim
+            .wire
+            .iter()
+            .position(|(_, out)| !out.sigs.is_empty())
+            .expect("a message with changes");
+        sim.wire.swap_remove(lost);
+        assert!(sim.nodes[0].in_flight_bytes() > 0);
+        assert!(
+            sim.wire.iter().all(|(_, out)| out.sigs.is_empty()),
+            "b1 waits for the budget"
+        );
+        sim.run(10_000);
+        let b = sim.nodes[1].doc(&DocId::quarter(&q[1])).expect("replica");
+        assert_eq!(schema::concern_count(b), 0, "still held back");
+        sim.now += IN_FLIGHT_EXPIRY_MS;
+        sim.run(10_000);
+        assert_eq!(sim.nodes[0].in_flight_bytes(), 0);
+        // (a1's session still waits for its outcome: only the budget is
+        // freed, the transport always reports one in practice.)
+        let b = sim.nodes[1].doc(&DocId::quarter(&q[1])).expect("replica");
+        assert_eq!(
+            schema::concern_count(b),
+            1,
+            "b1 went once the budget was free"
+        );
     }
 
     #[test]

@@ -1839,7 +1839,7 @@ impl Actor {
                     }
                     Response::V1(ResponseV1::Refused { reason }) => {
                         tracing::debug!(%peer, %doc, %reason, "peer refused sync message");
-                        self.engine.refused(&peer, &doc, epoch);
+                        self.engine.refused(&peer, &doc, epoch, now);
                     }
                 }
             }

@@ -86,12 +86,14 @@ fn metrics_health_and_readiness_on_both_daemons() -> Result<()> {
 
     // The centre: per-quarter state, once the quarter confirmed everything.
     let m = wait_until(
-        "the centre to see prohlis with no lag",
+        "the centre to see prohlis with no lag and nothing in flight",
         Duration::from_secs(20),
         || {
             let m = scrape(&c.center)?;
             let lag = value(&m, "iq_quarter_lag_changes", &[("quarter", "prohlis")]);
-            Ok((lag == Some(0.0)).then_some(m))
+            // In sync, and every message acknowledged: nothing in flight.
+            let in_flight = value(&m, "iq_sync_bytes_in_flight", &[]);
+            Ok((lag == Some(0.0) && in_flight == Some(0.0)).then_some(m))
         },
     )?;
     let q = [("quarter", "prohlis")];
