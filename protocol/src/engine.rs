@@ -700,6 +700,22 @@ impl<P: Ord + Clone> Engine<P> {
         fx: &mut Effects<P>,
     ) {
         let Some(am) = self.docs.get(doc) else { return };
+        // A peer known to hold exactly our heads is sent no changes: the
+        // message only tells it so (its shared heads advance on it), and
+        // waits for neither the window nor the budget.
+        let holds_ours = self
+            .peers
+            .get(peer)
+            .and_then(|p| p.sessions.get(doc))
+            .and_then(|s| s.state.their_heads.as_ref())
+            .is_some_and(|theirs| {
+                let mut ours = am.get_heads();
+                ours.sort();
+                let mut theirs = theirs.clone();
+                theirs.sort();
+                ours == theirs
+            });
+        let windowed = windowed && !holds_ours;
         // The peer's window is full: generated when one of its messages
         // with changes is acknowledged.
         let window_full = windowed
@@ -1975,6 +1991,36 @@ mod tests {
             unbounded > 2 * (limit + largest),
             "{unbounded} B without a budget"
         );
+    }
+
+    /// Quarters 1..=4 each write their own document while node 0, the
+    /// centre, is held to a budget of about one message: once all is
+    /// quiet, each quarter must know that the centre holds its document.
+    /// Were the centre's answer with its new heads held back by the budget,
+    /// the quarter's next message (its heads, no changes) would make the
+    /// centre's automerge take those heads as sent, and the answer would
+    /// never go: the quarter's next session would then offer a bloom filter
+    /// of every change since, and it would not count its own changes as
+    /// held by the centre.
+    #[test]
+    fn an_answer_carrying_only_heads_waits_for_neither_window_nor_budget() {
+        let peers = 4;
+        let q: Vec<QuarterSlug> = (1..=peers).map(|i| slug(&format!("q{i}"))).collect();
+        let owners: Vec<usize> = (1..=peers).collect();
+        let links = (1..=peers).map(|p| (0, p)).collect();
+        let mut sim = Sim::new(peers + 1, links, &q, &owners, 5, 0);
+        sim.run(100_000);
+        sim.nodes[0].node_bytes = 1;
+        for (i, doc) in q.iter().enumerate() {
+            for k in 0..5 {
+                sim.write(i + 1, &DocId::quarter(doc), format!("{doc}-{k}"));
+            }
+        }
+        sim.run(1_000_000);
+        sim.assert_converged();
+        for p in 1..=peers {
+            assert!(sim.nodes[p].peer_holds_own_docs(&0), "quarter {p}");
+        }
     }
 
     #[test]
