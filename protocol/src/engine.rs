@@ -68,7 +68,9 @@ pub const NODE_WINDOW: usize = 128;
 /// message of about 0.5 MB, 10,000 one of 5 MB); this bounds what a centre
 /// catching up many quarters holds in flight whatever the documents' size.
 /// One message may go past it, so a document larger than the budget still
-/// syncs; answers the peer's own changes wait for do not wait for it.
+/// syncs; what [`Engine::generate`] exempts from the windows (answers the
+/// peer's changes wait for, messages that only tell a peer holding our
+/// heads so) does not wait for it either.
 pub const NODE_BYTES: usize = 16 << 20;
 
 /// A message with changes still counted in flight this long after it went
@@ -683,39 +685,33 @@ impl<P: Ord + Clone> Engine<P> {
         (NODE_WINDOW / sharing.max(1)).clamp(1, PEER_WINDOW)
     }
 
-    /// Generates the next message for (peer, doc) unless one is outstanding
-    /// or the peer's window is full ([`Engine::peer_window`]).
+    /// Generates the next message for (peer, doc) unless one is outstanding,
+    /// the peer's window is full ([`Engine::peer_window`]) or the node's
+    /// budget of bytes in flight is spent ([`NODE_BYTES`]). Judged by the
+    /// heads the peer last sent, two kinds of message wait for neither: an
+    /// answer to a peer holding changes this node lacks, as its sending
+    /// them may wait for it; and a message to a peer holding exactly this
+    /// node's heads, which carries no changes and only tells it so (held
+    /// back, it could be lost: the peer's next message, its heads without
+    /// changes, makes automerge take those heads as sent).
     fn generate(&mut self, peer: &P, doc: &DocId, now: u64, fx: &mut Effects<P>) {
-        self.generate_within(peer, doc, now, true, fx);
-    }
-
-    /// [`Engine::generate`], or with `windowed` false regardless of the
-    /// peer's window (for an answer the peer's own changes wait for).
-    fn generate_within(
-        &mut self,
-        peer: &P,
-        doc: &DocId,
-        now: u64,
-        windowed: bool,
-        fx: &mut Effects<P>,
-    ) {
         let Some(am) = self.docs.get(doc) else { return };
-        // A peer known to hold exactly our heads is sent no changes: the
-        // message only tells it so (its shared heads advance on it), and
-        // waits for neither the window nor the budget.
-        let holds_ours = self
+        let exempt = self
             .peers
             .get(peer)
             .and_then(|p| p.sessions.get(doc))
             .and_then(|s| s.state.their_heads.as_ref())
             .is_some_and(|theirs| {
+                let they_have_more = theirs
+                    .iter()
+                    .any(|h| am.get_change_meta_by_hash(h).is_none());
                 let mut ours = am.get_heads();
                 ours.sort();
                 let mut theirs = theirs.clone();
                 theirs.sort();
-                ours == theirs
+                they_have_more || ours == theirs
             });
-        let windowed = windowed && !holds_ours;
+        let windowed = !exempt;
         // The peer's window is full: generated when one of its messages
         // with changes is acknowledged.
         let window_full = windowed
@@ -915,21 +911,9 @@ impl<P: Ord + Clone> Engine<P> {
             // next step (sending its changes, say) may wait for it.
             self.relay_due.insert(doc.clone());
         }
-        // The answer goes ahead of the window while the peer holds changes
-        // this node lacks: the peer's sending them may wait for it. An
-        // answer that only carries this node's changes waits its turn.
-        let they_have_more = self.docs.get(doc).is_some_and(|am| {
-            self.peers
-                .get(peer)
-                .and_then(|p| p.sessions.get(doc))
-                .and_then(|s| s.state.their_heads.as_ref())
-                .is_some_and(|heads| {
-                    heads
-                        .iter()
-                        .any(|h| am.get_change_meta_by_hash(h).is_none())
-                })
-        });
-        self.generate_within(peer, doc, now, !they_have_more, &mut fx);
+        // The answer: ahead of the window and the budget while the peer
+        // holds changes this node lacks (see `generate`).
+        self.generate(peer, doc, now, &mut fx);
         Ok(fx)
     }
 
@@ -1123,8 +1107,9 @@ impl<P: Ord + Clone> Engine<P> {
         self.in_flight_bytes
     }
 
-    /// A message to `peer` is no longer outstanding: a session the peer's
-    /// window held back takes its place. Says whether one did.
+    /// A message to `peer` is no longer outstanding, or the budget has room
+    /// again: a session of the peer that was held back is scheduled. Says
+    /// whether one was.
     fn window_opened(&mut self, peer: &P, now: u64) -> bool {
         let Some(p) = self.peers.get(peer) else {
             return false;
@@ -2021,6 +2006,39 @@ mod tests {
         for p in 1..=peers {
             assert!(sim.nodes[p].peer_holds_own_docs(&0), "quarter {p}");
         }
+    }
+
+    /// Node 0 writes a document both its peers lack, with a budget of one
+    /// message: one message with changes goes, the other waits. Once the
+    /// first is acknowledged, the other goes at once, not at the next tick.
+    #[test]
+    fn room_in_the_budget_goes_to_the_peer_held_back_without_waiting_for_a_tick() {
+        let q = [slug("a")];
+        let mut sim = Sim::new(3, vec![(0, 1), (0, 2)], &q, &[0], 9, 0);
+        sim.run(10_000);
+        sim.nodes[0].node_bytes = 1;
+        sim.write(0, &DocId::quarter(&q[0]), "a1".into());
+        let with_changes = |sim: &Sim| -> Vec<(usize, usize)> {
+            sim.wire
+                .iter()
+                .enumerate()
+                .filter(|(_, (from, out))| *from == 0 && !out.sigs.is_empty())
+                .map(|(k, (_, out))| (k, out.peer))
+                .collect()
+        };
+        let first = with_changes(&sim);
+        assert_eq!(first.len(), 1, "one message with changes within the budget");
+        let (k, peer) = first[0];
+        sim.deliver(k);
+        let next = with_changes(&sim);
+        assert_eq!(
+            next.len(),
+            1,
+            "the held-back message went on the acknowledgement"
+        );
+        assert_ne!(next[0].1, peer, "to the other peer");
+        sim.run(10_000);
+        sim.assert_converged();
     }
 
     #[test]
