@@ -760,8 +760,11 @@ impl<P: Ord + Clone> Engine<P> {
             let epoch = session.epoch;
             let n = data.len() + signature_bytes(&sigs);
             if carries_changes {
-                self.in_flight.insert(epoch, (n, now));
-                self.in_flight_bytes += n;
+                // One message per session is outstanding, so an epoch is
+                // never in the map twice; were it, the total would still
+                // be the sum of the map (it never drifts or wraps).
+                let replaced = self.in_flight.insert(epoch, (n, now)).map_or(0, |(m, _)| m);
+                self.in_flight_bytes = self.in_flight_bytes - replaced + n;
             }
             if let Some(p) = self.peers.get_mut(peer) {
                 p.busy |= carries_changes;
