@@ -62,8 +62,8 @@ pub const PEER_WINDOW: usize = 8;
 pub const NODE_WINDOW: usize = 128;
 
 /// Bytes of messages with changes in flight over all peers (sent, not yet
-/// acknowledged or failed), past which no further such message is
-/// generated until some settle. The windows above count messages, whose
+/// acknowledged or failed), past which the node holds back its next
+/// message to a peer, as for a full window, until some settle. The windows above count messages, whose
 /// size grows with the documents (a quarter's 1,000 concerns are one
 /// message of about 0.5 MB, 10,000 one of 5 MB); this bounds what a centre
 /// catching up many quarters holds in flight whatever the documents' size.
@@ -456,13 +456,9 @@ impl<P: Ord + Clone> Engine<P> {
             .iter()
             .filter(|(doc, _)| self.writes(doc))
             .all(|(doc, am)| {
-                p.sessions.get(doc).is_some_and(|s| {
-                    let mut shared = s.state.shared_heads.clone();
-                    shared.sort();
-                    let mut heads = am.get_heads();
-                    heads.sort();
-                    shared == heads
-                })
+                p.sessions
+                    .get(doc)
+                    .is_some_and(|s| same_heads(&s.state.shared_heads, &am.get_heads()))
             })
     }
 
@@ -702,14 +698,10 @@ impl<P: Ord + Clone> Engine<P> {
             .and_then(|p| p.sessions.get(doc))
             .and_then(|s| s.state.their_heads.as_ref())
             .is_some_and(|theirs| {
-                let they_have_more = theirs
+                theirs
                     .iter()
-                    .any(|h| am.get_change_meta_by_hash(h).is_none());
-                let mut ours = am.get_heads();
-                ours.sort();
-                let mut theirs = theirs.clone();
-                theirs.sort();
-                they_have_more || ours == theirs
+                    .any(|h| am.get_change_meta_by_hash(h).is_none())
+                    || same_heads(theirs, &am.get_heads())
             });
         let windowed = !exempt;
         // The peer's window is full: generated when one of its messages
@@ -1445,6 +1437,14 @@ impl<'a> Ancestry<'a> {
 }
 
 /// Wire size of a signature list: each entry is a change hash and its signature.
+/// Whether two lists of heads name the same changes, in any order.
+fn same_heads(a: &[ChangeHash], b: &[ChangeHash]) -> bool {
+    let (mut a, mut b) = (a.to_vec(), b.to_vec());
+    a.sort();
+    b.sort();
+    a == b
+}
+
 fn signature_bytes(sigs: &[(ChangeHash, Vec<u8>)]) -> usize {
     sigs.iter().map(|(h, s)| h.0.len() + s.len()).sum()
 }
