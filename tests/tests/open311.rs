@@ -485,6 +485,7 @@ fn every_open311_endpoint_answers_in_json_and_xml_with_the_spec_errors_and_filte
     let reporter = q.cli_json(&["concern", "reporter", &id_a])?;
     assert_eq!(reporter["name"], "Erika Muster");
     assert_eq!(reporter["email"], "erika@example.org");
+    assert_eq!(reporter["phone"], "+49 351 000000");
     assert_eq!(reporter["device_id"], "device-42");
     let at_centre = wait_until(
         "the centre to hold both requests",
@@ -501,7 +502,9 @@ fn every_open311_endpoint_answers_in_json_and_xml_with_the_spec_errors_and_filte
         "Erika",
         "Muster",
         "erika@example.org",
-        "351",
+        // The whole number: a fragment like "351" can occur by chance in a
+        // millisecond timestamp.
+        "+49 351 000000",
         "device-42",
         "acct-7",
     ] {
