@@ -169,6 +169,15 @@ pub fn render_metrics(view: &View<'_>) -> prometheus::Result<String> {
         "Bytes of sync messages with changes sent and not yet acknowledged or failed",
     )?
     .set(clamp(view.engine.in_flight_bytes() as u64));
+    let wire = counter_vec(
+        &r,
+        "iq_sync_wire_bytes_total",
+        "Bytes on the sync streams as written on them (requests deflated between nodes of this version, and responses) since start",
+        &["direction"],
+    )?;
+    wire.with_label_values(&["sent"]).inc_by(view.wire().sent);
+    wire.with_label_values(&["received"])
+        .inc_by(view.wire().received);
 
     let docs: Vec<_> = view
         .engine

@@ -18,6 +18,7 @@
 pub mod authorship;
 pub mod change_cache;
 pub mod chunks;
+pub mod codec;
 pub mod datadir;
 pub mod engine;
 pub mod identity;

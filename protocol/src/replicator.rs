@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::authorship::{SIGNATURE_LEN, Signer, Writers};
+use crate::codec::WireCounters;
 use crate::datadir::Role;
 use crate::engine::{Activity, ChangeError, Effects, Engine, Outgoing, PeerStats, SyncError};
 use crate::identity::{Identity, actor_id_of_peer};
@@ -489,6 +490,7 @@ pub struct View<'a> {
     started: (Instant, SystemTime),
     store_bytes: u64,
     loading: usize,
+    wire: WireBytes,
 }
 
 /// The heads of every document, with the version they belong to.
@@ -520,6 +522,19 @@ pub struct Status {
     /// the node joins the network once this is 0.
     #[serde(default)]
     pub loading: usize,
+    /// What the sync streams carried, as written on them.
+    #[serde(default)]
+    pub wire: WireBytes,
+}
+
+/// Bytes on the node's sync streams since it started, as written on them:
+/// requests (deflated between nodes of this version, `crate::codec`) and
+/// responses, without libp2p's framing, Noise or Yamux. The peers' counters
+/// in [`Status`] count the sync messages themselves, before deflate.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WireBytes {
+    pub sent: u64,
+    pub received: u64,
 }
 
 /// Counters of refused input, for `status` (peers that are up also carry their own).
@@ -627,6 +642,11 @@ impl View<'_> {
         self.loading
     }
 
+    /// Bytes on the sync streams (see [`WireBytes`]).
+    pub fn wire(&self) -> WireBytes {
+        self.wire
+    }
+
     pub fn status(&self) -> Status {
         let documents = self
             .engine
@@ -659,6 +679,7 @@ impl View<'_> {
             documents,
             peers,
             loading: self.loading,
+            wire: self.wire,
         }
     }
 }
@@ -748,6 +769,8 @@ pub struct Actor {
     held_sends: VecDeque<(u64, Vec<Outgoing<PeerId>>)>,
     held_acks: VecDeque<(u64, ResponseChannel<Response>)>,
     swarm: Swarm<Behaviour>,
+    /// What the sync streams carried (see `WireBytes`).
+    wire: Arc<WireCounters>,
     role: Role,
     peer_id: PeerId,
     own_doc: DocId,
@@ -889,7 +912,8 @@ impl Actor {
                 });
             rx
         });
-        let swarm = transport::build_swarm(&config.identity, config.psk)?;
+        let wire = Arc::new(WireCounters::default());
+        let swarm = transport::build_swarm(&config.identity, config.psk, Arc::clone(&wire))?;
         let store = Arc::new(config.store);
         let actor = Self {
             engine,
@@ -904,6 +928,7 @@ impl Actor {
             held_sends: VecDeque::new(),
             held_acks: VecDeque::new(),
             swarm,
+            wire,
             role: config.role,
             peer_id: config.identity.peer_id(),
             own_doc: config.own_doc,
@@ -1048,7 +1073,9 @@ impl Actor {
             connected: &self.connected,
             refusals: Refusals {
                 connections: self.refused_connections,
-                requests: self.refused_requests,
+                // Requests that did not decode never reach the replicator:
+                // the codec counts them.
+                requests: self.refused_requests + self.wire.unreadable(),
                 rate_limited: self.rate_limited,
                 messages: self.engine.refusals().0,
                 changes: self.engine.refusals().1,
@@ -1061,6 +1088,10 @@ impl Actor {
             started: self.started,
             store_bytes: self.store.size_on_disk(),
             loading: self.loading,
+            wire: WireBytes {
+                sent: self.wire.sent(),
+                received: self.wire.received(),
+            },
         }
     }
 

@@ -1,6 +1,9 @@
 //! The libp2p side: TCP + Noise + Yamux on tokio, carrying the sync protocol
-//! ([`crate::wire`]) as request-response with CBOR-encoded, size-capped messages.
+//! ([`crate::wire`]) as request-response with CBOR-encoded, size-capped
+//! messages, deflated between nodes that both speak `/iq/sync/2`
+//! ([`crate::codec`]).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use libp2p::Transport as _;
@@ -13,8 +16,9 @@ use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{StreamProtocol, Swarm, noise, ping, tcp, yamux};
 
+use crate::codec::{self, SyncCodec, WireCounters};
 use crate::identity::Identity;
-use crate::wire::{self, Request, Response};
+use crate::wire;
 
 /// How long a sync request may take before it counts as failed.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -71,7 +75,7 @@ pub struct Behaviour {
     /// centre) get a connection; removing a peer closes its connections.
     pub allow: allow_block_list::Behaviour<AllowedPeers>,
     pub limits: connection_limits::Behaviour,
-    pub sync: request_response::cbor::Behaviour<Request, Response>,
+    pub sync: request_response::Behaviour<SyncCodec>,
     /// Liveness of each connection (see [`PING_INTERVAL`]).
     pub ping: ping::Behaviour,
 }
@@ -81,11 +85,12 @@ fn swarm_config(c: libp2p::swarm::Config) -> libp2p::swarm::Config {
         .with_per_connection_event_buffer_size(CONNECTION_EVENT_BUFFER)
 }
 
-/// Builds the swarm for `identity`.
-fn behaviour() -> Behaviour {
-    let codec = request_response::cbor::codec::Codec::default()
-        .set_request_size_maximum(wire::MAX_REQUEST_BYTES)
-        .set_response_size_maximum(wire::MAX_RESPONSE_BYTES);
+/// The sync protocols a node of this version speaks, the preferred first:
+/// deflated, then plain CBOR with nodes of an earlier version.
+pub const SYNC_PROTOCOLS: [&str; 2] = [codec::SYNC_PROTOCOL_V2, wire::SYNC_PROTOCOL];
+
+/// The behaviour, speaking `protocols` on sync streams counted in `counters`.
+fn behaviour(counters: Arc<WireCounters>, protocols: &[&'static str]) -> Behaviour {
     let config = request_response::Config::default()
         .with_request_timeout(REQUEST_TIMEOUT)
         .with_max_concurrent_streams(MAX_CONCURRENT_REQUESTS);
@@ -97,11 +102,10 @@ fn behaviour() -> Behaviour {
         allow: allow_block_list::Behaviour::default(),
         limits: connection_limits::Behaviour::new(limits),
         sync: request_response::Behaviour::with_codec(
-            codec,
-            [(
-                StreamProtocol::new(wire::SYNC_PROTOCOL),
-                ProtocolSupport::Full,
-            )],
+            SyncCodec::new(counters),
+            protocols
+                .iter()
+                .map(|p| (StreamProtocol::new(p), ProtocolSupport::Full)),
             config,
         ),
         ping: ping::Behaviour::new(
@@ -120,10 +124,23 @@ fn yamux_config() -> yamux::Config {
 
 /// Builds the swarm for `identity`. With a pre-shared key (libp2p private
 /// networks), every connection first proves knowledge of the key, so
-/// strangers are dropped before the Noise handshake.
+/// strangers are dropped before the Noise handshake. What the sync streams
+/// carry is counted in `counters`.
 pub fn build_swarm(
     identity: &Identity,
     psk: Option<PreSharedKey>,
+    counters: Arc<WireCounters>,
+) -> Result<Swarm<Behaviour>, TransportError> {
+    build_swarm_speaking(identity, psk, counters, &SYNC_PROTOCOLS)
+}
+
+/// [`build_swarm`] speaking only `protocols` on sync streams (the tests
+/// play a node of an earlier version with it).
+fn build_swarm_speaking(
+    identity: &Identity,
+    psk: Option<PreSharedKey>,
+    counters: Arc<WireCounters>,
+    protocols: &[&'static str],
 ) -> Result<Swarm<Behaviour>, TransportError> {
     let builder =
         libp2p::SwarmBuilder::with_existing_identity(identity.keypair().clone()).with_tokio();
@@ -134,7 +151,7 @@ pub fn build_swarm(
                 noise::Config::new,
                 yamux_config,
             )?
-            .with_behaviour(|_| behaviour())
+            .with_behaviour(|_| behaviour(Arc::clone(&counters), protocols))
             .map_err(|e| TransportError::Build(e.to_string()))?
             .with_swarm_config(swarm_config)
             .build(),
@@ -150,10 +167,130 @@ pub fn build_swarm(
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>(transport)
             })
             .map_err(|e| TransportError::Build(e.to_string()))?
-            .with_behaviour(|_| behaviour())
+            .with_behaviour(|_| behaviour(counters, protocols))
             .map_err(|e| TransportError::Build(e.to_string()))?
             .with_swarm_config(swarm_config)
             .build(),
     };
     Ok(swarm)
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt as _;
+    use libp2p::Multiaddr;
+    use libp2p::request_response::{Event, Message};
+    use libp2p::swarm::SwarmEvent;
+
+    use super::*;
+    use crate::ids::DocId;
+    use crate::wire::{Request, RequestV1, Response, ResponseV1};
+
+    /// A sync request of `n` kilobytes of repeating, compressible data.
+    fn request(n: usize) -> Request {
+        Request::V1(RequestV1::Sync {
+            doc: DocId::City,
+            data: b"category road-damage status open "
+                .iter()
+                .copied()
+                .cycle()
+                .take(n * 1024)
+                .collect(),
+            sigs: Vec::new(),
+        })
+    }
+
+    fn node(protocols: &[&'static str]) -> (Swarm<Behaviour>, Arc<WireCounters>) {
+        let counters = Arc::new(WireCounters::default());
+        let swarm = build_swarm_speaking(
+            &Identity::generate(),
+            None,
+            Arc::clone(&counters),
+            protocols,
+        )
+        .expect("the swarm builds");
+        (swarm, counters)
+    }
+
+    /// `a` dials `b`, sends it `req` and waits for its acknowledgement;
+    /// returns the bytes `a` wrote on the stream for the request.
+    async fn one_request(
+        (a, a_wire): &mut (Swarm<Behaviour>, Arc<WireCounters>),
+        (b, _): &mut (Swarm<Behaviour>, Arc<WireCounters>),
+        req: Request,
+    ) -> u64 {
+        b.listen_on("/ip4/127.0.0.1/tcp/0".parse().expect("an address"))
+            .expect("listens");
+        let addr: Multiaddr = loop {
+            if let SwarmEvent::NewListenAddr { address, .. } = b.select_next_some().await {
+                break address;
+            }
+        };
+        a.behaviour_mut().allow.allow_peer(*b.local_peer_id());
+        b.behaviour_mut().allow.allow_peer(*a.local_peer_id());
+        a.dial(addr.clone()).expect("dials");
+        a.behaviour_mut().sync.send_request_with_addresses(
+            b.local_peer_id(),
+            req.clone(),
+            vec![addr],
+        );
+        let before = a_wire.sent();
+        loop {
+            tokio::select! {
+                event = a.select_next_some() => match event {
+                    SwarmEvent::Behaviour(BehaviourEvent::Sync(Event::Message {
+                        message: Message::Response { response, .. }, ..
+                    })) => {
+                        assert_eq!(response, Response::V1(ResponseV1::Ack));
+                        return a_wire.sent() - before;
+                    }
+                    SwarmEvent::Behaviour(BehaviourEvent::Sync(Event::OutboundFailure { error, .. })) => {
+                        panic!("the request failed: {error}");
+                    }
+                    _ => {}
+                },
+                event = b.select_next_some() => {
+                    if let SwarmEvent::Behaviour(BehaviourEvent::Sync(Event::Message {
+                        message: Message::Request { request, channel, .. }, ..
+                    })) = event {
+                        assert_eq!(request, req, "the request arrived changed");
+                        b.behaviour_mut()
+                            .sync
+                            .send_response(channel, Response::V1(ResponseV1::Ack))
+                            .expect("the channel is open");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn bytes_for_a_request(a: &[&'static str], b: &[&'static str]) -> u64 {
+        let (mut a, mut b) = (node(a), node(b));
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            one_request(&mut a, &mut b, request(64)),
+        )
+        .await
+        .expect("the request is answered within 20 s")
+    }
+
+    #[tokio::test]
+    async fn nodes_of_this_version_deflate_and_talk_plain_cbor_with_earlier_ones() {
+        let earlier = [wire::SYNC_PROTOCOL];
+        let both = bytes_for_a_request(&SYNC_PROTOCOLS, &SYNC_PROTOCOLS).await;
+        let to_earlier = bytes_for_a_request(&SYNC_PROTOCOLS, &earlier).await;
+        let from_earlier = bytes_for_a_request(&earlier, &SYNC_PROTOCOLS).await;
+        assert!(
+            both < 8 * 1024,
+            "{both} B for 64 KiB between two nodes of this version"
+        );
+        assert!(
+            to_earlier > 64 * 1024,
+            "{to_earlier} B to a node of an earlier version"
+        );
+        assert!(
+            from_earlier > 64 * 1024,
+            "{from_earlier} B from a node of an earlier version"
+        );
+    }
 }

@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::DocId;
 
-/// The libp2p protocol name of iq sync, v1.
+/// The libp2p protocol name of iq sync, v1: requests and responses in
+/// plain CBOR. Nodes also speak `/iq/sync/2`, the same messages with
+/// deflated request bodies (`crate::codec`).
 pub const SYNC_PROTOCOL: &str = "/iq/sync/1";
 
 /// Largest sync request a node accepts (a whole document on first sync).

@@ -117,6 +117,14 @@ fn metrics_health_and_readiness_on_both_daemons() -> Result<()> {
             "{counter} for the quarter is not positive"
         );
     }
+    for direction in ["sent", "received"] {
+        let d = [("direction", direction)];
+        assert!(is_counter(&m, "iq_sync_wire_bytes_total"));
+        assert!(
+            value(&m, "iq_sync_wire_bytes_total", &d).is_some_and(|v| v > 0.0),
+            "no sync bytes {direction} on the wire"
+        );
+    }
     // Every reason is reported; honest peers had nothing refused by the engine.
     for reason in ["connection", "request", "rate_limited", "message", "change"] {
         let n = value(&m, "iq_refusals_total", &[("reason", reason)]);

@@ -125,7 +125,7 @@ fn insiders_cannot_forge_and_hostile_messages_cannot_take_the_centre_down() -> R
     c.quarter("prohlis").kill();
     let insider = &c.quarters[1];
     let rss_before = c.center.rss_kib().ok_or("no RSS for the centre")?;
-    let cases: [(&str, Vec<&str>, &str); 8] = [
+    let cases: [(&str, Vec<&str>, &str); 9] = [
         ("forge-city", vec![], "not a writer of city"),
         (
             "forge-quarter",
@@ -150,6 +150,9 @@ fn insiders_cannot_forge_and_hostile_messages_cannot_take_the_centre_down() -> R
         ("bloom", vec!["--doc", "quarter/prohlis"], "bloom filter"),
         ("bomb", vec!["--doc", "quarter/prohlis"], "inflates beyond"),
         ("oversized", vec!["--doc", "quarter/prohlis"], ""),
+        // Refused in the codec: the stream closes, no reason comes back
+        // (counted below).
+        ("inflate-bomb", vec!["--doc", "quarter/prohlis"], ""),
         (
             "flood",
             vec!["--doc", "quarter/prohlis", "--count", "1500"],
@@ -158,6 +161,7 @@ fn insiders_cannot_forge_and_hostile_messages_cannot_take_the_centre_down() -> R
     ];
     for (scenario, extra, expected) in &cases {
         let reports = attack(&c, insider, scenario, extra)?;
+        eprintln!("{scenario}: {reports:?}");
         assert!(!reports.is_empty(), "{scenario}: no report");
         for r in &reports {
             assert_ne!(r["outcome"], "ack", "{scenario} was accepted: {r}");
@@ -186,6 +190,10 @@ fn insiders_cannot_forge_and_hostile_messages_cannot_take_the_centre_down() -> R
     assert!(
         r["rate_limited"].as_u64().unwrap_or(0) > 0,
         "flood not rate limited: {r}"
+    );
+    assert!(
+        r["requests"].as_u64().unwrap_or(0) >= 2,
+        "the oversized request and the inflate bomb were not both counted as refused requests: {r}"
     );
     // Nothing forged got in; the real writer was never blocked (the canaries).
     let descriptions: BTreeSet<String> = c

@@ -4,8 +4,10 @@
 //! one JSON line per request: `{"scenario", "outcome", "reason"}`.
 //!
 //! Scenarios: `connect`, `forge-city`, `forge-quarter` (claims `--victim`'s
-//! actor), `forge-whole-doc`, `garbage`, `bloom`, `bomb`, `oversized`,
-//! `flood` (`--count` requests, `--window` of them in flight at once).
+//! actor), `forge-whole-doc`, `garbage`, `bloom`, `bomb`, `oversized` (40 MiB
+//! that do not deflate), `inflate-bomb` (a request of 40 MiB of zeros, which
+//! the codec deflates to about 40 KB on `/iq/sync/2`), `flood` (`--count`
+//! requests, `--window` of them in flight at once).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -168,7 +170,8 @@ fn requests(args: &Args, identity: &Identity) -> Result<Vec<Outgoing>, String> {
             out.push((doc, hostile_bloom_message(), vec![]));
         }
         "bomb" => out.push((doc, bomb_message(), vec![])),
-        "oversized" => out.push((doc, vec![0; 40 * 1024 * 1024], vec![])),
+        "oversized" => out.push((doc, incompressible(40 * 1024 * 1024), vec![])),
+        "inflate-bomb" => out.push((doc, vec![0; 40 * 1024 * 1024], vec![])),
         "flood" => {
             for _ in 0..args.count {
                 out.push((doc.clone(), vec![0x42; 16], vec![]));
@@ -188,6 +191,19 @@ fn hostile_bloom_message() -> Vec<u8> {
     m.extend_from_slice(bloom);
     m.push(0);
     m
+}
+
+/// `n` bytes that deflate cannot shrink (xorshift), so they travel as they are.
+fn incompressible(n: usize) -> Vec<u8> {
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
 }
 
 /// A sync message whose one change chunk is a 16 MiB compression bomb.
@@ -259,7 +275,8 @@ async fn run(args: Args) -> Result<(), String> {
         return Err("--target must end in /p2p/<PeerId>".into());
     };
     let mut todo = requests(&args, &identity)?;
-    let mut swarm = transport::build_swarm(&identity, None).map_err(|e| e.to_string())?;
+    let mut swarm =
+        transport::build_swarm(&identity, None, Default::default()).map_err(|e| e.to_string())?;
     swarm.behaviour_mut().allow.allow_peer(target_peer);
     swarm.dial(target).map_err(|e| e.to_string())?;
     // Generous: a loaded 2-core machine moves 40 MiB through a debug build slowly.

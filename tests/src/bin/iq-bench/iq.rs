@@ -281,6 +281,12 @@ pub fn catch_up(cfg: &Config) -> Result<(Run, Value)> {
         .sum();
     let centre_received = peer_sum(&statuses[0], "total_bytes_received");
     let centre_sent = peer_sum(&statuses[0], "total_bytes_sent");
+    // As the streams carried them: deflated between nodes of this version.
+    let all_wire: u64 = statuses
+        .iter()
+        .map(|s| s["wire"]["sent"].as_u64().unwrap_or(0))
+        .sum();
+    let centre_received_wire = statuses[0]["wire"]["received"].as_u64().unwrap_or(0);
     let result = json!({
         "quarters": cfg.quarters,
         "concerns_per_quarter": cfg.concerns,
@@ -293,6 +299,8 @@ pub fn catch_up(cfg: &Config) -> Result<(Run, Value)> {
         "centre_received_bytes": centre_received,
         "centre_sent_bytes": centre_sent,
         "all_bytes": all_bytes,
+        "centre_received_wire_bytes": centre_received_wire,
+        "all_wire_bytes": all_wire,
     });
     Ok((Run { cluster: c, slugs }, result))
 }

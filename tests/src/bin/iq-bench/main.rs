@@ -321,14 +321,14 @@ fn markdown(r: &Value) -> String {
         (
             "P1 bytes into the centre",
             "B",
-            "iq.p1.centre_received_bytes",
+            "iq.p1.centre_received_wire_bytes",
             "p1.to_centre_bytes",
             "peer.p1.centre_received_bytes",
         ),
         (
             "P1 bytes, all",
             "B",
-            "iq.p1.all_bytes",
+            "iq.p1.all_wire_bytes",
             "p1.all_bytes",
             "peer.p1.all_bytes",
         ),
@@ -401,6 +401,16 @@ fn markdown(r: &Value) -> String {
             "one concern's change, iq (as the API writes it; + 96 B signature)",
             "B",
             "change_bytes.iq",
+        ),
+        (
+            "P1 sync messages into the centre, before deflate",
+            "B",
+            "iq.p1.centre_received_bytes",
+        ),
+        (
+            "P1 sync messages, all, before deflate",
+            "B",
+            "iq.p1.all_bytes",
         ),
         ("P1 centre ready after start", "ms", "iq.p1.centre_ready_ms"),
         (
