@@ -17,13 +17,14 @@
 //! [`wire::MAX_REQUEST_BYTES`], the same bound as a plain one, so a small
 //! request cannot make a node allocate more than a large one could.
 
+use std::borrow::Cow;
 use std::io::{self, Read as _, Write as _};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::prelude::*;
 use libp2p::StreamProtocol;
-use libp2p::request_response::{self, cbor};
+use libp2p::request_response::{self, Codec as _, cbor};
 
 use crate::wire::{self, Request, Response};
 
@@ -33,6 +34,16 @@ pub const SYNC_PROTOCOL_V2: &str = "/iq/sync/2";
 /// Request bodies up to this size go as they are: a message carrying only
 /// heads (a few hundred bytes of hashes) gains nothing from deflate.
 pub const DEFLATE_ABOVE: usize = 512;
+
+/// A deflated body inflates to at most this many times its own size (and
+/// to at most [`wire::MAX_REQUEST_BYTES`]); a sender deflates a request only
+/// when it stays within that, and sends it plain otherwise. Deflate reaches
+/// about 1,000:1, so without this a listed peer could make a node inflate
+/// and decode a 32 MiB request for every 40 KB it sends, and keep 256 of
+/// them per connection waiting for the node: a peer now sends at least a
+/// sixteenth of what it makes a node hold. Sync messages of concern
+/// changes deflate to about a third, their signatures not at all.
+pub const MAX_INFLATE_RATIO: usize = 16;
 
 /// First byte of a `/iq/sync/2` request body: the CBOR request follows as is.
 pub const PLAIN: u8 = 0;
@@ -100,6 +111,34 @@ impl SyncCodec {
             .set_response_size_maximum(wire::MAX_RESPONSE_BYTES);
         Self { cbor, counters }
     }
+
+    /// The request in `body` (at most `limit` bytes), with no copy of a
+    /// plain one; an inflated one is decoded after `body` is dropped.
+    async fn decode(
+        &mut self,
+        protocol: &StreamProtocol,
+        body: Vec<u8>,
+        limit: u64,
+    ) -> io::Result<Request> {
+        if body.len() as u64 > limit {
+            return Err(invalid(format!(
+                "a sync request larger than {} bytes",
+                wire::MAX_REQUEST_BYTES
+            )));
+        }
+        if !deflates(protocol) {
+            return self.cbor.read_request(protocol, &mut body.as_slice()).await;
+        }
+        match unframe(&body)? {
+            Cow::Borrowed(plain) => self.cbor.read_request(protocol, &mut &plain[..]).await,
+            Cow::Owned(plain) => {
+                drop(body);
+                self.cbor
+                    .read_request(protocol, &mut plain.as_slice())
+                    .await
+            }
+        }
+    }
 }
 
 fn deflates(protocol: &StreamProtocol) -> bool {
@@ -118,7 +157,8 @@ fn frame(plain: Vec<u8>) -> io::Result<Vec<u8>> {
         let mut enc = flate2::write::DeflateEncoder::new(out, flate2::Compression::fast());
         enc.write_all(&plain)?;
         let body = enc.finish()?;
-        if body.len() < plain.len() {
+        let deflated = body.len() - 1;
+        if body.len() < plain.len() && deflated * MAX_INFLATE_RATIO >= plain.len() {
             return Ok(body);
         }
     }
@@ -129,28 +169,46 @@ fn frame(plain: Vec<u8>) -> io::Result<Vec<u8>> {
 }
 
 /// The CBOR request in a `/iq/sync/2` request body, inflated to at most
-/// [`wire::MAX_REQUEST_BYTES`] (public for the fuzz target `wire`).
-pub fn unframe(body: &[u8]) -> io::Result<Vec<u8>> {
+/// [`wire::MAX_REQUEST_BYTES`] and to at most [`MAX_INFLATE_RATIO`] times
+/// its deflated size (public for the fuzz target `wire`).
+///
+/// Errors: a body that ends early (its stream was cut off) fails with
+/// [`io::ErrorKind::UnexpectedEof`], as a cut-off plain request does, so it
+/// is not taken for a hostile one; anything else is
+/// [`io::ErrorKind::InvalidData`].
+pub fn unframe(body: &[u8]) -> io::Result<Cow<'_, [u8]>> {
     match body.split_first() {
-        Some((&PLAIN, rest)) => Ok(rest.to_vec()),
+        Some((&PLAIN, rest)) => Ok(Cow::Borrowed(rest)),
         Some((&DEFLATED, rest)) => {
+            let bound = wire::MAX_REQUEST_BYTES.min((rest.len() * MAX_INFLATE_RATIO) as u64);
             let mut plain = Vec::new();
             flate2::read::DeflateDecoder::new(rest)
-                .take(wire::MAX_REQUEST_BYTES + 1)
+                .take(bound + 1)
                 .read_to_end(&mut plain)
-                .map_err(|e| invalid(format!("a deflated sync request does not inflate: {e}")))?;
-            if plain.len() as u64 > wire::MAX_REQUEST_BYTES {
+                .map_err(|e| match e.kind() {
+                    io::ErrorKind::UnexpectedEof => io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("a deflated sync request ends early: {e}"),
+                    ),
+                    _ => invalid(format!("a deflated sync request does not inflate: {e}")),
+                })?;
+            if plain.len() as u64 > bound {
                 return Err(invalid(format!(
-                    "a deflated sync request inflates beyond {} bytes",
+                    "a deflated sync request of {} bytes inflates beyond {bound} bytes \
+                     ({MAX_INFLATE_RATIO} times its size, at most {})",
+                    rest.len(),
                     wire::MAX_REQUEST_BYTES
                 )));
             }
-            Ok(plain)
+            Ok(Cow::Owned(plain))
         }
         Some((other, _)) => Err(invalid(format!(
             "a sync request body starts with {other}, neither {PLAIN} (plain) nor {DEFLATED} (deflated)"
         ))),
-        None => Err(invalid("an empty sync request".into())),
+        None => Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "an empty sync request",
+        )),
     }
 }
 
@@ -167,35 +225,21 @@ impl request_response::Codec for SyncCodec {
     where
         T: AsyncRead + Unpin + Send,
     {
+        // On `/iq/sync/2` the header byte comes on top of the bound.
+        let limit = wire::MAX_REQUEST_BYTES + u64::from(deflates(protocol));
         let mut body = Vec::new();
-        io.take(wire::MAX_REQUEST_BYTES + 1)
-            .read_to_end(&mut body)
-            .await?;
+        io.take(limit + 1).read_to_end(&mut body).await?;
         self.counters.add_received(body.len());
-        let read = if body.len() as u64 > wire::MAX_REQUEST_BYTES {
-            Err(invalid(format!(
-                "a sync request larger than {} bytes",
-                wire::MAX_REQUEST_BYTES
-            )))
-        } else if deflates(protocol) {
-            unframe(&body)
-        } else {
-            Ok(body)
-        };
-        let request = match read {
-            Ok(plain) => {
-                self.cbor
-                    .read_request(protocol, &mut plain.as_slice())
-                    .await
-            }
-            Err(e) => Err(e),
-        };
+        let request = self.decode(protocol, body, limit).await;
         // A stream cut short (the sender went away) is no refusal.
         if let Err(e) = &request
             && e.kind() != io::ErrorKind::UnexpectedEof
         {
-            self.counters.unreadable.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%protocol, error = %e, "refused a sync request that does not decode");
+            let n = self.counters.unreadable.fetch_add(1, Ordering::Relaxed) + 1;
+            // A hostile peer can send many: logged at the 1st, 2nd, 4th, …
+            if n.is_power_of_two() {
+                tracing::warn!(%protocol, error = %e, refused_so_far = n, "refused a sync request that does not decode");
+            }
         }
         request
     }
@@ -387,17 +431,54 @@ mod tests {
     #[tokio::test]
     async fn a_body_that_inflates_beyond_the_request_bound_is_refused() {
         let mut codec = SyncCodec::new(Arc::default());
+        // One varying byte in sixteen: deflates well within the ratio.
+        let mut enc =
+            flate2::write::DeflateEncoder::new(vec![DEFLATED], flate2::Compression::fast());
+        let mut block = vec![0u8; 1 << 20];
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..=(wire::MAX_REQUEST_BYTES >> 20) {
+            for b in block.iter_mut().step_by(16) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = (x >> 24) as u8;
+            }
+            enc.write_all(&block).expect("deflates");
+        }
+        let body = enc.finish().expect("deflates");
+        assert!(
+            (body.len() as u64) * (MAX_INFLATE_RATIO as u64) > wire::MAX_REQUEST_BYTES,
+            "{} bytes deflated: the ratio, not the bound, would refuse it",
+            body.len()
+        );
+        let err = read(&mut codec, &v2(), &body).await.expect_err("refused");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        let bound = format!("inflates beyond {} bytes", wire::MAX_REQUEST_BYTES);
+        assert!(err.to_string().contains(&bound), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_request_deflating_beyond_the_ratio_goes_plain_and_a_deflated_one_beyond_it_is_refused()
+     {
+        let mut codec = SyncCodec::new(Arc::default());
+        let zeros = Request::V1(RequestV1::Sync {
+            doc: DocId::City,
+            data: vec![0; 1 << 20],
+            sigs: Vec::new(),
+        });
+        let body = written(&mut codec, &v2(), zeros.clone()).await;
+        assert_eq!(body[0], PLAIN, "a request deflating 1,000:1 went deflated");
+        assert_eq!(read(&mut codec, &v2(), &body).await.expect("reads"), zeros);
+        // A hostile peer deflates it anyway: about 1 KB that would inflate
+        // to 1 MiB, far within the 32 MiB bound.
         let mut enc =
             flate2::write::DeflateEncoder::new(vec![DEFLATED], flate2::Compression::best());
-        let zeros = vec![0u8; 1 << 20];
-        for _ in 0..=(wire::MAX_REQUEST_BYTES >> 20) {
-            enc.write_all(&zeros).expect("deflates");
-        }
+        enc.write_all(&body[1..]).expect("deflates");
         let bomb = enc.finish().expect("deflates");
-        assert!(bomb.len() < 100 * 1024, "{} bytes", bomb.len());
+        assert!(bomb.len() < 8 * 1024, "{} bytes", bomb.len());
         let err = read(&mut codec, &v2(), &bomb).await.expect_err("refused");
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
-        assert!(err.to_string().contains("inflates beyond"), "{err}");
+        assert!(err.to_string().contains("16 times its size"), "{err}");
     }
 
     #[tokio::test]
@@ -406,7 +487,6 @@ mod tests {
         let mut codec = SyncCodec::new(Arc::clone(&counters));
         for (body, says) in [
             (&[7u8, 1, 2][..], "starts with 7"),
-            (&[][..], "empty"),
             (&[DEFLATED, 0xff, 0xff, 0xff][..], "does not inflate"),
         ] {
             let err = read(&mut codec, &v2(), body).await.expect_err("refused");
@@ -418,25 +498,61 @@ mod tests {
         enc.write_all(b"not cbor at all").expect("deflates");
         let body = enc.finish().expect("deflates");
         assert!(read(&mut codec, &v2(), &body).await.is_err());
-        let too_large = vec![PLAIN; wire::MAX_REQUEST_BYTES as usize + 1];
-        for protocol in [v1(), v2()] {
+        // Over the bound (on v2 the header byte comes on top).
+        let max = wire::MAX_REQUEST_BYTES as usize;
+        for (protocol, len) in [(v1(), max + 1), (v2(), max + 2)] {
+            let too_large = vec![PLAIN; len];
             let err = read(&mut codec, &protocol, &too_large)
                 .await
                 .expect_err("refused");
             assert!(err.to_string().contains("larger than"), "{err}");
         }
-        assert_eq!(counters.unreadable(), 6, "every refusal is counted");
-        // A request cut short (its sender went away) is not counted.
-        let mut whole = Vec::new();
-        codec
-            .write_request(&v1(), &mut whole, request(10))
-            .await
-            .expect("writes");
-        assert!(
-            read(&mut codec, &v1(), &whole[..whole.len() / 2])
+        assert_eq!(counters.unreadable(), 5, "every refusal is counted");
+        // A request cut short (its sender went away), plain, deflated or
+        // empty, is no refusal.
+        for protocol in [v1(), v2()] {
+            let whole = written(&mut codec, &protocol, request(1000)).await;
+            let cut = read(&mut codec, &protocol, &whole[..whole.len() / 2])
                 .await
-                .is_err()
-        );
-        assert_eq!(counters.unreadable(), 6);
+                .expect_err("a request cut in half does not decode");
+            assert_eq!(cut.kind(), io::ErrorKind::UnexpectedEof, "{cut}");
+            let empty = read(&mut codec, &protocol, &[]).await.expect_err("refused");
+            assert_eq!(empty.kind(), io::ErrorKind::UnexpectedEof, "{empty}");
+        }
+        assert_eq!(counters.unreadable(), 5);
+    }
+
+    /// A request of the largest size a peer accepts, which deflate cannot
+    /// shrink, is read on both protocols (on v2 with its header byte).
+    #[tokio::test]
+    async fn a_request_of_the_largest_size_is_read_on_both_protocols() {
+        let mut codec = SyncCodec::new(Arc::default());
+        let with = |len: usize| {
+            let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+            Request::V1(RequestV1::Sync {
+                doc: DocId::City,
+                data: (0..len)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        (x >> 24) as u8
+                    })
+                    .collect(),
+                sigs: Vec::new(),
+            })
+        };
+        let max = wire::MAX_REQUEST_BYTES as usize;
+        // CBOR adds a few bytes around the data: find how many.
+        let overhead = written(&mut codec, &v1(), with(max / 2)).await.len() - max / 2;
+        let largest = with(max - overhead);
+        for protocol in [v1(), v2()] {
+            let body = written(&mut codec, &protocol, largest.clone()).await;
+            assert_eq!(body.len(), max + usize::from(protocol == v2()));
+            assert_eq!(
+                read(&mut codec, &protocol, &body).await.expect("reads"),
+                largest
+            );
+        }
     }
 }

@@ -151,8 +151,8 @@ fn insiders_cannot_forge_and_hostile_messages_cannot_take_the_centre_down() -> R
         ("bomb", vec!["--doc", "quarter/prohlis"], "inflates beyond"),
         ("oversized", vec!["--doc", "quarter/prohlis"], ""),
         // Refused in the codec: the stream closes, no reason comes back
-        // (counted below).
-        ("inflate-bomb", vec!["--doc", "quarter/prohlis"], ""),
+        // (counted below; its 40 MiB travel deflated, checked below).
+        ("deflated-oversized", vec!["--doc", "quarter/prohlis"], ""),
         (
             "flood",
             vec!["--doc", "quarter/prohlis", "--count", "1500"],
@@ -175,6 +175,15 @@ fn insiders_cannot_forge_and_hostile_messages_cannot_take_the_centre_down() -> R
                 "{scenario}: expected a refusal mentioning {expected:?}, got {reports:?}"
             );
         }
+        if *scenario == "deflated-oversized" {
+            // Written whole (a plain 40 MiB write fails half-way and counts
+            // nothing), and deflated.
+            let sent = reports[0]["wire_sent"].as_u64().unwrap_or(0);
+            assert!(
+                sent > 0 && sent < 16 * 1024 * 1024,
+                "the 40 MiB request took {sent} B on the wire: not written whole, deflated"
+            );
+        }
         assert!(c.center.is_alive(), "the centre died during {scenario}");
         canary(&c, &c.quarters[0], scenario)?;
     }
@@ -193,7 +202,7 @@ fn insiders_cannot_forge_and_hostile_messages_cannot_take_the_centre_down() -> R
     );
     assert!(
         r["requests"].as_u64().unwrap_or(0) >= 2,
-        "the oversized request and the inflate bomb were not both counted as refused requests: {r}"
+        "the oversized requests, plain and deflated, were not both counted as refused requests: {r}"
     );
     // Nothing forged got in; the real writer was never blocked (the canaries).
     let descriptions: BTreeSet<String> = c

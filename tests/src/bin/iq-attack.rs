@@ -5,18 +5,21 @@
 //!
 //! Scenarios: `connect`, `forge-city`, `forge-quarter` (claims `--victim`'s
 //! actor), `forge-whole-doc`, `garbage`, `bloom`, `bomb`, `oversized` (40 MiB
-//! that do not deflate), `inflate-bomb` (a request of 40 MiB of zeros, which
-//! the codec deflates to about 40 KB on `/iq/sync/2`), `flood` (`--count`
-//! requests, `--window` of them in flight at once).
+//! that do not deflate), `deflated-oversized` (40 MiB that the codec deflates
+//! to under a quarter on `/iq/sync/2`, so it travels deflated and inflates
+//! beyond the bound at the node), `flood` (`--count` requests, `--window` of
+//! them in flight at once).
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use automerge::sync;
 use automerge::{ActorId, Automerge};
 use futures::StreamExt;
 use iq_protocol::authorship::Signer;
+use iq_protocol::codec::WireCounters;
 use iq_protocol::identity::{Identity, actor_id_of_peer};
 use iq_protocol::schema::{self, Concern, RosterEntry};
 use iq_protocol::transport::{self, BehaviourEvent};
@@ -171,7 +174,7 @@ fn requests(args: &Args, identity: &Identity) -> Result<Vec<Outgoing>, String> {
         }
         "bomb" => out.push((doc, bomb_message(), vec![])),
         "oversized" => out.push((doc, incompressible(40 * 1024 * 1024), vec![])),
-        "inflate-bomb" => out.push((doc, vec![0; 40 * 1024 * 1024], vec![])),
+        "deflated-oversized" => out.push((doc, sparse(40 * 1024 * 1024), vec![])),
         "flood" => {
             for _ in 0..args.count {
                 out.push((doc.clone(), vec![0x42; 16], vec![]));
@@ -202,6 +205,21 @@ fn incompressible(n: usize) -> Vec<u8> {
             x ^= x >> 7;
             x ^= x << 17;
             (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// `n` bytes that deflate to about a fifth: one random byte in sixteen, the
+/// rest zeros (within `codec::MAX_INFLATE_RATIO`, so the codec deflates them).
+fn sparse(n: usize) -> Vec<u8> {
+    let mut random = incompressible(n / 16 + 1).into_iter();
+    (0..n)
+        .map(|i| {
+            if i % 16 == 0 {
+                random.next().unwrap_or(1)
+            } else {
+                0
+            }
         })
         .collect()
 }
@@ -246,10 +264,16 @@ fn refill(
     }
 }
 
+/// What this program's sync streams carried, for the reports.
+static WIRE: std::sync::OnceLock<Arc<WireCounters>> = std::sync::OnceLock::new();
+
+/// One report line; `wire_sent` is what the sync streams carried so far
+/// (deflated on `/iq/sync/2`).
 fn report(scenario: &str, outcome: &str, reason: &str) {
+    let wire_sent = WIRE.get().map_or(0, |w| w.sent());
     println!(
         "{}",
-        serde_json::json!({"scenario": scenario, "outcome": outcome, "reason": reason})
+        serde_json::json!({"scenario": scenario, "outcome": outcome, "reason": reason, "wire_sent": wire_sent})
     );
 }
 
@@ -276,7 +300,8 @@ async fn run(args: Args) -> Result<(), String> {
     };
     let mut todo = requests(&args, &identity)?;
     let mut swarm =
-        transport::build_swarm(&identity, None, Default::default()).map_err(|e| e.to_string())?;
+        transport::build_swarm(&identity, None, Arc::clone(WIRE.get_or_init(Arc::default)))
+            .map_err(|e| e.to_string())?;
     swarm.behaviour_mut().allow.allow_peer(target_peer);
     swarm.dial(target).map_err(|e| e.to_string())?;
     // Generous: a loaded 2-core machine moves 40 MiB through a debug build slowly.
