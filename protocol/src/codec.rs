@@ -14,8 +14,9 @@
 //! A request body on `/iq/sync/2` is one byte saying how the rest is
 //! written ([`PLAIN`] or [`DEFLATED`]), then the CBOR request, deflated or
 //! not. What a deflated body inflates to is bounded by
-//! [`wire::MAX_REQUEST_BYTES`], the same bound as a plain one, so a small
-//! request cannot make a node allocate more than a large one could.
+//! [`wire::MAX_REQUEST_BYTES`], the same bound as a plain one, and by
+//! [`MAX_INFLATE_RATIO`] times its own size, so a small request cannot make
+//! a node hold much more than a large one could.
 
 use std::borrow::Cow;
 use std::io::{self, Read as _, Write as _};
@@ -72,8 +73,9 @@ impl WireCounters {
     }
 
     /// Requests refused since the node started because they did not
-    /// decode: not CBOR, not a request, or a deflated body that does not
-    /// inflate within [`wire::MAX_REQUEST_BYTES`]. libp2p closes their
+    /// decode: larger than [`wire::MAX_REQUEST_BYTES`], not CBOR, not a
+    /// request, or a deflated body that does not inflate within its bounds
+    /// (see [`unframe`]). Requests cut off are not counted. libp2p closes their
     /// streams without an answer and without telling the node (the sender
     /// sees its request fail).
     pub fn unreadable(&self) -> u64 {
