@@ -1337,17 +1337,38 @@ pub fn load_chunks<'a>(
 /// message carries changes are done here: the shared heads advance over
 /// what was applied, and `last_sent_heads` is left alone. The test
 /// `receiving_parsed_changes_leaves_what_automerge_would` holds this to
-/// automerge's own receive. One difference remains: when applying fails,
+/// automerge's own receive. Two differences remain. When applying fails,
 /// automerge has already taken the message's capability flags and this
-/// has not; the message is refused either way, and iq peers send none.
+/// has not; the message is refused either way, and iq peers send none. And
+/// a message without changes whose heads equal this node's leaves
+/// `last_sent_heads` alone, where automerge takes those heads as sent: in
+/// lockstep sync, as that test runs it, this node has always sent them
+/// already, so it sees no difference; when an answer was held back it has
+/// not, and the answer still goes (test
+/// `an_answer_held_behind_an_outstanding_message_is_not_lost`).
 fn receive_parsed(
     am: &mut Automerge,
     state: &mut sync::State,
     mut msg: sync::Message,
     changes: Vec<automerge::Change>,
 ) -> Result<(), automerge::AutomergeError> {
-    if msg.changes.is_empty() || state.read_only {
+    if state.read_only {
         return am.receive_sync_message(state, msg);
+    }
+    if msg.changes.is_empty() {
+        // automerge takes a peer's heads equal to this node's as if it had
+        // sent its own; an answer held back meanwhile (the session's own
+        // message outstanding) would then never go, and the peer would
+        // never learn that this node holds its changes. So the heads this
+        // node last sent stay as they were, unless the peer sent none
+        // (then automerge starts over, as it should).
+        let last_sent = state.last_sent_heads.clone();
+        let keeps_last_sent = !msg.heads.is_empty();
+        am.receive_sync_message(state, msg)?;
+        if keeps_last_sent {
+            state.last_sent_heads = last_sent;
+        }
+        return Ok(());
     }
     state.in_flight = false;
     let before = am.get_heads();
@@ -2042,6 +2063,65 @@ mod tests {
         assert_ne!(next[0].1, peer, "to the other peer");
         sim.run(10_000);
         sim.assert_converged();
+    }
+
+    /// An answer held while this node's own message of the session is
+    /// outstanding, then the peer's heads-only message equal to this node's
+    /// heads (sent after its request failed though it had arrived): the
+    /// peer must still learn that this node holds its changes.
+    #[test]
+    fn an_answer_held_behind_an_outstanding_message_is_not_lost() {
+        let q = [slug("a")];
+        let doc = DocId::quarter(&q[0]);
+        let mut sim = Sim::new(2, vec![(0, 1)], &q, &[1], 11, 0);
+        sim.run(10_000);
+        let from = |sim: &Sim, node: usize| -> Vec<usize> {
+            sim.wire
+                .iter()
+                .enumerate()
+                .filter(|(_, (f, _))| *f == node)
+                .map(|(k, _)| k)
+                .collect()
+        };
+        // The quarter writes; the centre takes it in and answers (X).
+        sim.write(1, &doc, "a1".into());
+        let m1 = from(&sim, 1);
+        assert_eq!(m1.len(), 1);
+        sim.deliver(m1[0]);
+        let x = from(&sim, 0);
+        assert_eq!(x.len(), 1, "the centre's answer");
+        // While X is on its way, the quarter writes again; the centre takes
+        // it in, its answer waits for X.
+        sim.write(1, &doc, "a2".into());
+        let m2 = from(&sim, 1);
+        assert_eq!(m2.len(), 1, "{:?}", sim.wire.len());
+        let (_, out) = sim.wire.swap_remove(m2[0]);
+        let fx = sim.nodes[0]
+            .receive(&1, &out.doc, &out.data, &out.sigs, sim.now)
+            .expect("receive");
+        sim.enqueue(0, fx);
+        let fx = sim.nodes[0].flush(sim.now);
+        sim.enqueue(0, fx);
+        assert_eq!(from(&sim, 0).len(), 1, "the answer waits for X");
+        // The quarter's request timed out though it arrived; after the
+        // retry delay it announces its heads (B), which reach the centre
+        // before X reaches the quarter.
+        sim.nodes[1].send_failed(&0, &out.doc, out.epoch, sim.now);
+        sim.now += RETRY_MS;
+        let fx = sim.nodes[1].tick(sim.now);
+        sim.enqueue(1, fx);
+        let b = from(&sim, 1);
+        assert_eq!(b.len(), 1, "the quarter's heads");
+        sim.deliver(b[0]);
+        let x = from(&sim, 0);
+        assert_eq!(x.len(), 1, "still only X from the centre");
+        sim.deliver(x[0]);
+        sim.run(10_000);
+        sim.assert_converged();
+        assert!(
+            sim.nodes[1].peer_holds_own_docs(&0),
+            "the quarter never learnt that the centre holds its document"
+        );
     }
 
     #[test]
