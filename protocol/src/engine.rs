@@ -688,8 +688,9 @@ impl<P: Ord + Clone> Engine<P> {
     /// answer to a peer holding changes this node lacks, as its sending
     /// them may wait for it; and a message to a peer holding exactly this
     /// node's heads, which carries no changes and only tells it so (held
-    /// back, it could be lost: the peer's next message, its heads without
-    /// changes, makes automerge take those heads as sent).
+    /// back, it would keep the peer from knowing what this node holds
+    /// until the window or the budget has room; see also
+    /// [`receive_parsed`], which keeps it from being lost).
     fn generate(&mut self, peer: &P, doc: &DocId, now: u64, fx: &mut Effects<P>) {
         let Some(am) = self.docs.get(doc) else { return };
         let exempt = self
@@ -2006,11 +2007,12 @@ mod tests {
     /// centre, is held to a budget of about one message: once all is
     /// quiet, each quarter must know that the centre holds its document.
     /// Were the centre's answer with its new heads held back by the budget,
-    /// the quarter's next message (its heads, no changes) would make the
-    /// centre's automerge take those heads as sent, and the answer would
-    /// never go: the quarter's next session would then offer a bloom filter
-    /// of every change since, and it would not count its own changes as
-    /// held by the centre.
+    /// the quarter's next message (its heads, no changes) made the centre's
+    /// automerge take those heads as sent, and the answer never went: the
+    /// quarter's next session then offered a bloom filter of every change
+    /// since. Two things now prevent that: such an answer is exempt from
+    /// the budget, and `receive_parsed` no longer lets a heads-only message
+    /// mark this node's heads as sent; this test guards the outcome.
     #[test]
     fn an_answer_carrying_only_heads_waits_for_neither_window_nor_budget() {
         let peers = 4;
