@@ -151,23 +151,21 @@ fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
 }
 
-/// A `/iq/sync/2` request body for the CBOR request `plain`.
-fn frame(plain: Vec<u8>) -> io::Result<Vec<u8>> {
-    if plain.len() > DEFLATE_ABOVE {
-        let mut out = Vec::with_capacity(plain.len() / 2);
-        out.push(DEFLATED);
-        let mut enc = flate2::write::DeflateEncoder::new(out, flate2::Compression::fast());
-        enc.write_all(&plain)?;
-        let body = enc.finish()?;
-        let deflated = body.len() - 1;
-        if body.len() < plain.len() && deflated * MAX_INFLATE_RATIO >= plain.len() {
-            return Ok(body);
-        }
+/// The deflated `/iq/sync/2` request body for the CBOR request `plain`,
+/// if deflating is worth it and stays within [`MAX_INFLATE_RATIO`];
+/// otherwise the body is [`PLAIN`] and `plain` as it is.
+fn deflated(plain: &[u8]) -> io::Result<Option<Vec<u8>>> {
+    if plain.len() <= DEFLATE_ABOVE {
+        return Ok(None);
     }
-    let mut body = Vec::with_capacity(plain.len() + 1);
-    body.push(PLAIN);
-    body.extend_from_slice(&plain);
-    Ok(body)
+    let mut out = Vec::with_capacity(plain.len() / 2);
+    out.push(DEFLATED);
+    let mut enc = flate2::write::DeflateEncoder::new(out, flate2::Compression::fast());
+    enc.write_all(plain)?;
+    let body = enc.finish()?;
+    let deflated = body.len() - 1;
+    let worth_it = body.len() < plain.len() && deflated * MAX_INFLATE_RATIO >= plain.len();
+    Ok(worth_it.then_some(body))
 }
 
 /// The CBOR request in a `/iq/sync/2` request body, inflated to at most
@@ -273,13 +271,17 @@ impl request_response::Codec for SyncCodec {
     where
         T: AsyncWrite + Unpin + Send,
     {
-        let mut plain = Vec::new();
-        self.cbor.write_request(protocol, &mut plain, req).await?;
-        let body = if deflates(protocol) {
-            frame(plain)?
-        } else {
-            plain
-        };
+        // On `/iq/sync/2` the CBOR goes after a PLAIN header byte, so a
+        // body that stays plain is not copied.
+        let v2 = deflates(protocol);
+        let mut body = Vec::new();
+        if v2 {
+            body.push(PLAIN);
+        }
+        self.cbor.write_request(protocol, &mut body, req).await?;
+        if v2 && let Some(deflated) = deflated(&body[1..])? {
+            body = deflated;
+        }
         io.write_all(&body).await?;
         self.counters.add_sent(body.len());
         Ok(())
