@@ -27,7 +27,7 @@ use futures::prelude::*;
 use libp2p::StreamProtocol;
 use libp2p::request_response::{self, Codec as _, cbor};
 
-use crate::wire::{self, Request, Response};
+use crate::wire::{self, Request, Response, ResponseV1};
 
 /// The sync protocol with deflated request bodies (see the module docs).
 pub const SYNC_PROTOCOL_V2: &str = "/iq/sync/2";
@@ -59,6 +59,8 @@ pub struct WireCounters {
     sent: AtomicU64,
     received: AtomicU64,
     unreadable: AtomicU64,
+    answers_sent: AtomicU64,
+    answers_received: AtomicU64,
 }
 
 impl WireCounters {
@@ -80,6 +82,17 @@ impl WireCounters {
     /// sees its request fail).
     pub fn unreadable(&self) -> u64 {
         self.unreadable.load(Ordering::Relaxed)
+    }
+
+    /// Sync messages this node sent in an acknowledgement
+    /// ([`ResponseV1::Answer`]) instead of a request of their own.
+    pub fn answers_sent(&self) -> u64 {
+        self.answers_sent.load(Ordering::Relaxed)
+    }
+
+    /// Sync messages peers sent in their acknowledgements.
+    pub fn answers_received(&self) -> u64 {
+        self.answers_received.load(Ordering::Relaxed)
     }
 
     fn add_sent(&self, n: usize) {
@@ -257,9 +270,16 @@ impl request_response::Codec for SyncCodec {
             .read_to_end(&mut body)
             .await?;
         self.counters.add_received(body.len());
-        self.cbor
+        let response = self
+            .cbor
             .read_response(protocol, &mut body.as_slice())
-            .await
+            .await?;
+        if matches!(response, Response::V1(ResponseV1::Answer { .. })) {
+            self.counters
+                .answers_received
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(response)
     }
 
     async fn write_request<T>(
@@ -296,10 +316,14 @@ impl request_response::Codec for SyncCodec {
     where
         T: AsyncWrite + Unpin + Send,
     {
+        let answer = matches!(resp, Response::V1(ResponseV1::Answer { .. }));
         let mut body = Vec::new();
         self.cbor.write_response(protocol, &mut body, resp).await?;
         io.write_all(&body).await?;
         self.counters.add_sent(body.len());
+        if answer {
+            self.counters.answers_sent.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(())
     }
 }
@@ -349,6 +373,7 @@ mod tests {
             doc: DocId::City,
             data,
             sigs,
+            answer: true,
         })
     }
 
@@ -469,6 +494,7 @@ mod tests {
             doc: DocId::City,
             data: vec![0; 1 << 20],
             sigs: Vec::new(),
+            answer: false,
         });
         let body = written(&mut codec, &v2(), zeros.clone()).await;
         assert_eq!(body[0], PLAIN, "a request deflating 1,000:1 went deflated");
@@ -544,6 +570,7 @@ mod tests {
                     })
                     .collect(),
                 sigs: Vec::new(),
+                answer: false,
             })
         };
         let max = wire::MAX_REQUEST_BYTES as usize;
@@ -558,5 +585,144 @@ mod tests {
                 largest
             );
         }
+    }
+
+    /// The request and response shapes of nodes before `answer` and
+    /// `ResponseV1::Answer`, as they decode what they receive.
+    mod earlier {
+        use serde::{Deserialize, Serialize};
+
+        use crate::ids::DocId;
+        use crate::wire::SignedHash;
+
+        #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+        pub enum Request {
+            V1(RequestV1),
+        }
+
+        #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+        pub enum RequestV1 {
+            Sync {
+                doc: DocId,
+                #[serde(with = "serde_bytes")]
+                data: Vec<u8>,
+                sigs: Vec<SignedHash>,
+            },
+        }
+
+        #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+        pub enum Response {
+            V1(ResponseV1),
+        }
+
+        #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+        pub enum ResponseV1 {
+            Ack,
+            Refused { reason: String },
+            Busy,
+        }
+    }
+
+    /// A request saying `answer` reads at a node of an earlier version as
+    /// the same request without it, and its requests read here as ones that
+    /// do not take an answer; an acknowledgement reads there as before.
+    #[tokio::test]
+    async fn nodes_of_earlier_versions_read_requests_that_take_answers_and_are_answered_as_before()
+    {
+        let mut ours = SyncCodec::new(Arc::default());
+        let mut theirs = cbor::codec::Codec::<earlier::Request, earlier::Response>::default()
+            .set_request_size_maximum(wire::MAX_REQUEST_BYTES);
+        let Request::V1(RequestV1::Sync {
+            doc, data, sigs, ..
+        }) = request(3);
+        let old = earlier::Request::V1(earlier::RequestV1::Sync {
+            doc: doc.clone(),
+            data: data.clone(),
+            sigs: sigs.clone(),
+        });
+        let new = Request::V1(RequestV1::Sync {
+            doc,
+            data,
+            sigs,
+            answer: true,
+        });
+        for protocol in [v1(), v2()] {
+            let body = written(&mut ours, &protocol, new.clone()).await;
+            if protocol == v1() {
+                let read = theirs
+                    .read_request(&protocol, &mut &body[..])
+                    .await
+                    .expect("an earlier node reads it");
+                assert_eq!(read, old);
+            }
+            let mut from_them = Vec::new();
+            if protocol == v2() {
+                from_them.push(PLAIN);
+            }
+            theirs
+                .write_request(&v1(), &mut from_them, old.clone())
+                .await
+                .expect("writes");
+            let read = read(&mut ours, &protocol, &from_them).await.expect("reads");
+            assert!(
+                matches!(read, Request::V1(RequestV1::Sync { answer: false, .. })),
+                "{read:?}"
+            );
+        }
+        let mut ack = Vec::new();
+        ours.write_response(&v1(), &mut ack, Response::V1(ResponseV1::Ack))
+            .await
+            .expect("writes");
+        let read = theirs
+            .read_response(&v1(), &mut &ack[..])
+            .await
+            .expect("an earlier node reads an acknowledgement");
+        assert_eq!(read, earlier::Response::V1(earlier::ResponseV1::Ack));
+    }
+
+    #[tokio::test]
+    async fn an_answer_reads_back_and_is_counted_both_ways() {
+        let counters = Arc::new(WireCounters::default());
+        let mut codec = SyncCodec::new(Arc::clone(&counters));
+        let answer = Response::V1(ResponseV1::Answer {
+            data: vec![0x42; 300],
+        });
+        for resp in [answer.clone(), Response::V1(ResponseV1::Ack)] {
+            let mut body = Vec::new();
+            codec
+                .write_response(&v2(), &mut body, resp.clone())
+                .await
+                .expect("writes");
+            let read = codec
+                .read_response(&v2(), &mut &body[..])
+                .await
+                .expect("reads");
+            assert_eq!(read, resp);
+        }
+        assert_eq!(
+            (counters.answers_sent(), counters.answers_received()),
+            (1, 1)
+        );
+        // The largest answer a node sends fits in the largest response.
+        let largest = Response::V1(ResponseV1::Answer {
+            data: vec![0xff; wire::MAX_ANSWER_BYTES],
+        });
+        let mut body = Vec::new();
+        codec
+            .write_response(&v2(), &mut body, largest.clone())
+            .await
+            .expect("writes");
+        assert!(
+            body.len() as u64 <= wire::MAX_RESPONSE_BYTES,
+            "{} B",
+            body.len()
+        );
+        assert_eq!(
+            codec
+                .read_response(&v2(), &mut &body[..])
+                .await
+                .expect("reads"),
+            largest
+        );
     }
 }

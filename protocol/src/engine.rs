@@ -104,6 +104,9 @@ pub struct Outgoing<P> {
     /// The session it belongs to; pass it back with its outcome, so a late
     /// outcome of an ended session cannot touch its successor.
     pub epoch: u64,
+    /// Whether it carries changes; one that does not may travel in the
+    /// acknowledgement of the peer's message (`wire::ResponseV1::Answer`).
+    pub carries_changes: bool,
 }
 
 /// What the caller must do, in this order: persist changes, signatures and
@@ -773,6 +776,7 @@ impl<P: Ord + Clone> Engine<P> {
                 data,
                 sigs,
                 epoch,
+                carries_changes,
             });
         }
     }

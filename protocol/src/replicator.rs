@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use automerge::transaction::Transaction;
 use automerge::{ActorId, ChangeHash};
 use futures::StreamExt;
-use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
+use libp2p::request_response::{self, InboundRequestId, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm};
 use serde::{Deserialize, Serialize};
@@ -40,7 +40,7 @@ use crate::ids::{DocId, QuarterSlug};
 use crate::schema::{self, SchemaError};
 use crate::store::{Batch, Store, StoreError};
 use crate::transport::{self, Behaviour, BehaviourEvent, TransportError};
-use crate::wire::{Request, RequestV1, Response, ResponseV1, SignedHash};
+use crate::wire::{self, Request, RequestV1, Response, ResponseV1, SignedHash};
 
 /// Interval of the engine's timer (retries, stalled sessions, redial, compaction).
 const TICK: Duration = Duration::from_millis(250);
@@ -535,6 +535,13 @@ pub struct Status {
 pub struct WireBytes {
     pub sent: u64,
     pub received: u64,
+    /// Sync messages this node sent in its acknowledgement of a peer's
+    /// message rather than as a request of their own
+    /// (`wire::ResponseV1::Answer`), and received so from peers.
+    #[serde(default)]
+    pub answers_sent: u64,
+    #[serde(default)]
+    pub answers_received: u64,
 }
 
 /// Counters of refused input, for `status` (peers that are up also carry their own).
@@ -767,7 +774,7 @@ pub struct Actor {
     /// Messages and acknowledgements waiting for a write to be durable,
     /// with its ticket, in the order they were made.
     held_sends: VecDeque<(u64, Vec<Outgoing<PeerId>>)>,
-    held_acks: VecDeque<(u64, ResponseChannel<Response>)>,
+    held_acks: VecDeque<(u64, InboundRequestId, ResponseChannel<Response>, ResponseV1)>,
     swarm: Swarm<Behaviour>,
     /// What the sync streams carried (see `WireBytes`).
     wire: Arc<WireCounters>,
@@ -782,6 +789,10 @@ pub struct Actor {
     connected: BTreeSet<PeerId>,
     /// Requests in flight: their (peer, document, session epoch).
     pending: HashMap<OutboundRequestId, (PeerId, DocId, u64)>,
+    /// This node's messages travelling as the response to a peer's request
+    /// (`ResponseV1::Answer`): their (peer, document, session epoch), until
+    /// the response is written or fails.
+    answering: HashMap<InboundRequestId, (PeerId, DocId, u64)>,
     /// Loose changes stored per document since its last compaction.
     chunks: HashMap<DocId, usize>,
     started: (Instant, SystemTime),
@@ -938,6 +949,7 @@ impl Actor {
             allowed: BTreeSet::new(),
             connected: BTreeSet::new(),
             pending: HashMap::new(),
+            answering: HashMap::new(),
             chunks,
             started: (Instant::now(), SystemTime::now()),
             next_dial: Instant::now(),
@@ -1091,6 +1103,8 @@ impl Actor {
             wire: WireBytes {
                 sent: self.wire.sent(),
                 received: self.wire.received(),
+                answers_sent: self.wire.answers_sent(),
+                answers_received: self.wire.answers_received(),
             },
         }
     }
@@ -1173,14 +1187,10 @@ impl Actor {
         while self
             .held_acks
             .front()
-            .is_some_and(|(t, _)| *t <= self.durable)
+            .is_some_and(|(t, ..)| *t <= self.durable)
         {
-            if let Some((_, channel)) = self.held_acks.pop_front() {
-                let _ = self
-                    .swarm
-                    .behaviour_mut()
-                    .sync
-                    .send_response(channel, Response::V1(ResponseV1::Ack));
+            if let Some((_, id, channel, response)) = self.held_acks.pop_front() {
+                self.respond(id, channel, response);
             }
         }
     }
@@ -1200,6 +1210,7 @@ impl Actor {
                 doc: out.doc.clone(),
                 data: out.data,
                 sigs,
+                answer: true,
             });
             let id = self
                 .swarm
@@ -1759,6 +1770,56 @@ impl Actor {
         }
     }
 
+    /// Sends the response to request `id`, now that it may go.
+    fn respond(
+        &mut self,
+        id: InboundRequestId,
+        channel: ResponseChannel<Response>,
+        response: ResponseV1,
+    ) {
+        let sent = self
+            .swarm
+            .behaviour_mut()
+            .sync
+            .send_response(channel, Response::V1(response));
+        if sent.is_err() {
+            // The stream is gone (its connection closed, or it timed out).
+            self.answer_failed(id);
+        }
+    }
+
+    /// The response to request `id` did not reach its peer: if it carried
+    /// this node's answer, the answer's session retries as after a lost
+    /// message (`Engine::send_failed`).
+    fn answer_failed(&mut self, id: InboundRequestId) {
+        if let Some((peer, doc, epoch)) = self.answering.remove(&id) {
+            let now = self.now();
+            self.engine.send_failed(&peer, &doc, epoch, now);
+        }
+    }
+
+    /// `peer` acknowledged this node's message for `doc` (session `epoch`)
+    /// with its answer: taken in as a message of its own. When it cannot
+    /// be taken in, the session announces its heads again after a while, as
+    /// after a lost message, so the peer answers anew.
+    fn receive_answer(&mut self, peer: PeerId, doc: DocId, epoch: u64, data: &[u8]) {
+        let now = self.now();
+        match self.engine.receive(&peer, &doc, data, &[], now) {
+            Ok(fx) => {
+                let _ = self.apply(fx);
+            }
+            Err(SyncError::Poisoned(doc)) => {
+                tracing::error!(%peer, %doc, "automerge panicked on an answer; reloading the document and dropping the peer");
+                self.reload(&doc);
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+            Err(e) => {
+                tracing::debug!(%peer, %doc, error = %e, "refused the answer in an acknowledgement");
+                self.engine.send_failed(&peer, &doc, epoch, now);
+            }
+        }
+    }
+
     fn handle_sync(&mut self, event: request_response::Event<Request, Response>) {
         use request_response::{Event, Message};
         if let Event::Message { peer, .. } = &event
@@ -1774,11 +1835,18 @@ impl Actor {
                 peer,
                 message:
                     Message::Request {
-                        request, channel, ..
+                        request_id,
+                        request,
+                        channel,
                     },
                 ..
             } => {
-                let Request::V1(RequestV1::Sync { doc, data, sigs }) = request;
+                let Request::V1(RequestV1::Sync {
+                    doc,
+                    data,
+                    sigs,
+                    answer,
+                }) = request;
                 let Some(sigs) = parse_sigs(sigs) else {
                     self.refused_requests += 1;
                     let response = ResponseV1::Refused {
@@ -1804,14 +1872,26 @@ impl Actor {
                 } else {
                     let received = Instant::now();
                     match self.engine.receive(&peer, &doc, &data, &sigs, now) {
-                        Ok(fx) => {
+                        Ok(mut fx) => {
+                            let reply = if answer {
+                                take_answer(&mut fx.sends, &peer, &doc)
+                            } else {
+                                None
+                            };
                             let (changes, sends) = (fx.changes.len(), fx.sends.len());
                             let applied = received.elapsed();
                             if self.apply(fx).is_err() {
                                 return; // no ack for what is not durable
                             }
-                            tracing::trace!(%peer, %doc, bytes = data.len(), changes, sends, ?applied, total = ?received.elapsed(), "sync message received");
-                            ResponseV1::Ack
+                            tracing::trace!(%peer, %doc, bytes = data.len(), changes, sends, answered = reply.is_some(), ?applied, total = ?received.elapsed(), "sync message received");
+                            match reply {
+                                Some(out) => {
+                                    self.answering
+                                        .insert(request_id, (peer, doc.clone(), out.epoch));
+                                    ResponseV1::Answer { data: out.data }
+                                }
+                                None => ResponseV1::Ack,
+                            }
                         }
                         Err(e @ SyncError::NotAccepted(_)) => {
                             // Usual while the roster is still on its way.
@@ -1836,15 +1916,14 @@ impl Actor {
                         }
                     }
                 };
-                if matches!(response, ResponseV1::Ack) && self.durable < self.written {
+                if matches!(response, ResponseV1::Ack | ResponseV1::Answer { .. })
+                    && self.durable < self.written
+                {
                     // Acknowledged once durable (see `now_durable`).
-                    self.held_acks.push_back((self.written, channel));
+                    self.held_acks
+                        .push_back((self.written, request_id, channel, response));
                 } else {
-                    let _ = self
-                        .swarm
-                        .behaviour_mut()
-                        .sync
-                        .send_response(channel, Response::V1(response));
+                    self.respond(request_id, channel, response);
                 }
             }
             Event::Message {
@@ -1863,6 +1942,10 @@ impl Actor {
                 match response {
                     Response::V1(ResponseV1::Ack) => {
                         self.engine.delivered(&peer, &doc, epoch, now);
+                    }
+                    Response::V1(ResponseV1::Answer { data }) => {
+                        self.engine.delivered(&peer, &doc, epoch, now);
+                        self.receive_answer(peer, doc, epoch, &data);
                     }
                     Response::V1(ResponseV1::Busy) => {
                         tracing::debug!(%peer, %doc, "peer is busy; retrying later");
@@ -1886,10 +1969,21 @@ impl Actor {
                     self.engine.send_failed(&peer, &doc, epoch, now);
                 }
             }
-            Event::InboundFailure { peer, error, .. } => {
+            Event::InboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
                 tracing::debug!(%peer, %error, "inbound sync request failed");
+                self.answer_failed(request_id);
             }
-            Event::ResponseSent { .. } => {}
+            Event::ResponseSent { request_id, .. } => {
+                if let Some((peer, doc, epoch)) = self.answering.remove(&request_id) {
+                    let now = self.now();
+                    self.engine.delivered(&peer, &doc, epoch, now);
+                }
+            }
         }
     }
 }
@@ -1932,6 +2026,25 @@ impl Durability {
     fn request(&self, ticket: u64) -> bool {
         self.requests.send(ticket).is_ok()
     }
+}
+
+/// This node's answer to `peer` for `doc` among `sends`, taken out to
+/// travel in the acknowledgement (`ResponseV1::Answer`): only one without
+/// changes (an answer with changes goes as a request of its own, so the
+/// peer can refuse it and this node learns of it) and within
+/// [`wire::MAX_ANSWER_BYTES`].
+fn take_answer(
+    sends: &mut Vec<Outgoing<PeerId>>,
+    peer: &PeerId,
+    doc: &DocId,
+) -> Option<Outgoing<PeerId>> {
+    let i = sends.iter().position(|o| {
+        o.peer == *peer
+            && o.doc == *doc
+            && !o.carries_changes
+            && o.data.len() <= wire::MAX_ANSWER_BYTES
+    })?;
+    Some(sends.remove(i))
 }
 
 /// Checks the signature list of a request: 32-byte hashes, 64-byte signatures.

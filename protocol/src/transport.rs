@@ -200,6 +200,7 @@ mod tests {
             doc: DocId::City,
             data,
             sigs: Vec::new(),
+            answer: true,
         })
     }
 

@@ -2,8 +2,11 @@
 //! other apart instead of misreading each other.
 //!
 //! Every request carries one automerge sync message for one document. The
-//! response only acknowledges it (or says why it was refused); the peer's own
-//! sync message travels as its own request, so both directions are symmetric.
+//! response acknowledges it (or says why it was refused). The receiver's own
+//! sync message for that document travels as its own request, so both
+//! directions are symmetric; when it carries no changes and the request
+//! allows it, it rides in the acknowledgement instead
+//! ([`ResponseV1::Answer`]), which saves a stream and a round trip.
 
 use serde::{Deserialize, Serialize};
 
@@ -17,8 +20,16 @@ pub const SYNC_PROTOCOL: &str = "/iq/sync/1";
 /// Largest sync request a node accepts (a whole document on first sync).
 pub const MAX_REQUEST_BYTES: u64 = 32 * 1024 * 1024;
 
-/// Largest response a node accepts: responses only acknowledge.
+/// Largest response a node accepts: an acknowledgement, with at most an
+/// answer of [`MAX_ANSWER_BYTES`].
 pub const MAX_RESPONSE_BYTES: u64 = 64 * 1024;
+
+/// Largest sync message a node sends as [`ResponseV1::Answer`] (a larger
+/// one goes as a request): within [`MAX_RESPONSE_BYTES`] with room for the
+/// CBOR around it. A message without changes is heads, the hashes the
+/// node needs and a Bloom filter of its recent changes: a few hundred
+/// bytes, and about 1.2 KB per thousand changes since the last sync.
+pub const MAX_ANSWER_BYTES: usize = 60 * 1024;
 
 /// A request on the sync protocol.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,6 +47,11 @@ pub enum RequestV1 {
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
         sigs: Vec<SignedHash>,
+        /// The sender reads [`ResponseV1::Answer`]. Nodes of earlier
+        /// versions leave it out (it reads as false) and ignore it when a
+        /// request carries it, so they are answered, and answer, as before.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        answer: bool,
     },
 }
 
@@ -65,4 +81,11 @@ pub enum ResponseV1 {
     Refused { reason: String },
     /// The receiver is over its rate for this sender: retry later.
     Busy,
+    /// The message was applied, and `data` is the receiver's sync message
+    /// for the same document in answer, without changes; only to a request
+    /// that said `answer`, and at most [`MAX_ANSWER_BYTES`].
+    Answer {
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
 }

@@ -185,6 +185,61 @@ fn a_catch_up_travels_deflated() -> Result<()> {
     Ok(())
 }
 
+/// A node's answer without changes to a peer's message rides in its
+/// acknowledgement of that message: a live write reaches the centre and
+/// every other quarter with one stream each, and every answer comes back
+/// in an acknowledgement instead of as a request of its own.
+#[test]
+fn answers_without_changes_travel_in_acknowledgements() -> Result<()> {
+    let c = Cluster::start(&QUARTERS)?;
+    c.wait_converged(Duration::from_secs(10))?;
+    let answers = |n: &iq_tests::Node| -> Result<(u64, u64)> {
+        let s = n.api_get("/api/v1/status")?;
+        let count = |field: &str| {
+            s["wire"][field]
+                .as_u64()
+                .ok_or(format!("no wire.{field} in {}'s status", n.name))
+        };
+        Ok((count("answers_sent")?, count("answers_received")?))
+    };
+    let before: Vec<(u64, u64)> = c.nodes().map(answers).collect::<Result<_>>()?;
+    let writer = &c.quarters[0];
+    let mut written = BTreeSet::new();
+    for i in 0..5 {
+        written.insert(writer.add_concern(&format!("Bench {i} broken"))?);
+        wait_holds(&c, &writer.name, &written, Duration::from_secs(10))?;
+    }
+    let after: Vec<(u64, u64)> = c.nodes().map(answers).collect::<Result<_>>()?;
+    let grew: Vec<(u64, u64)> = after
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| (a.0 - b.0, a.1 - b.1))
+        .collect();
+    eprintln!("answers (sent, received) per node for 5 writes: {grew:?}");
+    // nodes(): the centre, then the quarters in order.
+    let (centre, writer, others) = (grew[0], grew[1], &grew[2..]);
+    assert!(
+        centre.0 >= 5,
+        "the centre answered the writer in {} acks",
+        centre.0
+    );
+    assert!(writer.1 >= 5, "the writer got {} answers in acks", writer.1);
+    for (i, q) in others.iter().enumerate() {
+        assert!(
+            q.0 >= 5,
+            "quarter {} answered {} relays in acks",
+            i + 1,
+            q.0
+        );
+    }
+    assert!(
+        centre.1 >= 10,
+        "the centre got {} answers to its relays in acks",
+        centre.1
+    );
+    Ok(())
+}
+
 #[test]
 fn killed_centre_loses_nothing_it_acknowledged() -> Result<()> {
     let mut c = Cluster::start(&QUARTERS)?;

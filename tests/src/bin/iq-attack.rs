@@ -258,7 +258,12 @@ fn refill(
     while *pending < window
         && let Some((doc, data, sigs)) = todo.pop()
     {
-        let request = Request::V1(RequestV1::Sync { doc, data, sigs });
+        let request = Request::V1(RequestV1::Sync {
+            doc,
+            data,
+            sigs,
+            answer: false,
+        });
         swarm.behaviour_mut().sync.send_request(&target, request);
         *pending += 1;
     }
@@ -357,7 +362,7 @@ async fn run(args: Args) -> Result<(), String> {
                         pending -= 1;
                         refill(&mut swarm, target_peer, &mut todo, &mut pending, args.window);
                         match response {
-                            Response::V1(ResponseV1::Ack) => report(&args.scenario, "ack", ""),
+                            Response::V1(ResponseV1::Ack | ResponseV1::Answer { .. }) => report(&args.scenario, "ack", ""),
                             Response::V1(ResponseV1::Refused { reason }) => report(&args.scenario, "refused", &reason),
                             Response::V1(ResponseV1::Busy) => report(&args.scenario, "busy", "over the request rate"),
                         }
