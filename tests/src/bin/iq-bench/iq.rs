@@ -522,6 +522,10 @@ pub fn live(run: &Run, cfg: &Config) -> Result<Value> {
                 let w = (rng.next_u64() % run.slugs.len() as u64) as usize;
                 let writer = &c.quarters[w];
                 let doc = format!("quarter/{}", run.slugs[w]);
+                let starts: Vec<usize> = logs
+                    .iter()
+                    .map(|l| l.lock().map(|l| l.len()).unwrap_or(0))
+                    .collect();
                 let t0 = Instant::now();
                 writer.add_concern(&format!("live concern {n}"))?;
                 acks.push(t0.elapsed());
@@ -531,21 +535,27 @@ pub fn live(run: &Run, cfg: &Config) -> Result<Value> {
                     .ok_or(format!("{doc} missing at its writer"))?;
                 let deadline = t0 + cfg.timeout;
                 let mut guard = bell.0.lock().map_err(|_| "bell poisoned")?;
+                // Each observer's log is read once: from where it stood when
+                // the write began (the heads it waits for did not exist
+                // before), and not again once it holds them, so the watching
+                // costs the shared cores little.
+                let mut found: Vec<(usize, usize, Option<Instant>)> = starts
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != w + 1)
+                    .map(|(i, start)| (i, *start, None))
+                    .collect();
                 let seen = loop {
-                    let found: Vec<Option<Instant>> = logs
-                        .iter()
-                        .enumerate()
-                        .filter(|(i, _)| *i != w + 1)
-                        .map(|(_, l)| {
-                            l.lock().ok().and_then(|l| {
-                                l.iter()
-                                    .find(|(_, d, h)| *d == doc && *h == target)
-                                    .map(|(at, _, _)| *at)
-                            })
-                        })
-                        .collect();
-                    if found.iter().all(Option::is_some) {
-                        break found.into_iter().flatten().collect::<Vec<_>>();
+                    for (i, next, at) in found.iter_mut().filter(|f| f.2.is_none()) {
+                        let Ok(l) = logs[*i].lock() else { continue };
+                        *at = l[*next..]
+                            .iter()
+                            .find(|(_, d, h)| *d == doc && *h == target)
+                            .map(|(at, _, _)| *at);
+                        *next = l.len();
+                    }
+                    if found.iter().all(|f| f.2.is_some()) {
+                        break found.iter().filter_map(|f| f.2).collect::<Vec<_>>();
                     }
                     let now = Instant::now();
                     if now >= deadline {
