@@ -162,9 +162,19 @@ impl Writers {
     /// author's signature (every change but the genesis does; see
     /// [`Writers::check_signature`]).
     pub fn check_author(&mut self, doc: &DocId, change: &Change) -> Result<bool, AuthorError> {
-        let hash = change.hash();
+        self.check_author_of(doc, change.actor_id(), change.hash())
+    }
+
+    /// [`Writers::check_author`] for the change with `hash` by `actor`, as
+    /// a loaded document's metadata names them.
+    pub fn check_author_of(
+        &mut self,
+        doc: &DocId,
+        actor: &ActorId,
+        hash: ChangeHash,
+    ) -> Result<bool, AuthorError> {
         let (genesis_actor, genesis_hash) = self.genesis_of(doc);
-        if change.actor_id() == &genesis_actor {
+        if actor == &genesis_actor {
             return if hash == genesis_hash {
                 Ok(false)
             } else {
@@ -174,10 +184,10 @@ impl Writers {
                 })
             };
         }
-        if !self.may_write(doc, change.actor_id()) && !self.retired_change(doc, &hash) {
+        if !self.may_write(doc, actor) && !self.retired_change(doc, &hash) {
             return Err(AuthorError::NotAWriter {
                 doc: doc.clone(),
-                actor: change.actor_id().to_hex_string(),
+                actor: actor.to_hex_string(),
                 hash,
             });
         }
@@ -191,13 +201,22 @@ impl Writers {
         change: &Change,
         sig: Option<&[u8]>,
     ) -> Result<(), AuthorError> {
-        let hash = change.hash();
+        Self::check_signature_of(doc, change.actor_id(), change.hash(), sig)
+    }
+
+    /// [`Writers::check_signature`] for the change with `hash` by `actor`.
+    pub fn check_signature_of(
+        doc: &DocId,
+        actor: &ActorId,
+        hash: ChangeHash,
+        sig: Option<&[u8]>,
+    ) -> Result<(), AuthorError> {
         match sig {
             None => Err(AuthorError::Unsigned {
                 doc: doc.clone(),
                 hash,
             }),
-            Some(sig) if verify(change.actor_id(), &hash, sig) => Ok(()),
+            Some(sig) if verify(actor, &hash, sig) => Ok(()),
             Some(_) => Err(AuthorError::BadSignature {
                 doc: doc.clone(),
                 hash,

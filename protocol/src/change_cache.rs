@@ -141,6 +141,49 @@ pub fn sync_message(
     Some((msg, hashes))
 }
 
+/// Fewest changes a peer must lack for a document to go to it whole: below
+/// this, the changes are about as small and as quick to apply.
+pub const DOCUMENT_MIN_CHANGES: usize = 32;
+
+/// The next sync message of a session as a whole document (`document(am)`,
+/// saved uncompressed), when the peer holds nothing of it but its root
+/// change (the genesis every node starts from) and lacks at least
+/// [`DOCUMENT_MIN_CHANGES`]; otherwise `None`, and the caller builds the
+/// message of changes ([`sync_message`]). Only for peers that read whole
+/// documents (`Engine::peer_takes_documents`): the receiver loads it whole
+/// instead of applying its changes one by one. automerge builds the rest of
+/// the message, as in [`sync_message`], and counts every change the
+/// document carries as sent. Returns the message and the hashes of the
+/// changes the peer lacks, whose signatures travel with it.
+pub fn document_message(
+    am: &Automerge,
+    state: &mut sync::State,
+    document: impl FnOnce(&Automerge) -> Vec<u8>,
+) -> Option<(sync::Message, Vec<ChangeHash>)> {
+    if state.their_capabilities.is_some() || state.peer_read_only {
+        return None;
+    }
+    let holds_only_the_root = state.their_heads.as_ref().is_some_and(|theirs| {
+        matches!(&theirs[..], [root] if am
+            .get_change_meta_by_hash(root)
+            .is_some_and(|m| m.deps.is_empty()))
+    });
+    if !holds_only_the_root {
+        return None;
+    }
+    let hashes = hashes_to_send(am, state)?;
+    if hashes.len() < DOCUMENT_MIN_CHANGES {
+        return None;
+    }
+    state.peer_read_only = true;
+    let msg = am.generate_sync_message(state);
+    state.peer_read_only = false;
+    let mut msg = msg?;
+    state.sent_hashes.extend(hashes.iter().copied());
+    msg.changes = vec![document(am)].into();
+    Some((msg, hashes))
+}
+
 /// The changes automerge would send next in this session (its
 /// `get_hashes_to_send`, less those already sent), or `None` when automerge
 /// must build the message itself: the peer's last sync point names a change

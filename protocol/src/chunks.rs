@@ -45,6 +45,10 @@ pub enum ChunkError {
     TooManyHaves(usize),
     #[error("bloom filter is malformed or out of bounds: {0}")]
     Bloom(&'static str),
+    #[error("whole document is malformed: {0}")]
+    Document(&'static str),
+    #[error("whole document has compressed columns (only uncompressed ones are accepted)")]
+    CompressedColumns,
 }
 
 /// Most hash probes a peer's bloom filter may ask for (automerge uses 7).
@@ -205,6 +209,71 @@ pub fn count(bytes: &[u8]) -> usize {
     split(bytes).map_or(0, |chunks| chunks.len())
 }
 
+/// Checks that `element` is one whole-document chunk (chunk type 0, what
+/// `Automerge::save_nocompress` writes) whose header automerge can read
+/// with bounded work, before automerge loads it: every count in its header
+/// fits the bytes that follow, and no column is compressed. automerge
+/// inflates compressed columns without a bound; uncompressed, a document
+/// takes no more memory to read than the bytes it came in (the transport
+/// bounds those, inflated: `wire::MAX_REQUEST_BYTES`).
+///
+/// Layout after the chunk header: actors (a count, then each a length and
+/// its bytes), heads (a count, then 32 bytes each), then the change
+/// columns and the operation columns, each a count of (specification,
+/// length) pairs; bit 3 of a specification marks a compressed column.
+pub fn check_document(element: &[u8]) -> Result<(), ChunkError> {
+    let chunks = split(element)?;
+    let [chunk] = chunks[..] else {
+        return Err(ChunkError::Document("not exactly one chunk"));
+    };
+    if chunk.kind != 0 {
+        return Err(ChunkError::UnexpectedType(chunk.kind));
+    }
+    let mut rest = chunk.data;
+    let next = |rest: &mut &[u8]| -> Result<u64, ChunkError> {
+        let (v, used) = uleb128(rest).map_err(|_| ChunkError::Document("truncated header"))?;
+        *rest = &rest[used..];
+        Ok(v)
+    };
+    let actors = next(&mut rest)?;
+    if actors > rest.len() as u64 {
+        return Err(ChunkError::Document("more actors than bytes"));
+    }
+    for _ in 0..actors {
+        let len = next(&mut rest)?;
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|l| *l <= rest.len())
+            .ok_or(ChunkError::Document("actor longer than the document"))?;
+        rest = &rest[len..];
+    }
+    let heads = next(&mut rest)?;
+    let head_bytes = heads
+        .checked_mul(32)
+        .and_then(|n| usize::try_from(n).ok())
+        .filter(|n| *n <= rest.len())
+        .ok_or(ChunkError::Document("more heads than bytes"))?;
+    rest = &rest[head_bytes..];
+    let mut column_bytes: u64 = 0;
+    for _ in 0..2 {
+        let columns = next(&mut rest)?;
+        if columns > rest.len() as u64 / 2 {
+            return Err(ChunkError::Document("more columns than bytes"));
+        }
+        for _ in 0..columns {
+            let spec = next(&mut rest)?;
+            if spec & 0b1000 != 0 {
+                return Err(ChunkError::CompressedColumns);
+            }
+            column_bytes = column_bytes.saturating_add(next(&mut rest)?);
+        }
+    }
+    if column_bytes > rest.len() as u64 {
+        return Err(ChunkError::Document("columns longer than the document"));
+    }
+    Ok(())
+}
+
 /// Whether `bytes` start with a whole-document chunk (what
 /// `Automerge::save` writes), as a compacted document's snapshot does.
 pub fn is_document(bytes: &[u8]) -> bool {
@@ -290,6 +359,27 @@ mod tests {
         );
         assert_eq!(count(&concatenated), 3);
         assert_eq!(count(&concatenated[..concatenated.len() - 1]), 0);
+    }
+
+    #[test]
+    fn only_well_formed_uncompressed_documents_pass_the_document_check() {
+        // Enough changes that automerge compresses some columns when asked.
+        let doc = doc_with_changes(300);
+        let plain = doc.save_nocompress();
+        assert_eq!(check_document(&plain), Ok(()));
+        assert_eq!(
+            check_document(&doc.save()),
+            Err(ChunkError::CompressedColumns)
+        );
+        let change = doc.get_changes(&[])[0].raw_bytes().to_vec();
+        assert_eq!(check_document(&change), Err(ChunkError::UnexpectedType(1)));
+        let mut two = plain.clone();
+        two.extend_from_slice(&plain);
+        assert!(matches!(check_document(&two), Err(ChunkError::Document(_))));
+        // Every cut of the document is refused, and none panics.
+        for cut in 0..plain.len() {
+            assert!(check_document(&plain[..cut]).is_err(), "cut at {cut}");
+        }
     }
 
     #[test]

@@ -374,6 +374,7 @@ mod tests {
             data,
             sigs,
             answer: true,
+            documents: true,
         })
     }
 
@@ -495,6 +496,7 @@ mod tests {
             data: vec![0; 1 << 20],
             sigs: Vec::new(),
             answer: false,
+            documents: false,
         });
         let body = written(&mut codec, &v2(), zeros.clone()).await;
         assert_eq!(body[0], PLAIN, "a request deflating 1,000:1 went deflated");
@@ -571,6 +573,7 @@ mod tests {
                     .collect(),
                 sigs: Vec::new(),
                 answer: false,
+                documents: false,
             })
         };
         let max = wire::MAX_REQUEST_BYTES as usize;
@@ -645,6 +648,7 @@ mod tests {
             data,
             sigs,
             answer: true,
+            documents: true,
         });
         for protocol in [v1(), v2()] {
             let body = written(&mut ours, &protocol, new.clone()).await;
@@ -665,7 +669,14 @@ mod tests {
                 .expect("writes");
             let read = read(&mut ours, &protocol, &from_them).await.expect("reads");
             assert!(
-                matches!(read, Request::V1(RequestV1::Sync { answer: false, .. })),
+                matches!(
+                    read,
+                    Request::V1(RequestV1::Sync {
+                        answer: false,
+                        documents: false,
+                        ..
+                    })
+                ),
                 "{read:?}"
             );
         }
@@ -680,12 +691,139 @@ mod tests {
         assert_eq!(read, earlier::Response::V1(earlier::ResponseV1::Ack));
     }
 
+    /// The shapes of nodes that answer in acknowledgements but read no
+    /// whole documents (before `documents`).
+    mod answering {
+        use serde::{Deserialize, Serialize};
+
+        use crate::ids::DocId;
+        use crate::wire::SignedHash;
+
+        #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+        pub enum Request {
+            V1(RequestV1),
+        }
+
+        #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+        pub enum RequestV1 {
+            Sync {
+                doc: DocId,
+                #[serde(with = "serde_bytes")]
+                data: Vec<u8>,
+                sigs: Vec<SignedHash>,
+                #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+                answer: bool,
+            },
+        }
+
+        #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+        pub enum Response {
+            V1(ResponseV1),
+        }
+
+        #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+        pub enum ResponseV1 {
+            Ack,
+            Refused {
+                reason: String,
+            },
+            Busy,
+            Answer {
+                #[serde(with = "serde_bytes")]
+                data: Vec<u8>,
+            },
+        }
+    }
+
+    /// A node of the version before `documents` reads a request and an
+    /// answer that say it as ones that do not, and what it sends reads
+    /// here as not taking whole documents: it is sent changes, as before.
+    #[tokio::test]
+    async fn nodes_that_read_no_whole_documents_read_requests_and_answers_that_offer_them() {
+        let mut ours = SyncCodec::new(Arc::default());
+        let mut theirs = cbor::codec::Codec::<answering::Request, answering::Response>::default()
+            .set_request_size_maximum(wire::MAX_REQUEST_BYTES)
+            .set_response_size_maximum(wire::MAX_RESPONSE_BYTES);
+        let new = request(3);
+        let Request::V1(RequestV1::Sync {
+            doc, data, sigs, ..
+        }) = new.clone();
+        let old = answering::Request::V1(answering::RequestV1::Sync {
+            doc,
+            data,
+            sigs,
+            answer: true,
+        });
+        let body = written(&mut ours, &v1(), new).await;
+        let theirs_read = theirs
+            .read_request(&v1(), &mut &body[..])
+            .await
+            .expect("the earlier node reads it");
+        assert_eq!(theirs_read, old);
+        let mut from_them = Vec::new();
+        theirs
+            .write_request(&v1(), &mut from_them, old)
+            .await
+            .expect("writes");
+        let ours_read = read(&mut ours, &v1(), &from_them).await.expect("reads");
+        assert!(
+            matches!(
+                ours_read,
+                Request::V1(RequestV1::Sync {
+                    answer: true,
+                    documents: false,
+                    ..
+                })
+            ),
+            "{ours_read:?}"
+        );
+        let data = vec![0x42; 300];
+        let mut body = Vec::new();
+        ours.write_response(
+            &v1(),
+            &mut body,
+            Response::V1(ResponseV1::Answer {
+                data: data.clone(),
+                documents: true,
+            }),
+        )
+        .await
+        .expect("writes");
+        let theirs_read = theirs
+            .read_response(&v1(), &mut &body[..])
+            .await
+            .expect("the earlier node reads the answer");
+        assert_eq!(
+            theirs_read,
+            answering::Response::V1(answering::ResponseV1::Answer { data: data.clone() })
+        );
+        let mut body = Vec::new();
+        theirs
+            .write_response(
+                &v1(),
+                &mut body,
+                answering::Response::V1(answering::ResponseV1::Answer { data: data.clone() }),
+            )
+            .await
+            .expect("writes");
+        assert_eq!(
+            ours.read_response(&v1(), &mut &body[..])
+                .await
+                .expect("reads"),
+            Response::V1(ResponseV1::Answer {
+                data,
+                documents: false
+            })
+        );
+    }
+
     #[tokio::test]
     async fn an_answer_reads_back_and_is_counted_both_ways() {
         let counters = Arc::new(WireCounters::default());
         let mut codec = SyncCodec::new(Arc::clone(&counters));
         let answer = Response::V1(ResponseV1::Answer {
             data: vec![0x42; 300],
+            documents: true,
         });
         for resp in [answer.clone(), Response::V1(ResponseV1::Ack)] {
             let mut body = Vec::new();
@@ -706,6 +844,7 @@ mod tests {
         // The largest answer a node sends fits in the largest response.
         let largest = Response::V1(ResponseV1::Answer {
             data: vec![0xff; wire::MAX_ANSWER_BYTES],
+            documents: true,
         });
         let mut body = Vec::new();
         codec

@@ -79,6 +79,10 @@ pub const NODE_BYTES: usize = 16 << 20;
 /// holding the budget forever.
 pub const IN_FLIGHT_EXPIRY_MS: u64 = 120_000;
 
+/// Bytes of documents saved whole to send that a node keeps for the next
+/// peer that holds nothing of them (see [`Engine::peer_takes_documents`]).
+pub const SAVED_BYTES: usize = 8 << 20;
+
 /// After a failed send, wait this long before trying again.
 pub const RETRY_MS: u64 = 1_000;
 
@@ -260,6 +264,9 @@ struct Peer {
     /// Has messages with changes outstanding: as counted at the last
     /// [`Engine::tick`], or sent one since.
     busy: bool,
+    /// Reads whole documents ([`Engine::peer_takes_documents`]); learnt
+    /// anew each time the peer comes up.
+    takes_documents: bool,
 }
 
 /// The sync engine of one node. `P` names peers (a libp2p `PeerId` in the
@@ -299,6 +306,11 @@ pub struct Engine<P: Ord + Clone> {
     /// Peers with a message held back by the budget, in the order they were
     /// held back: each message that settles lets the first of them go on.
     starved: VecDeque<P>,
+    /// Documents lately saved whole to send ([`change_cache::document_message`]),
+    /// with the heads they were saved at, oldest first, at most
+    /// [`SAVED_BYTES`] in all: a document is sent whole to every peer that
+    /// holds nothing of it, and saving it costs about as much as loading it.
+    saved: VecDeque<(DocId, Vec<ChangeHash>, Vec<u8>)>,
     /// Refused messages and changes since start, over all peers (also gone ones).
     refused: (u64, u64),
     /// The next session epoch.
@@ -330,6 +342,7 @@ impl<P: Ord + Clone> Engine<P> {
             in_flight_bytes: 0,
             node_bytes: NODE_BYTES,
             starved: VecDeque::new(),
+            saved: VecDeque::new(),
             refused: (0, 0),
             next_epoch: 1,
         };
@@ -590,6 +603,7 @@ impl<P: Ord + Clone> Engine<P> {
         entry.up = true;
         entry.sessions.clear();
         entry.busy = false;
+        entry.takes_documents = false;
         entry.persisted = persisted.into_iter().collect();
         entry.stats.session_bytes_sent = 0;
         entry.stats.session_bytes_received = 0;
@@ -605,6 +619,18 @@ impl<P: Ord + Clone> Engine<P> {
             self.generate(&peer, &doc, now, &mut fx);
         }
         fx
+    }
+
+    /// `peer` reads whole documents (it said so on its last message, see
+    /// `wire::RequestV1::Sync`): a document it holds nothing of but the
+    /// genesis goes to it whole ([`change_cache::document_message`]), which
+    /// it loads several times faster than it applies the changes one by
+    /// one. Until the peer says so, and to nodes of earlier versions,
+    /// documents go as changes.
+    pub fn peer_takes_documents(&mut self, peer: &P) {
+        if let Some(p) = self.peers.get_mut(peer).filter(|p| p.up) {
+            p.takes_documents = true;
+        }
     }
 
     /// A peer disconnected: its in-memory sessions end (persisted states
@@ -719,6 +745,7 @@ impl<P: Ord + Clone> Engine<P> {
                     >= self.peer_window(peer)
             });
         let over_budget = windowed && self.in_flight_bytes >= self.node_bytes;
+        let takes_documents = self.peers.get(peer).is_some_and(|p| p.takes_documents);
         let Some(session) = Self::session(&mut self.peers, &mut self.next_epoch, peer, doc, now)
         else {
             return;
@@ -736,13 +763,23 @@ impl<P: Ord + Clone> Engine<P> {
         }
         session.retry_at_ms = None;
         session.dirty = false;
+        let saved = &mut self.saved;
+        let whole = if takes_documents {
+            change_cache::document_message(am, &mut session.state, |am| {
+                saved_document(saved, doc, am)
+            })
+        } else {
+            None
+        };
         if let Some((mut msg, carried)) =
-            change_cache::sync_message(am, &mut session.state, &mut self.cache)
+            whole.or_else(|| change_cache::sync_message(am, &mut session.state, &mut self.cache))
         {
-            // Advertise no capabilities, so peers never send us whole
-            // documents (v2 messages): automerge loads those without bounds
-            // on what their compressed columns inflate to. Change lists are
-            // read with bounds (see `chunks`).
+            // Advertise no capabilities, so peers' automerge never decides
+            // to send us whole documents of its own (v2 messages, saved
+            // with compressed columns, which automerge inflates without
+            // bounds). Whole documents come only as this node asks for
+            // them (`documents` on the wire), uncompressed, and are
+            // checked before they load (`chunks::check_document`).
             msg.flags = None;
             let sigs: Vec<(ChangeHash, Vec<u8>)> = carried
                 .into_iter()
@@ -798,7 +835,7 @@ impl<P: Ord + Clone> Engine<P> {
         if !self.accepts(doc) {
             return Err(SyncError::NotAccepted(doc.clone()));
         }
-        let (msg, new_sigs, parsed) = match self.check_message(doc, data, sigs) {
+        let (msg, new_sigs, incoming) = match self.check_message(doc, data, sigs) {
             Ok(ok) => ok,
             Err((err, bad_changes)) => {
                 if matches!(err, SyncError::Unauthorised(AuthorError::NotAWriter { .. })) {
@@ -822,12 +859,25 @@ impl<P: Ord + Clone> Engine<P> {
             return Err(SyncError::UnknownPeer);
         };
         let before = am.get_heads();
-        let fresh: Vec<(ChangeHash, Vec<u8>)> = parsed
-            .iter()
-            .map(|c| (c.hash(), c.raw_bytes().to_vec()))
-            .collect();
+        let fresh: Vec<(ChangeHash, Vec<u8>)> = match &incoming {
+            Incoming::Changes(parsed) => parsed
+                .iter()
+                .map(|c| (c.hash(), c.raw_bytes().to_vec()))
+                .collect(),
+            Incoming::Document(_) => Vec::new(),
+        };
+        // A whole document that holds everything this node held replaces
+        // its copy, and is stored as it came (see `receive_parsed`).
+        let replacing = match &incoming {
+            Incoming::Document(loaded) => before
+                .iter()
+                .all(|h| loaded.get_change_meta_by_hash(h).is_some())
+                .then(|| msg.changes.iter().next().map(<[u8]>::to_vec))
+                .flatten(),
+            Incoming::Changes(_) => None,
+        };
         let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            receive_parsed(am, &mut session.state, msg, parsed)
+            receive_parsed(am, &mut session.state, msg, incoming)
         }));
         let failure = match applied {
             Ok(Ok(())) => None,
@@ -887,7 +937,9 @@ impl<P: Ord + Clone> Engine<P> {
             for (hash, bytes) in &applied {
                 self.cache.insert(*hash, bytes);
             }
-            let changes = if am.get_changes_meta(&before).len() == applied.len() {
+            let changes = if let Some(document) = replacing {
+                vec![document]
+            } else if am.get_changes_meta(&before).len() == applied.len() {
                 applied.into_iter().map(|(_, b)| b).collect()
             } else {
                 am.get_changes(&before)
@@ -951,23 +1003,17 @@ impl<P: Ord + Clone> Engine<P> {
 
     /// Decodes a message and checks the authorship of every change in it
     /// that this node does not hold yet. Returns the message, the signatures
-    /// to keep and the changes not held yet, parsed (applied as they are by
-    /// [`receive_parsed`], so no change is parsed twice). On refusal, also
-    /// says how many changes failed the check.
+    /// to keep and what it carries: the changes not held yet, parsed
+    /// (applied as they are by [`receive_parsed`], so no change is parsed
+    /// twice), or a whole document, loaded. On refusal, also says how many
+    /// changes failed the check.
     #[allow(clippy::type_complexity)]
     fn check_message(
         &mut self,
         doc: &DocId,
         data: &[u8],
         sigs: &[(ChangeHash, Vec<u8>)],
-    ) -> Result<
-        (
-            sync::Message,
-            Vec<(ChangeHash, Vec<u8>)>,
-            Vec<automerge::Change>,
-        ),
-        (SyncError, u64),
-    > {
+    ) -> Result<(sync::Message, Vec<(ChangeHash, Vec<u8>)>, Incoming), (SyncError, u64)> {
         // automerge's parsers trust their input more than a network service
         // can: keep a panic in them to this one message.
         let parsed = std::panic::catch_unwind(|| -> Result<_, SyncError> {
@@ -978,10 +1024,29 @@ impl<P: Ord + Clone> Engine<P> {
             for have in &msg.have {
                 chunks::check_bloom(&have.bloom.to_bytes())?;
             }
-            let mut carried = Vec::new();
-            for element in msg.changes.iter() {
-                chunks::changes_in(element, &mut carried)?;
-            }
+            let document = msg.changes.iter().find(|e| chunks::is_document(e));
+            let carried = if let Some(document) = document {
+                // A whole document (see `change_cache::document_message`):
+                // alone in its message, checked before automerge reads it.
+                if msg.changes.len() != 1 {
+                    return Err(ChunkError::Document("not alone in its message").into());
+                }
+                chunks::check_document(document)?;
+                let loaded = Automerge::load_with_options(
+                    document,
+                    LoadOptions::new()
+                        .on_partial_load(OnPartialLoad::Error)
+                        .verification_mode(VerificationMode::Check),
+                )
+                .map_err(|e| SyncError::Decode(format!("whole document does not load: {e}")))?;
+                Incoming::Document(Box::new(loaded))
+            } else {
+                let mut carried = Vec::new();
+                for element in msg.changes.iter() {
+                    chunks::changes_in(element, &mut carried)?;
+                }
+                Incoming::Changes(carried)
+            };
             Ok((msg, carried))
         });
         let (msg, carried) = match parsed {
@@ -997,14 +1062,45 @@ impl<P: Ord + Clone> Engine<P> {
                 .get(doc)
                 .is_some_and(|am| am.get_change_meta_by_hash(hash).is_some())
         };
-        let fresh: Vec<automerge::Change> =
-            carried.into_iter().filter(|c| !held(&c.hash())).collect();
-        let new: Vec<&automerge::Change> = fresh.iter().collect();
+        match carried {
+            Incoming::Changes(carried) => {
+                let fresh: Vec<automerge::Change> =
+                    carried.into_iter().filter(|c| !held(&c.hash())).collect();
+                let new: Vec<&automerge::Change> = fresh.iter().collect();
+                let accepted = self.check_authors(doc, &new, &sig_of)?;
+                Ok((msg, accepted, Incoming::Changes(fresh)))
+            }
+            Incoming::Document(loaded) => {
+                let metas = loaded.get_changes_meta(&[]);
+                let new: Vec<&automerge::ChangeMetadata<'_>> =
+                    metas.iter().filter(|m| !held(&m.hash)).collect();
+                let accepted = self.check_authors(doc, &new, &sig_of)?;
+                drop(metas);
+                Ok((msg, accepted, Incoming::Document(loaded)))
+            }
+        }
+    }
+
+    /// Checks who wrote each of `new`, the changes of a message this node
+    /// does not hold yet: every one by a writer of `doc` (or the genesis),
+    /// and signed by its author, where an author's signed change vouches
+    /// for the author's earlier changes among its ancestors in `new`.
+    /// Returns the signatures to keep.
+    #[allow(clippy::type_complexity)]
+    fn check_authors<C: Authored>(
+        &mut self,
+        doc: &DocId,
+        new: &[&C],
+        sig_of: &HashMap<&ChangeHash, &[u8]>,
+    ) -> Result<Vec<(ChangeHash, Vec<u8>)>, (SyncError, u64)> {
         let mut first_error = None;
         let mut bad = 0u64;
         let mut signed = Vec::with_capacity(new.len());
-        for change in &new {
-            match self.writers.check_author(doc, change) {
+        for change in new {
+            match self
+                .writers
+                .check_author_of(doc, change.actor(), change.hash())
+            {
                 Ok(needs_signature) => signed.push(needs_signature),
                 Err(e) => {
                     bad += 1;
@@ -1017,15 +1113,15 @@ impl<P: Ord + Clone> Engine<P> {
             return Err((SyncError::Unauthorised(e), bad));
         }
         let mut accepted = Vec::new();
-        let mut ancestry = Ancestry::new(&new);
-        for i in vouched_order(&new) {
+        let mut ancestry = Ancestry::new(new);
+        for i in vouched_order(new) {
             let change = new[i];
             if !signed[i] {
                 continue; // the genesis, or vouched for by a later change
             }
             let hash = change.hash();
             let sig = sig_of.get(&hash).copied();
-            match Writers::check_signature(doc, change, sig) {
+            match Writers::check_signature_of(doc, change.actor(), hash, sig) {
                 Ok(()) => {
                     if let Some(sig) = sig {
                         accepted.push((hash, sig.to_vec()));
@@ -1051,7 +1147,7 @@ impl<P: Ord + Clone> Engine<P> {
         }
         match first_error {
             Some(e) => Err((SyncError::Unauthorised(e), bad)),
-            None => Ok((msg, accepted, fresh)),
+            None => Ok(accepted),
         }
     }
 
@@ -1351,11 +1447,16 @@ pub fn load_chunks<'a>(
 /// already, so it sees no difference; when an answer was held back it has
 /// not, and the answer still goes (test
 /// `an_answer_held_behind_an_outstanding_message_is_not_lost`).
+///
+/// A whole document ([`Incoming::Document`]) that holds every change this
+/// node holds replaces the node's copy (loading it whole is several times
+/// faster than applying its changes one by one, see `docs/benchmarks.md`);
+/// otherwise it is merged in.
 fn receive_parsed(
     am: &mut Automerge,
     state: &mut sync::State,
     mut msg: sync::Message,
-    changes: Vec<automerge::Change>,
+    incoming: Incoming,
 ) -> Result<(), automerge::AutomergeError> {
     if state.read_only {
         return am.receive_sync_message(state, msg);
@@ -1377,7 +1478,20 @@ fn receive_parsed(
     }
     state.in_flight = false;
     let before = am.get_heads();
-    am.apply_changes(changes)?;
+    match incoming {
+        Incoming::Changes(changes) => am.apply_changes(changes)?,
+        Incoming::Document(mut loaded) => {
+            if before
+                .iter()
+                .all(|h| loaded.get_change_meta_by_hash(h).is_some())
+            {
+                loaded.set_actor(am.get_actor().clone());
+                *am = *loaded;
+            } else {
+                am.merge(&mut loaded)?;
+            }
+        }
+    }
     let after = am.get_heads();
     let advanced: BTreeSet<ChangeHash> = after
         .iter()
@@ -1396,9 +1510,81 @@ fn receive_parsed(
     Ok(())
 }
 
+/// `am` saved whole (uncompressed, see `chunks::check_document`), from
+/// `saved` if it holds the document at its current heads.
+fn saved_document(
+    saved: &mut VecDeque<(DocId, Vec<ChangeHash>, Vec<u8>)>,
+    doc: &DocId,
+    am: &Automerge,
+) -> Vec<u8> {
+    let heads = am.get_heads();
+    if let Some((_, _, bytes)) = saved.iter().find(|(d, h, _)| d == doc && *h == heads) {
+        return bytes.clone();
+    }
+    let bytes = am.save_nocompress();
+    saved.retain(|(d, _, _)| d != doc);
+    let mut held: usize = saved.iter().map(|(_, _, b)| b.len()).sum();
+    while held + bytes.len() > SAVED_BYTES {
+        let Some((_, _, old)) = saved.pop_front() else {
+            break;
+        };
+        held -= old.len();
+    }
+    if bytes.len() <= SAVED_BYTES {
+        saved.push_back((doc.clone(), heads, bytes.clone()));
+    }
+    bytes
+}
+
+/// What a message brings in: changes, parsed (once checked, those this
+/// node lacks), or a whole document, loaded.
+enum Incoming {
+    Changes(Vec<automerge::Change>),
+    Document(Box<Automerge>),
+}
+
+/// What the authorship check reads of a change: a parsed change, or a
+/// loaded document's metadata of one.
+trait Authored {
+    fn hash(&self) -> ChangeHash;
+    fn actor(&self) -> &ActorId;
+    fn seq(&self) -> u64;
+    fn deps(&self) -> &[ChangeHash];
+}
+
+impl Authored for automerge::Change {
+    fn hash(&self) -> ChangeHash {
+        automerge::Change::hash(self)
+    }
+    fn actor(&self) -> &ActorId {
+        self.actor_id()
+    }
+    fn seq(&self) -> u64 {
+        automerge::Change::seq(self)
+    }
+    fn deps(&self) -> &[ChangeHash] {
+        automerge::Change::deps(self)
+    }
+}
+
+impl Authored for automerge::ChangeMetadata<'_> {
+    fn hash(&self) -> ChangeHash {
+        self.hash
+    }
+    fn actor(&self) -> &ActorId {
+        &self.actor
+    }
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+    fn deps(&self) -> &[ChangeHash] {
+        &self.deps
+    }
+}
+
 /// Indices of `batch`, each author's changes latest first (by sequence
 /// number), so a signature checked early vouches for what comes after.
-fn vouched_order(batch: &[&automerge::Change]) -> Vec<usize> {
+fn vouched_order<C: Authored>(batch: &[&C]) -> Vec<usize> {
     let mut order: Vec<usize> = (0..batch.len()).collect();
     order.sort_by(|a, b| batch[*b].seq().cmp(&batch[*a].seq()));
     order
@@ -1406,8 +1592,8 @@ fn vouched_order(batch: &[&automerge::Change]) -> Vec<usize> {
 
 /// Walks a batch of changes down their dependencies, to find the earlier
 /// changes of an author that a signed change of theirs vouches for.
-struct Ancestry<'a> {
-    batch: &'a [&'a automerge::Change],
+struct Ancestry<'a, C> {
+    batch: &'a [&'a C],
     index: HashMap<ChangeHash, usize>,
     /// Per author, the changes already walked from one of their changes:
     /// what lies below those was found then, so no change is walked twice
@@ -1415,8 +1601,8 @@ struct Ancestry<'a> {
     walked: HashMap<ActorId, Vec<bool>>,
 }
 
-impl<'a> Ancestry<'a> {
-    fn new(batch: &'a [&'a automerge::Change]) -> Self {
+impl<'a, C: Authored> Ancestry<'a, C> {
+    fn new(batch: &'a [&'a C]) -> Self {
         let index = batch
             .iter()
             .enumerate()
@@ -1434,7 +1620,7 @@ impl<'a> Ancestry<'a> {
     /// batch (not those found by an earlier call for the same author).
     fn same_author_below(&mut self, top: usize) -> Vec<usize> {
         let batch = self.batch;
-        let author = batch[top].actor_id();
+        let author = batch[top].actor();
         let walked = self
             .walked
             .entry(author.clone())
@@ -1451,7 +1637,7 @@ impl<'a> Ancestry<'a> {
                     && !walked[j]
                 {
                     walked[j] = true;
-                    if batch[j].actor_id() == author {
+                    if batch[j].actor() == author {
                         found.push(j);
                     }
                     stack.push(j);
@@ -1526,7 +1712,13 @@ mod tests {
                 .filter(|c| doc.get_change_meta_by_hash(&c.hash()).is_none())
                 .collect();
             let (mut ours, mut ours_state) = (doc.clone(), state.clone());
-            receive_parsed(&mut ours, &mut ours_state, msg.clone(), lacking).expect("ours");
+            receive_parsed(
+                &mut ours,
+                &mut ours_state,
+                msg.clone(),
+                Incoming::Changes(lacking),
+            )
+            .expect("ours");
             doc.receive_sync_message(state, msg).expect("automerge's");
             assert_eq!(ours.get_heads(), doc.get_heads());
             assert_eq!(ours_state, *state);
@@ -1662,6 +1854,11 @@ mod tests {
         dropped: usize,
         /// Changes each node has put on the wire, counted per message.
         changes_sent: Vec<usize>,
+        /// Messages each node has sent as a whole document.
+        documents_sent: Vec<usize>,
+        /// What each node handed out to be stored, per document: one entry
+        /// per commit, as the store keeps it.
+        stored: BTreeMap<(usize, DocId), Vec<Vec<u8>>>,
     }
 
     impl Sim {
@@ -1683,6 +1880,8 @@ mod tests {
                 drop_per_mille,
                 dropped: 0,
                 changes_sent: vec![0; n],
+                documents_sent: vec![0; n],
+                stored: BTreeMap::new(),
             };
             for (a, b) in sim.links.clone() {
                 let fx = sim.nodes[a].peer_up(b, vec![], 0);
@@ -1694,8 +1893,17 @@ mod tests {
         }
 
         fn enqueue(&mut self, from: usize, fx: Effects<usize>) {
+            for (doc, changes) in fx.changes {
+                self.stored
+                    .entry((from, doc))
+                    .or_default()
+                    .push(changes.concat());
+            }
             for out in fx.sends {
                 self.changes_sent[from] += out.sigs.len();
+                let whole = sync::Message::decode(&out.data)
+                    .is_ok_and(|m| m.changes.iter().any(chunks::is_document));
+                self.documents_sent[from] += usize::from(whole);
                 self.wire.push((from, out));
             }
         }
@@ -2891,8 +3099,21 @@ mod tests {
             .expect("relayed real change");
     }
 
+    /// `changes` applied to `doc`'s genesis, saved whole and uncompressed,
+    /// as a node sends a document to a peer that holds nothing of it.
+    fn document_of(doc: &DocId, changes: &[(automerge::Change, Vec<u8>)]) -> Automerge {
+        let mut am = schema::genesis(doc);
+        am.apply_changes(changes.iter().map(|(c, _)| c.clone()))
+            .expect("apply");
+        am
+    }
+
+    fn whole(am: &Automerge, bytes: Vec<u8>) -> Vec<u8> {
+        message_with(am.get_heads(), vec![bytes])
+    }
+
     #[test]
-    fn whole_documents_are_refused_and_batched_changes_checked_one_by_one() {
+    fn whole_documents_and_batches_are_checked_change_by_change() {
         let q = [slug("a")];
         let doc = DocId::quarter(&q[0]);
         let mut centre = engine(0, &q, &[1]);
@@ -2916,42 +3137,242 @@ mod tests {
             (real.hash(), signer(1).sign(&real.hash())),
             (forged.hash(), signer(3).sign(&forged.hash())),
         ];
-        let v2 = |changes: Vec<u8>| {
-            sync::Message {
-                heads: am.get_heads(),
-                need: vec![],
-                have: vec![],
-                changes: changes.into(),
-                flags: None,
-                version: sync::MessageVersion::V2,
-            }
-            .encode()
+        let held = |centre: &Engine<usize>, h: &ChangeHash| {
+            centre
+                .doc(&doc)
+                .expect("doc")
+                .get_change_meta_by_hash(h)
+                .is_some()
         };
-        // A whole document is refused before automerge loads it.
         let err = centre
-            .receive(&1, &doc, &v2(am.save()), &sigs, 0)
-            .expect_err("a whole document");
+            .receive(&1, &doc, &whole(&am, am.save_nocompress()), &sigs, 0)
+            .expect_err("a forged change in a whole document");
         assert!(
-            matches!(err, SyncError::Chunks(ChunkError::UnexpectedType(0))),
+            matches!(err, SyncError::Unauthorised(AuthorError::NotAWriter { .. })),
             "{err}"
         );
-        // The same changes batched into one v2 element are checked one by one.
+        assert!(!held(&centre, &real.hash()));
+        // A real writer's document whose signature is not theirs.
+        let only_real = document_of(&doc, &[(real.clone(), vec![])]);
+        let err = centre
+            .receive(
+                &1,
+                &doc,
+                &whole(&only_real, only_real.save_nocompress()),
+                &[(real.hash(), signer(3).sign(&real.hash()))],
+                0,
+            )
+            .expect_err("signed by another");
+        assert_bad_signature(&err);
+        assert!(!held(&centre, &real.hash()));
+        // Compressed columns are refused before automerge inflates them.
+        let mut long = only_real.clone();
+        long.set_actor(signer(1).actor());
+        long.transact::<_, _, schema::SchemaError>(|tx| {
+            schema::put_concern(
+                tx,
+                &Concern {
+                    id: "long".into(),
+                    ..Concern::new("litter".into(), "x".repeat(3000), None, None, 0)
+                },
+            )
+        })
+        .expect("write");
+        let err = centre
+            .receive(&1, &doc, &whole(&long, long.save()), &[], 0)
+            .expect_err("compressed columns");
+        assert!(
+            matches!(err, SyncError::Chunks(ChunkError::CompressedColumns)),
+            "{err}"
+        );
+        // A document beside changes in one message is refused.
+        let mut both = only_real.save_nocompress();
+        both.extend_from_slice(real.raw_bytes());
+        let err = centre
+            .receive(
+                &1,
+                &doc,
+                &message_with(
+                    only_real.get_heads(),
+                    vec![only_real.save_nocompress(), real.raw_bytes().to_vec()],
+                ),
+                &sigs[..1],
+                0,
+            )
+            .expect_err("a document with changes beside it");
+        assert!(
+            matches!(err, SyncError::Chunks(ChunkError::Document(_))),
+            "{err}"
+        );
+        // The same changes batched into one element are checked one by one.
         let mut batched = real.raw_bytes().to_vec();
         batched.extend_from_slice(forged.raw_bytes());
         let err = centre
-            .receive(&1, &doc, &v2(batched), &sigs, 0)
+            .receive(
+                &1,
+                &doc,
+                &message_with(am.get_heads(), vec![batched]),
+                &sigs,
+                0,
+            )
             .expect_err("forged inside a batch");
         assert!(
             matches!(err, SyncError::Unauthorised(AuthorError::NotAWriter { .. })),
             "{err}"
         );
-        assert!(
-            centre
-                .doc(&doc)
-                .expect("doc")
-                .get_change_meta_by_hash(&real.hash())
-                .is_none()
+        assert!(!held(&centre, &real.hash()));
+        // The honest document goes in.
+        centre
+            .receive(
+                &1,
+                &doc,
+                &whole(&only_real, only_real.save_nocompress()),
+                &sigs[..1],
+                0,
+            )
+            .expect("the honest document");
+        assert!(held(&centre, &real.hash()));
+    }
+
+    /// A whole document replaces a copy holding part of it, on the
+    /// signature of each author's latest change alone, and is stored as
+    /// it came: the stored entries load into the same document.
+    #[test]
+    fn a_whole_document_replaces_a_copy_holding_its_start_and_is_stored_as_it_came() {
+        let q = [slug("a")];
+        let doc = DocId::quarter(&q[0]);
+        let writer = signer(1);
+        let changes = chain(&doc, &[&writer], 40);
+        let mut centre = engine(0, &q, &[1]);
+        let _ = centre.peer_up(1, vec![], 0);
+        let mut stored = Vec::new();
+        let fx = centre
+            .receive(
+                &1,
+                &doc,
+                &batch(&changes[..10]),
+                &[(changes[9].0.hash(), changes[9].1.clone())],
+                0,
+            )
+            .expect("the first ten");
+        stored.extend(fx.changes.into_iter().map(|(_, c)| c.concat()));
+        let am = document_of(&doc, &changes);
+        let (last, sig) = &changes[39];
+        let fx = centre
+            .receive(
+                &1,
+                &doc,
+                &whole(&am, am.save_nocompress()),
+                &[(last.hash(), sig.clone())],
+                0,
+            )
+            .expect("the whole document");
+        assert_eq!(centre.doc(&doc).expect("doc").get_heads(), am.get_heads());
+        assert_eq!(centre.doc(&doc).expect("doc").get_actor(), centre.actor());
+        let entries: Vec<Vec<u8>> = fx.changes.into_iter().map(|(_, c)| c.concat()).collect();
+        assert_eq!(entries.len(), 1);
+        assert!(chunks::is_document(&entries[0]));
+        stored.extend(entries);
+        let loaded = load_chunks(&doc, centre.actor(), stored.iter().map(Vec::as_slice))
+            .expect("the stored entries load");
+        assert_eq!(loaded.get_heads(), am.get_heads());
+        assert_eq!(schema::concern_count(&loaded), 40);
+    }
+
+    /// A whole document lacking a change this node holds is merged in.
+    #[test]
+    fn a_whole_document_lacking_a_change_held_is_merged_in() {
+        let q = [slug("a")];
+        let doc = DocId::quarter(&q[0]);
+        let (one, four) = (signer(1), signer(4));
+        let mut writers = Writers::new([signer(0).actor()]);
+        writers.set_quarters(
+            [(
+                q[0].clone(),
+                [one.actor(), four.actor()].into_iter().collect(),
+            )]
+            .into_iter()
+            .collect(),
         );
+        let mut centre = Engine::new(signer(0), writers, q.iter().cloned());
+        let _ = centre.peer_up(1, vec![], 0);
+        let theirs = chain(&doc, &[&four], 1);
+        centre
+            .receive(
+                &1,
+                &doc,
+                &batch(&theirs),
+                &[(theirs[0].0.hash(), theirs[0].1.clone())],
+                0,
+            )
+            .expect("a change by the second writer");
+        let changes = chain(&doc, &[&one], 40);
+        let am = document_of(&doc, &changes);
+        let (last, sig) = &changes[39];
+        let fx = centre
+            .receive(
+                &1,
+                &doc,
+                &whole(&am, am.save_nocompress()),
+                &[(last.hash(), sig.clone())],
+                0,
+            )
+            .expect("the whole document");
+        let held = centre.doc(&doc).expect("doc");
+        // Both writers' changes and the genesis.
+        assert_eq!(held.get_changes_meta(&[]).len(), 42);
+        let mut heads = am.get_heads();
+        heads.push(theirs[0].0.hash());
+        heads.sort();
+        assert_eq!(held.get_heads(), heads);
+        // Stored as changes, since the document alone would lose the one held.
+        let stored: usize = fx.changes.iter().map(|(_, c)| c.len()).sum();
+        assert_eq!(stored, 40);
+    }
+
+    /// The owner's document reaches the centre whole, and a quarter that
+    /// holds nothing of it too; a quarter of an earlier version (reading no
+    /// whole documents) gets it as changes from one that got it whole,
+    /// signed throughout.
+    #[test]
+    fn a_document_a_peer_holds_nothing_of_goes_whole_and_on_as_changes() {
+        let q = [slug("a"), slug("b"), slug("c")];
+        let a = DocId::quarter(&q[0]);
+        let mut sim = Sim::new(4, vec![], &q, &[1, 2, 3], 11, 0);
+        for i in 0..60 {
+            sim.write(1, &a, format!("a{i}"));
+        }
+        for (x, y) in [(0, 1), (0, 2)] {
+            let fx = sim.nodes[x].peer_up(y, vec![], 0);
+            sim.enqueue(x, fx);
+            let fx = sim.nodes[y].peer_up(x, vec![], 0);
+            sim.enqueue(y, fx);
+            sim.nodes[x].peer_takes_documents(&y);
+            sim.nodes[y].peer_takes_documents(&x);
+        }
+        sim.run(100_000);
+        for n in [0, 2] {
+            let held = sim.nodes[n].doc(&a).expect("replica");
+            assert_eq!(schema::concern_count(held), 60, "node {n}");
+        }
+        assert_eq!(sim.documents_sent[1], 1, "the owner to the centre");
+        assert_eq!(sim.documents_sent[0], 1, "the centre to quarter 2");
+        // Quarter 2 stored the document whole, and keeps every signature.
+        let entries = &sim.stored[&(2, a.clone())];
+        assert_eq!(entries.len(), 1);
+        assert!(chunks::is_document(&entries[0]));
+        assert_eq!(sim.nodes[2].sigs.len(), 60);
+        // Quarter 3 reads no whole documents: quarter 2 sends it changes.
+        let fx = sim.nodes[2].peer_up(3, vec![], sim.now);
+        sim.enqueue(2, fx);
+        let fx = sim.nodes[3].peer_up(2, vec![], sim.now);
+        sim.enqueue(3, fx);
+        let sent = sim.documents_sent.clone();
+        sim.run(100_000);
+        assert_eq!(sim.documents_sent, sent, "no whole document to quarter 3");
+        let held = sim.nodes[3].doc(&a).expect("replica");
+        assert_eq!(schema::concern_count(held), 60);
+        assert_eq!(sim.nodes[3].refusals(), (0, 0));
     }
 
     #[test]

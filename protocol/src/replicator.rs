@@ -1215,6 +1215,7 @@ impl Actor {
                 data: out.data,
                 sigs,
                 answer: true,
+                documents: true,
             });
             let id = self
                 .swarm
@@ -1855,6 +1856,7 @@ impl Actor {
                     data,
                     sigs,
                     answer,
+                    documents,
                 }) = request;
                 let Some(sigs) = parse_sigs(sigs) else {
                     self.refused_requests += 1;
@@ -1880,6 +1882,9 @@ impl Actor {
                     }
                 } else {
                     let received = Instant::now();
+                    if documents {
+                        self.engine.peer_takes_documents(&peer);
+                    }
                     match self.engine.receive(&peer, &doc, &data, &sigs, now) {
                         Ok(mut fx) => {
                             let reply = if answer {
@@ -1897,7 +1902,10 @@ impl Actor {
                                 Some(out) => {
                                     self.answering
                                         .insert(request_id, (peer, doc.clone(), out.epoch));
-                                    ResponseV1::Answer { data: out.data }
+                                    ResponseV1::Answer {
+                                        data: out.data,
+                                        documents: true,
+                                    }
                                 }
                                 None => ResponseV1::Ack,
                             }
@@ -1952,7 +1960,10 @@ impl Actor {
                     Response::V1(ResponseV1::Ack) => {
                         self.engine.delivered(&peer, &doc, epoch, now);
                     }
-                    Response::V1(ResponseV1::Answer { data }) => {
+                    Response::V1(ResponseV1::Answer { data, documents }) => {
+                        if documents {
+                            self.engine.peer_takes_documents(&peer);
+                        }
                         self.engine.delivered(&peer, &doc, epoch, now);
                         self.receive_answer(peer, doc, epoch, &data);
                     }

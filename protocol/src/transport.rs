@@ -201,6 +201,7 @@ mod tests {
             data,
             sigs: Vec::new(),
             answer: true,
+            documents: false,
         })
     }
 

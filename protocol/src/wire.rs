@@ -52,6 +52,12 @@ pub enum RequestV1 {
         /// request carries it, so they are answered, and answer, as before.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         answer: bool,
+        /// The sender reads whole documents: a document it holds nothing
+        /// of but the genesis may be sent to it as one document chunk
+        /// (`engine::Engine::peer_takes_documents`). Nodes of earlier
+        /// versions leave it out and are sent changes, as before.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        documents: bool,
     },
 }
 
@@ -87,5 +93,9 @@ pub enum ResponseV1 {
     Answer {
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
+        /// As in [`RequestV1::Sync`]: the answering node reads whole
+        /// documents. Nodes of the version before it leave it out.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        documents: bool,
     },
 }

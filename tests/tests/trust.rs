@@ -125,7 +125,7 @@ fn insiders_cannot_forge_and_hostile_messages_cannot_take_the_centre_down() -> R
     c.quarter("prohlis").kill();
     let insider = &c.quarters[1];
     let rss_before = c.center.rss_kib().ok_or("no RSS for the centre")?;
-    let cases: [(&str, Vec<&str>, &str); 9] = [
+    let cases: [(&str, Vec<&str>, &str); 10] = [
         ("forge-city", vec![], "not a writer of city"),
         (
             "forge-quarter",
@@ -140,7 +140,12 @@ fn insiders_cannot_forge_and_hostile_messages_cannot_take_the_centre_down() -> R
         (
             "forge-whole-doc",
             vec!["--doc", "quarter/johannstadt"],
-            "chunk type 0 is not accepted",
+            "not a writer of quarter/johannstadt",
+        ),
+        (
+            "compressed-doc",
+            vec!["--doc", "quarter/prohlis"],
+            "compressed columns",
         ),
         (
             "garbage",

@@ -4,7 +4,9 @@
 //! one JSON line per request: `{"scenario", "outcome", "reason"}`.
 //!
 //! Scenarios: `connect`, `forge-city`, `forge-quarter` (claims `--victim`'s
-//! actor), `forge-whole-doc`, `garbage`, `bloom`, `bomb`, `oversized` (40 MiB
+//! actor), `forge-whole-doc` (a forged change in a whole document),
+//! `compressed-doc` (the sender's own document with compressed columns),
+//! `garbage`, `bloom`, `bomb`, `oversized` (40 MiB
 //! that do not deflate), `deflated-oversized` (40 MiB that the codec deflates
 //! to under a quarter on `/iq/sync/2`, so it travels deflated and inflates
 //! beyond the bound at the node), `flood` (`--count` requests, `--window` of
@@ -168,6 +170,30 @@ fn requests(args: &Args, identity: &Identity) -> Result<Vec<Outgoing>, String> {
                 vec![sig],
             ));
         }
+        "compressed-doc" => {
+            // The sender's own document, written as itself and signed, but
+            // saved with compressed columns, which automerge would inflate
+            // without a bound.
+            let mut am = schema::genesis(&doc);
+            am.set_actor(signer.actor());
+            am.transact::<_, _, schema::SchemaError>(|tx| {
+                schema::put_concern(
+                    tx,
+                    &Concern::new("graffiti".into(), "x".repeat(3000), None, None, 0),
+                )
+            })
+            .map_err(|e| format!("{:?}", e.error))?;
+            let change = am.get_last_local_change().ok_or("no change")?;
+            let sig = SignedHash {
+                hash: change.hash().0.to_vec(),
+                sig: signer.sign(&change.hash()),
+            };
+            out.push((
+                doc,
+                message(am.get_heads(), vec![am.save()], sync::MessageVersion::V2),
+                vec![sig],
+            ));
+        }
         "garbage" => out.push((doc, vec![0x42; 4096], vec![])),
         "bloom" => {
             out.push((doc, hostile_bloom_message(), vec![]));
@@ -263,6 +289,7 @@ fn refill(
             data,
             sigs,
             answer: false,
+            documents: false,
         });
         swarm.behaviour_mut().sync.send_request(&target, request);
         *pending += 1;
