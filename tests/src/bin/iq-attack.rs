@@ -166,7 +166,11 @@ fn requests(args: &Args, identity: &Identity) -> Result<Vec<Outgoing>, String> {
             let (c, am, sig) = forged_change(&doc, signer.actor(), &signer)?;
             out.push((
                 doc,
-                message(vec![c.hash()], vec![am.save()], sync::MessageVersion::V2),
+                message(
+                    vec![c.hash()],
+                    vec![am.save_nocompress()],
+                    sync::MessageVersion::V2,
+                ),
                 vec![sig],
             ));
         }
