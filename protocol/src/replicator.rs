@@ -542,6 +542,10 @@ pub struct WireBytes {
     pub answers_sent: u64,
     #[serde(default)]
     pub answers_received: u64,
+    /// Large requests sent with the body deflated for an identical one
+    /// before (a whole document to many quarters), not deflated again.
+    #[serde(default)]
+    pub bodies_reused: u64,
 }
 
 /// Counters of refused input, for `status` (peers that are up also carry their own).
@@ -1109,6 +1113,7 @@ impl Actor {
                 received: self.wire.received(),
                 answers_sent: self.wire.answers_sent(),
                 answers_received: self.wire.answers_received(),
+                bodies_reused: self.wire.bodies_reused(),
             },
         }
     }
