@@ -115,11 +115,14 @@ impl WireCounters {
 /// ([`Deflated`]).
 pub const REUSE_ABOVE: usize = 64 * 1024;
 
-/// Deflated request bodies kept for reuse at most.
-const REUSED_BODIES: usize = 8;
+/// Bytes of deflated request bodies kept for reuse at most: room for a
+/// city's quarter documents (a quarter's 1,000 concerns deflate, with
+/// their signatures, to about 190 KB), which the centre sends to the
+/// quarters in no fixed order.
+pub const REUSED_BYTES: usize = 16 << 20;
 
 /// Recently deflated large request bodies, by the SHA-256 of the CBOR
-/// request they deflate, newest last. A node often sends the very same
+/// request they deflate, newest last, [`REUSED_BYTES`] at most. A node often sends the very same
 /// request to many peers: the centre sends a quarter's whole document,
 /// with the same signatures and sync message, to every quarter that holds
 /// none of it (63 times at 64 quarters), and deflating it was a third of
@@ -129,6 +132,8 @@ const REUSED_BODIES: usize = 8;
 #[derive(Debug, Default)]
 struct Deflated {
     bodies: std::collections::VecDeque<([u8; 32], Arc<Vec<u8>>)>,
+    /// Bytes of `bodies`.
+    held: usize,
 }
 
 /// The codec of both sync protocols (see the module docs).
@@ -178,11 +183,17 @@ impl SyncCodec {
             return Ok(None);
         };
         let body = Arc::new(body);
-        if let Ok(mut kept) = self.deflated.lock() {
-            if kept.bodies.len() >= REUSED_BODIES {
-                kept.bodies.pop_front();
-            }
+        if body.len() <= REUSED_BYTES
+            && let Ok(mut kept) = self.deflated.lock()
+        {
+            kept.held += body.len();
             kept.bodies.push_back((key, Arc::clone(&body)));
+            while kept.held > REUSED_BYTES {
+                let Some((_, old)) = kept.bodies.pop_front() else {
+                    break;
+                };
+                kept.held -= old.len();
+            }
         }
         Ok(Some(body))
     }
