@@ -153,8 +153,8 @@ pub const DOCUMENT_MIN_CHANGES: usize = 32;
 /// documents (`Engine::peer_takes_documents`): the receiver loads it whole
 /// instead of applying its changes one by one. automerge builds the rest of
 /// the message, as in [`sync_message`], and counts every change the
-/// document carries as sent. Returns the message and the hashes of the
-/// changes the peer lacks, whose signatures travel with it.
+/// document carries as sent. Returns the message and the hashes of every
+/// change in it but the root, whose signatures travel with it.
 pub fn document_message(
     am: &Automerge,
     state: &mut sync::State,
@@ -163,18 +163,32 @@ pub fn document_message(
     if state.their_capabilities.is_some() || state.peer_read_only {
         return None;
     }
-    let holds_only_the_root = state.their_heads.as_ref().is_some_and(|theirs| {
-        matches!(&theirs[..], [root] if am
-            .get_change_meta_by_hash(root)
-            .is_some_and(|m| m.deps.is_empty()))
-    });
-    if !holds_only_the_root {
+    let root = match state.their_heads.as_deref() {
+        Some([root])
+            if am
+                .get_change_meta_by_hash(root)
+                .is_some_and(|m| m.deps.is_empty()) =>
+        {
+            *root
+        }
+        _ => return None,
+    };
+    // What is due and not sent yet (none when automerge must answer with a
+    // reset: the peer's last sync point names a change this node lacks).
+    let due = hashes_to_send(am, state)?;
+    if due.len() < DOCUMENT_MIN_CHANGES {
         return None;
     }
-    let hashes = hashes_to_send(am, state)?;
-    if hashes.len() < DOCUMENT_MIN_CHANGES {
-        return None;
-    }
+    // Signatures go for every change but the root, whatever the peer's
+    // Bloom filter says: a change it wrongly shows as held still travels
+    // in the document, and must travel with its signature (the latest of
+    // its author's changes has nothing else to vouch for it).
+    let hashes: Vec<ChangeHash> = am
+        .get_changes_meta(&[])
+        .into_iter()
+        .map(|m| m.hash)
+        .filter(|h| *h != root)
+        .collect();
     state.peer_read_only = true;
     let msg = am.generate_sync_message(state);
     state.peer_read_only = false;

@@ -267,6 +267,29 @@ struct Peer {
     /// Reads whole documents ([`Engine::peer_takes_documents`]); learnt
     /// anew each time the peer comes up.
     takes_documents: bool,
+    /// Whose whole documents this node takes from the peer
+    /// ([`Engine::take_documents_from`]); set anew each time it comes up.
+    documents_from: DocumentsFrom,
+}
+
+/// Which whole documents a node takes from a peer. A document loaded whole
+/// keeps the order its sender gave its elements: automerge 0.12 does not
+/// check that the operations of a loaded document are in the order their
+/// changes imply (only the changes, and so their hashes and signatures,
+/// are rebuilt from them). So a relay could reorder a list's elements
+/// without touching a signature. Whole documents are therefore taken only
+/// from a node that could write that content anyway: a writer of the
+/// document, or the centre, which writes the roster and so who writes
+/// what (a compromised centre key is out of scope, `docs/security.md`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum DocumentsFrom {
+    /// None: every document comes as changes.
+    #[default]
+    Nobody,
+    /// Any document: the peer is the centre.
+    Centre,
+    /// The documents this actor (the peer's key) writes.
+    Writer(ActorId),
 }
 
 /// The sync engine of one node. `P` names peers (a libp2p `PeerId` in the
@@ -604,6 +627,7 @@ impl<P: Ord + Clone> Engine<P> {
         entry.sessions.clear();
         entry.busy = false;
         entry.takes_documents = false;
+        entry.documents_from = DocumentsFrom::Nobody;
         entry.persisted = persisted.into_iter().collect();
         entry.stats.session_bytes_sent = 0;
         entry.stats.session_bytes_received = 0;
@@ -630,6 +654,14 @@ impl<P: Ord + Clone> Engine<P> {
     pub fn peer_takes_documents(&mut self, peer: &P) {
         if let Some(p) = self.peers.get_mut(peer).filter(|p| p.up) {
             p.takes_documents = true;
+        }
+    }
+
+    /// Takes whole documents from `peer` as `from` says (see
+    /// [`DocumentsFrom`]); any other whole document from it is refused.
+    pub fn take_documents_from(&mut self, peer: &P, from: DocumentsFrom) {
+        if let Some(p) = self.peers.get_mut(peer).filter(|p| p.up) {
+            p.documents_from = from;
         }
     }
 
@@ -745,7 +777,10 @@ impl<P: Ord + Clone> Engine<P> {
                     >= self.peer_window(peer)
             });
         let over_budget = windowed && self.in_flight_bytes >= self.node_bytes;
-        let takes_documents = self.peers.get(peer).is_some_and(|p| p.takes_documents);
+        // Only the documents peers take whole from this node (see
+        // `DocumentsFrom`): those it writes, and any from the centre.
+        let takes_documents = self.peers.get(peer).is_some_and(|p| p.takes_documents)
+            && (self.writes(doc) || self.writes(&DocId::City));
         let Some(session) = Self::session(&mut self.peers, &mut self.next_epoch, peer, doc, now)
         else {
             return;
@@ -835,7 +870,7 @@ impl<P: Ord + Clone> Engine<P> {
         if !self.accepts(doc) {
             return Err(SyncError::NotAccepted(doc.clone()));
         }
-        let (msg, new_sigs, incoming) = match self.check_message(doc, data, sigs) {
+        let (msg, new_sigs, incoming) = match self.check_message(peer, doc, data, sigs) {
             Ok(ok) => ok,
             Err((err, bad_changes)) => {
                 if matches!(err, SyncError::Unauthorised(AuthorError::NotAWriter { .. })) {
@@ -1010,10 +1045,16 @@ impl<P: Ord + Clone> Engine<P> {
     #[allow(clippy::type_complexity)]
     fn check_message(
         &mut self,
+        peer: &P,
         doc: &DocId,
         data: &[u8],
         sigs: &[(ChangeHash, Vec<u8>)],
     ) -> Result<(sync::Message, Vec<(ChangeHash, Vec<u8>)>, Incoming), (SyncError, u64)> {
+        let documents_taken = match self.peers.get(peer).map(|p| &p.documents_from) {
+            Some(DocumentsFrom::Centre) => true,
+            Some(DocumentsFrom::Writer(actor)) => self.writers.may_write(doc, actor),
+            Some(DocumentsFrom::Nobody) | None => false,
+        };
         // automerge's parsers trust their input more than a network service
         // can: keep a panic in them to this one message.
         let parsed = std::panic::catch_unwind(|| -> Result<_, SyncError> {
@@ -1027,7 +1068,14 @@ impl<P: Ord + Clone> Engine<P> {
             let document = msg.changes.iter().find(|e| chunks::is_document(e));
             let carried = if let Some(document) = document {
                 // A whole document (see `change_cache::document_message`):
-                // alone in its message, checked before automerge reads it.
+                // from a peer this node takes it from, alone in its
+                // message, checked before automerge reads it.
+                if !documents_taken {
+                    return Err(ChunkError::Document(
+                        "not taken from this peer (only from the centre or the document's writers)",
+                    )
+                    .into());
+                }
                 if msg.changes.len() != 1 {
                     return Err(ChunkError::Document("not alone in its message").into());
                 }
@@ -3118,6 +3166,7 @@ mod tests {
         let doc = DocId::quarter(&q[0]);
         let mut centre = engine(0, &q, &[1]);
         let _ = centre.peer_up(1, vec![], 0);
+        centre.take_documents_from(&1, DocumentsFrom::Writer(signer(1).actor()));
         // A whole document with one real and one forged change (the forger
         // writes as node 3, which is not a writer of quarter a).
         let mut am = schema::genesis(&doc);
@@ -3154,6 +3203,23 @@ mod tests {
         assert!(!held(&centre, &real.hash()));
         // A real writer's document whose signature is not theirs.
         let only_real = document_of(&doc, &[(real.clone(), vec![])]);
+        // Whole documents only from whom this node takes them.
+        let honest = whole(&only_real, only_real.save_nocompress());
+        let _ = centre.peer_up(2, vec![], 0);
+        for from in [
+            DocumentsFrom::Nobody,
+            DocumentsFrom::Writer(signer(2).actor()),
+        ] {
+            centre.take_documents_from(&2, from);
+            let err = centre
+                .receive(&2, &doc, &honest, &sigs[..1], 0)
+                .expect_err("a whole document from a relay");
+            assert!(
+                matches!(err, SyncError::Chunks(ChunkError::Document(_))),
+                "{err}"
+            );
+            assert!(!held(&centre, &real.hash()));
+        }
         let err = centre
             .receive(
                 &1,
@@ -3245,6 +3311,7 @@ mod tests {
         let changes = chain(&doc, &[&writer], 40);
         let mut centre = engine(0, &q, &[1]);
         let _ = centre.peer_up(1, vec![], 0);
+        centre.take_documents_from(&1, DocumentsFrom::Writer(writer.actor()));
         let mut stored = Vec::new();
         let fx = centre
             .receive(
@@ -3296,6 +3363,7 @@ mod tests {
         );
         let mut centre = Engine::new(signer(0), writers, q.iter().cloned());
         let _ = centre.peer_up(1, vec![], 0);
+        centre.take_documents_from(&1, DocumentsFrom::Writer(one.actor()));
         let theirs = chain(&doc, &[&four], 1);
         centre
             .receive(
@@ -3331,8 +3399,8 @@ mod tests {
     }
 
     /// The owner's document reaches the centre whole, and a quarter that
-    /// holds nothing of it too; a quarter of an earlier version (reading no
-    /// whole documents) gets it as changes from one that got it whole,
+    /// holds nothing of it too; another quarter gets it as changes from one
+    /// that got it whole (which neither writes it nor is the centre),
     /// signed throughout.
     #[test]
     fn a_document_a_peer_holds_nothing_of_goes_whole_and_on_as_changes() {
@@ -3349,6 +3417,8 @@ mod tests {
             sim.enqueue(y, fx);
             sim.nodes[x].peer_takes_documents(&y);
             sim.nodes[y].peer_takes_documents(&x);
+            sim.nodes[x].take_documents_from(&y, DocumentsFrom::Writer(signer(y).actor()));
+            sim.nodes[y].take_documents_from(&x, DocumentsFrom::Centre);
         }
         sim.run(100_000);
         for n in [0, 2] {
@@ -3362,11 +3432,14 @@ mod tests {
         assert_eq!(entries.len(), 1);
         assert!(chunks::is_document(&entries[0]));
         assert_eq!(sim.nodes[2].sigs.len(), 60);
-        // Quarter 3 reads no whole documents: quarter 2 sends it changes.
+        // Quarter 2 neither writes quarter a's document nor is the centre:
+        // it sends quarter 3 changes, though 3 reads whole documents.
         let fx = sim.nodes[2].peer_up(3, vec![], sim.now);
         sim.enqueue(2, fx);
         let fx = sim.nodes[3].peer_up(2, vec![], sim.now);
         sim.enqueue(3, fx);
+        sim.nodes[2].peer_takes_documents(&3);
+        sim.nodes[3].take_documents_from(&2, DocumentsFrom::Writer(signer(2).actor()));
         let sent = sim.documents_sent.clone();
         sim.run(100_000);
         assert_eq!(sim.documents_sent, sent, "no whole document to quarter 3");

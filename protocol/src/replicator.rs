@@ -34,7 +34,9 @@ use tokio::task::JoinHandle;
 use crate::authorship::{SIGNATURE_LEN, Signer, Writers};
 use crate::codec::WireCounters;
 use crate::datadir::Role;
-use crate::engine::{Activity, ChangeError, Effects, Engine, Outgoing, PeerStats, SyncError};
+use crate::engine::{
+    Activity, ChangeError, DocumentsFrom, Effects, Engine, Outgoing, PeerStats, SyncError,
+};
 use crate::identity::{Identity, actor_id_of_peer};
 use crate::ids::{DocId, QuarterSlug};
 use crate::schema::{self, SchemaError};
@@ -1470,7 +1472,16 @@ impl Actor {
             });
         tracing::info!(%peer, "peer up");
         let now = self.now();
-        self.engine.peer_up(peer, persisted, now)
+        let fx = self.engine.peer_up(peer, persisted, now);
+        // Whole documents only from the centre, or of the documents the
+        // peer writes (`engine::DocumentsFrom`).
+        let from = if self.is_centre(&peer) {
+            DocumentsFrom::Centre
+        } else {
+            actor_id_of_peer(&peer).map_or(DocumentsFrom::Nobody, DocumentsFrom::Writer)
+        };
+        self.engine.take_documents_from(&peer, from);
+        fx
     }
 
     fn local_write<R>(

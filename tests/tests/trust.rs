@@ -140,7 +140,7 @@ fn insiders_cannot_forge_and_hostile_messages_cannot_take_the_centre_down() -> R
         (
             "forge-whole-doc",
             vec!["--doc", "quarter/johannstadt"],
-            "not a writer of quarter/johannstadt",
+            "only from the centre or the document's writers",
         ),
         (
             "compressed-doc",

@@ -4,7 +4,8 @@
 //! one JSON line per request: `{"scenario", "outcome", "reason"}`.
 //!
 //! Scenarios: `connect`, `forge-city`, `forge-quarter` (claims `--victim`'s
-//! actor), `forge-whole-doc` (a forged change in a whole document),
+//! actor), `forge-whole-doc` (a forged change in a whole document of a
+//! quarter the sender does not write),
 //! `compressed-doc` (the sender's own document with compressed columns),
 //! `garbage`, `bloom`, `bomb`, `oversized` (40 MiB
 //! that do not deflate), `deflated-oversized` (40 MiB that the codec deflates
