@@ -3160,6 +3160,28 @@ mod tests {
         message_with(am.get_heads(), vec![bytes])
     }
 
+    /// `changes` as a whole document from peer 1, with only the last
+    /// change's signature (it vouches for the rest): the document sent,
+    /// and what taking it in called for.
+    fn receive_whole(
+        node: &mut Engine<usize>,
+        doc: &DocId,
+        changes: &[(automerge::Change, Vec<u8>)],
+    ) -> (Automerge, Effects<usize>) {
+        let am = document_of(doc, changes);
+        let (last, sig) = changes.last().expect("changes");
+        let fx = node
+            .receive(
+                &1,
+                doc,
+                &whole(&am, am.save_nocompress()),
+                &[(last.hash(), sig.clone())],
+                0,
+            )
+            .expect("the whole document");
+        (am, fx)
+    }
+
     #[test]
     fn whole_documents_and_batches_are_checked_change_by_change() {
         let q = [slug("a")];
@@ -3323,17 +3345,7 @@ mod tests {
             )
             .expect("the first ten");
         stored.extend(fx.changes.into_iter().map(|(_, c)| c.concat()));
-        let am = document_of(&doc, &changes);
-        let (last, sig) = &changes[39];
-        let fx = centre
-            .receive(
-                &1,
-                &doc,
-                &whole(&am, am.save_nocompress()),
-                &[(last.hash(), sig.clone())],
-                0,
-            )
-            .expect("the whole document");
+        let (am, fx) = receive_whole(&mut centre, &doc, &changes);
         assert_eq!(centre.doc(&doc).expect("doc").get_heads(), am.get_heads());
         assert_eq!(centre.doc(&doc).expect("doc").get_actor(), centre.actor());
         let entries: Vec<Vec<u8>> = fx.changes.into_iter().map(|(_, c)| c.concat()).collect();
@@ -3375,17 +3387,7 @@ mod tests {
             )
             .expect("a change by the second writer");
         let changes = chain(&doc, &[&one], 40);
-        let am = document_of(&doc, &changes);
-        let (last, sig) = &changes[39];
-        let fx = centre
-            .receive(
-                &1,
-                &doc,
-                &whole(&am, am.save_nocompress()),
-                &[(last.hash(), sig.clone())],
-                0,
-            )
-            .expect("the whole document");
+        let (am, fx) = receive_whole(&mut centre, &doc, &changes);
         let held = centre.doc(&doc).expect("doc");
         // Both writers' changes and the genesis.
         assert_eq!(held.get_changes_meta(&[]).len(), 42);
