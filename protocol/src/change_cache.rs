@@ -18,7 +18,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use automerge::sync::{self, SyncDoc};
-use automerge::{Automerge, ChangeHash};
+use automerge::{ActorId, Automerge, ChangeHash};
 
 /// Bytes of changes kept at most; the oldest go first.
 pub const CACHE_BYTES: usize = 32 << 20;
@@ -148,7 +148,8 @@ pub const DOCUMENT_MIN_CHANGES: usize = 32;
 /// The next sync message of a session as a whole document (`document(am)`,
 /// saved uncompressed), when the peer holds nothing of it but its root
 /// change (the genesis every node starts from) and lacks at least
-/// [`DOCUMENT_MIN_CHANGES`]; otherwise `None`, and the caller builds the
+/// [`DOCUMENT_MIN_CHANGES`], and, if `only_by` names an actor, every other
+/// change is by that actor; otherwise `None`, and the caller builds the
 /// message of changes ([`sync_message`]). Only for peers that read whole
 /// documents (`Engine::peer_takes_documents`): the receiver loads it whole
 /// instead of applying its changes one by one. automerge builds the rest of
@@ -158,6 +159,7 @@ pub const DOCUMENT_MIN_CHANGES: usize = 32;
 pub fn document_message(
     am: &Automerge,
     state: &mut sync::State,
+    only_by: Option<&ActorId>,
     document: impl FnOnce(&Automerge) -> Vec<u8>,
 ) -> Option<(sync::Message, Vec<ChangeHash>)> {
     if state.their_capabilities.is_some() || state.peer_read_only {
@@ -183,12 +185,17 @@ pub fn document_message(
     // Bloom filter says: a change it wrongly shows as held still travels
     // in the document, and must travel with its signature (the latest of
     // its author's changes has nothing else to vouch for it).
-    let hashes: Vec<ChangeHash> = am
-        .get_changes_meta(&[])
-        .into_iter()
-        .map(|m| m.hash)
-        .filter(|h| *h != root)
-        .collect();
+    let metas = am.get_changes_meta(&[]);
+    let others = |m: &&automerge::ChangeMetadata<'_>| m.hash != root;
+    if let Some(author) = only_by
+        && metas
+            .iter()
+            .filter(others)
+            .any(|m| m.actor.as_ref() != author)
+    {
+        return None;
+    }
+    let hashes: Vec<ChangeHash> = metas.iter().filter(others).map(|m| m.hash).collect();
     state.peer_read_only = true;
     let msg = am.generate_sync_message(state);
     state.peer_read_only = false;

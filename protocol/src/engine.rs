@@ -777,10 +777,12 @@ impl<P: Ord + Clone> Engine<P> {
                     >= self.peer_window(peer)
             });
         let over_budget = windowed && self.in_flight_bytes >= self.node_bytes;
-        // Only the documents peers take whole from this node (see
-        // `DocumentsFrom`): those it writes, and any from the centre.
-        let takes_documents = self.peers.get(peer).is_some_and(|p| p.takes_documents)
-            && (self.writes(doc) || self.writes(&DocId::City));
+        let takes_documents = self.peers.get(peer).is_some_and(|p| p.takes_documents);
+        // Peers take whole documents only from the centre and from a
+        // document's writers (see `DocumentsFrom`). A quarter that has no
+        // roster yet does not know it writes its own document: it sends
+        // one whole only if every change in it is its own.
+        let only_by = (!self.writes(&DocId::City) && !self.writes(doc)).then_some(&self.actor);
         let Some(session) = Self::session(&mut self.peers, &mut self.next_epoch, peer, doc, now)
         else {
             return;
@@ -800,7 +802,7 @@ impl<P: Ord + Clone> Engine<P> {
         session.dirty = false;
         let saved = &mut self.saved;
         let whole = if takes_documents {
-            change_cache::document_message(am, &mut session.state, |am| {
+            change_cache::document_message(am, &mut session.state, only_by, |am| {
                 saved_document(saved, doc, am)
             })
         } else {
