@@ -3360,6 +3360,61 @@ mod tests {
         assert_eq!(schema::concern_count(&loaded), 40);
     }
 
+    /// A quarter that has no roster yet does not know it writes its own
+    /// document: it still sends it whole when every change in it is its
+    /// own, and a document holding someone else's change as changes.
+    #[test]
+    fn a_quarter_without_the_roster_sends_its_own_document_whole() {
+        let q = [slug("a")];
+        let doc = DocId::quarter(&q[0]);
+        let mut centre = engine(0, &q, &[1]);
+        let mut quarter = Engine::new(signer(1), Writers::new([signer(0).actor()]), q.clone());
+        for i in 0..40 {
+            quarter
+                .change(&doc, 0, |tx| {
+                    schema::put_concern(tx, &concern(format!("c{i}")))
+                })
+                .expect("local write");
+        }
+        let whole_to_centre = |quarter: &mut Engine<usize>, centre: &mut Engine<usize>| {
+            // The centre's opening message: it holds only the genesis.
+            let opening = centre
+                .peer_up(1, vec![], 0)
+                .sends
+                .into_iter()
+                .find(|o| o.doc == doc)
+                .expect("the centre opens the session");
+            // The quarter's own opening messages are acknowledged.
+            for out in quarter.peer_up(0, vec![], 0).sends {
+                quarter.delivered(&0, &out.doc, out.epoch, 0);
+            }
+            quarter.peer_takes_documents(&0);
+            let fx = quarter
+                .receive(&0, &doc, &opening.data, &opening.sigs, 0)
+                .expect("the opening");
+            fx.sends
+                .into_iter()
+                .filter(|o| o.doc == doc)
+                .map(|o| {
+                    sync::Message::decode(&o.data)
+                        .is_ok_and(|m| m.changes.iter().any(chunks::is_document))
+                })
+                .collect::<Vec<bool>>()
+        };
+        assert_eq!(whole_to_centre(&mut quarter, &mut centre), vec![true]);
+        // With a change by someone else in it, the document goes as changes.
+        let (other, sig) = forge(&doc, signer(4).actor(), &signer(4), "other");
+        quarter.sigs.insert(other.hash(), sig);
+        quarter
+            .docs
+            .get_mut(&doc)
+            .expect("doc")
+            .apply_changes([other])
+            .expect("apply");
+        let mut centre = engine(0, &q, &[1]);
+        assert_eq!(whole_to_centre(&mut quarter, &mut centre), vec![false]);
+    }
+
     /// A whole document lacking a change this node holds is merged in.
     #[test]
     fn a_whole_document_lacking_a_change_held_is_merged_in() {
