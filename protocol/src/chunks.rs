@@ -20,6 +20,16 @@ pub const MAX_INFLATED_CHANGE: u64 = 8 * 1024 * 1024;
 /// Most changes one message may carry.
 pub const MAX_CHANGES_PER_MESSAGE: usize = 200_000;
 
+/// Most values the columns of one message's changes, or of one whole
+/// document, may declare: about the most operations it may hold. Columns
+/// are run-length encoded, so a change of 70 bytes can declare ten million
+/// operations; automerge reads every one (1.2 s) and applies them (11 s,
+/// about 390 bytes of memory each at the peak), and a count near 2^63 would
+/// keep it busy for good. iq's concerns take 21 bytes per operation as
+/// changes and 16 as a whole document, so a message within
+/// `wire::MAX_REQUEST_BYTES` (32 MiB) declares about half as many.
+pub const MAX_DECLARED_VALUES: u64 = 4_000_000;
+
 /// Why the chunks of a message were refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChunkError {
@@ -49,6 +59,13 @@ pub enum ChunkError {
     Document(&'static str),
     #[error("whole document has compressed columns (only uncompressed ones are accepted)")]
     CompressedColumns,
+    #[error("chunk is malformed: {0}")]
+    Malformed(&'static str),
+    #[error(
+        "columns declare more than {MAX_DECLARED_VALUES} values in one message (run-length \
+         encoding declaring far more operations than the bytes hold)"
+    )]
+    TooManyValues,
 }
 
 /// Most hash probes a peer's bloom filter may ask for (automerge uses 7).
@@ -109,6 +126,176 @@ fn uleb128(input: &[u8]) -> Result<(u64, usize), ChunkError> {
     Err(ChunkError::Truncated)
 }
 
+fn sleb128(input: &[u8]) -> Result<(i64, usize), ChunkError> {
+    let mut value: i64 = 0;
+    for (i, byte) in input.iter().enumerate().take(10) {
+        let part = i64::from(byte & 0x7f);
+        if i == 9 && !matches!(part, 0 | 0x7f) {
+            return Err(ChunkError::BadLength);
+        }
+        value |= part << (7 * i);
+        if byte & 0x80 == 0 {
+            let bits = 7 * (i + 1);
+            if bits < 64 && byte & 0x40 != 0 {
+                value |= -1i64 << bits;
+            }
+            return Ok((value, i + 1));
+        }
+    }
+    Err(ChunkError::Truncated)
+}
+
+/// Column types, the low three bits of a column's specification
+/// (automerge's binary format).
+const COLUMN_GROUP: u64 = 0;
+const COLUMN_ACTOR: u64 = 1;
+const COLUMN_INTEGER: u64 = 2;
+const COLUMN_DELTA: u64 = 3;
+const COLUMN_BOOLEAN: u64 = 4;
+const COLUMN_STRING: u64 = 5;
+const COLUMN_VALUE_METADATA: u64 = 6;
+
+/// Takes one ULEB128 number off the front of `data`.
+fn take_uleb(data: &mut &[u8], what: &'static str) -> Result<u64, ChunkError> {
+    let (v, used) = uleb128(data).map_err(|_| ChunkError::Malformed(what))?;
+    *data = &data[used..];
+    Ok(v)
+}
+
+/// Takes one signed LEB128 number off the front of `data`.
+fn take_sleb(data: &mut &[u8], what: &'static str) -> Result<i64, ChunkError> {
+    let (v, used) = sleb128(data).map_err(|_| ChunkError::Malformed(what))?;
+    *data = &data[used..];
+    Ok(v)
+}
+
+/// Takes `n` bytes off the front of `data`.
+fn take_bytes<'a>(data: &mut &'a [u8], n: u64, what: &'static str) -> Result<&'a [u8], ChunkError> {
+    let n = usize::try_from(n)
+        .ok()
+        .filter(|n| *n <= data.len())
+        .ok_or(ChunkError::Malformed(what))?;
+    let (taken, rest) = data.split_at(n);
+    *data = rest;
+    Ok(taken)
+}
+
+/// How many values one uncompressed column declares, counted as automerge
+/// will read them, stopping once past `limit`. Boolean columns alternate
+/// counts of false and true; raw value columns declare none (their bytes
+/// are read as the metadata column says, within the column); every other
+/// column is run-length encoded: a positive count and one value repeated,
+/// a negative count and that many literal values, or a zero and a count of
+/// nulls. A column automerge could not read to its end is refused.
+fn column_values(spec: u64, mut data: &[u8], limit: u64) -> Result<u64, ChunkError> {
+    let kind = spec & 0b111;
+    let skip_value = |data: &mut &[u8]| -> Result<(), ChunkError> {
+        match kind {
+            COLUMN_DELTA => {
+                take_sleb(data, "truncated number in a column")?;
+            }
+            COLUMN_STRING => {
+                let len = take_uleb(data, "truncated string in a column")?;
+                take_bytes(data, len, "string longer than its column")?;
+            }
+            _ => {
+                take_uleb(data, "truncated number in a column")?;
+            }
+        }
+        Ok(())
+    };
+    let mut total: u64 = 0;
+    match kind {
+        COLUMN_BOOLEAN => {
+            while !data.is_empty() && total <= limit {
+                total = total
+                    .saturating_add(take_uleb(&mut data, "truncated count in a boolean column")?);
+            }
+        }
+        COLUMN_GROUP
+        | COLUMN_ACTOR
+        | COLUMN_INTEGER
+        | COLUMN_DELTA
+        | COLUMN_STRING
+        | COLUMN_VALUE_METADATA => {
+            while !data.is_empty() && total <= limit {
+                let count = take_sleb(&mut data, "truncated run length")?;
+                if count > 0 {
+                    total = total.saturating_add(count.unsigned_abs());
+                    skip_value(&mut data)?;
+                } else if count < 0 {
+                    // Each literal takes at least a byte: bounded by the column.
+                    for _ in 0..count.unsigned_abs() {
+                        skip_value(&mut data)?;
+                        total += 1;
+                    }
+                } else {
+                    total = total.saturating_add(take_uleb(&mut data, "truncated null run")?);
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(total)
+}
+
+/// The most values any one of `columns` (specification, length), laid out
+/// one after the other at the start of `data`, declares, stopping once past
+/// `limit`.
+fn declared_values(columns: &[(u64, u64)], mut data: &[u8], limit: u64) -> Result<u64, ChunkError> {
+    let mut most = 0;
+    for &(spec, len) in columns {
+        let column = take_bytes(&mut data, len, "column longer than the bytes that hold it")?;
+        most = most.max(column_values(spec, column, limit)?);
+    }
+    Ok(most)
+}
+
+/// Reads a list of column specifications and lengths: a count, then each
+/// pair.
+fn column_list(data: &mut &[u8]) -> Result<Vec<(u64, u64)>, ChunkError> {
+    let what = "truncated column list";
+    let count = take_uleb(data, what)?;
+    let mut columns = Vec::new();
+    for _ in 0..count {
+        // Each pair takes at least two bytes: bounded by the chunk.
+        let spec = take_uleb(data, what)?;
+        let len = take_uleb(data, what)?;
+        columns.push((spec, len));
+    }
+    Ok(columns)
+}
+
+/// Charges the values the op columns of one change declare to
+/// `values_left`; `data` is the change after its chunk header (inflated if
+/// it came compressed): dependencies, actor, sequence number, first
+/// operation, time, message, other actors, then the columns.
+fn charge_change(mut data: &[u8], values_left: &mut u64) -> Result<(), ChunkError> {
+    let what = "truncated change header";
+    let data = &mut data;
+    let deps = take_uleb(data, what)?;
+    take_bytes(data, deps.saturating_mul(32), what)?;
+    let actor = take_uleb(data, what)?;
+    take_bytes(data, actor, what)?;
+    take_uleb(data, what)?;
+    take_uleb(data, what)?;
+    take_sleb(data, what)?;
+    let message = take_uleb(data, what)?;
+    take_bytes(data, message, what)?;
+    let others = take_uleb(data, what)?;
+    for _ in 0..others {
+        // Each takes at least a byte: bounded by the change.
+        let len = take_uleb(data, what)?;
+        take_bytes(data, len, what)?;
+    }
+    let columns = column_list(data)?;
+    let declared = declared_values(&columns, data, *values_left)?;
+    *values_left = values_left
+        .checked_sub(declared)
+        .ok_or(ChunkError::TooManyValues)?;
+    Ok(())
+}
+
 /// Splits `input` into the chunks it concatenates.
 fn split(mut input: &[u8]) -> Result<Vec<RawChunk<'_>>, ChunkError> {
     let mut out = Vec::new();
@@ -141,12 +328,22 @@ fn split(mut input: &[u8]) -> Result<Vec<RawChunk<'_>>, ChunkError> {
 /// change chunks or compressed change chunks. Whole documents (chunk type 0)
 /// are refused: automerge would inflate their compressed columns without a
 /// bound, and iq nodes never send them (they advertise no v2 capability).
-pub fn changes_in(element: &[u8], out: &mut Vec<Change>) -> Result<(), ChunkError> {
+/// The values each change's columns declare are charged to `values_left`
+/// (start it at [`MAX_DECLARED_VALUES`] for each message) before automerge
+/// reads them.
+pub fn changes_in(
+    element: &[u8],
+    out: &mut Vec<Change>,
+    values_left: &mut u64,
+) -> Result<(), ChunkError> {
     for chunk in split(element)? {
         match chunk.kind {
-            1 => out.push(
-                Change::try_from(chunk.bytes).map_err(|e| ChunkError::Change(e.to_string()))?,
-            ),
+            1 => {
+                charge_change(chunk.data, values_left)?;
+                out.push(
+                    Change::try_from(chunk.bytes).map_err(|e| ChunkError::Change(e.to_string()))?,
+                );
+            }
             2 => {
                 // Inflate with a bound first: automerge would inflate without one.
                 let mut sink = Vec::new();
@@ -158,6 +355,7 @@ pub fn changes_in(element: &[u8], out: &mut Vec<Change>) -> Result<(), ChunkErro
                 if sink.len() as u64 > MAX_INFLATED_CHANGE {
                     return Err(ChunkError::InflatesTooMuch);
                 }
+                charge_change(&sink, values_left)?;
                 out.push(
                     Change::try_from(chunk.bytes).map_err(|e| ChunkError::Change(e.to_string()))?,
                 );
@@ -212,10 +410,12 @@ pub fn count(bytes: &[u8]) -> usize {
 /// Checks that `element` is one whole-document chunk (chunk type 0, what
 /// `Automerge::save_nocompress` writes) whose header automerge can read
 /// with bounded work, before automerge loads it: every count in its header
-/// fits the bytes that follow, and no column is compressed. automerge
-/// inflates compressed columns without a bound; uncompressed, a document
-/// takes no more memory to read than the bytes it came in (the transport
-/// bounds those, inflated: `wire::MAX_REQUEST_BYTES`).
+/// fits the bytes that follow, no column is compressed, and no column
+/// declares more than [`MAX_DECLARED_VALUES`] values. automerge inflates
+/// compressed columns without a bound; uncompressed, a document's columns
+/// take no more bytes than it came in (the transport bounds those,
+/// inflated: `wire::MAX_REQUEST_BYTES`), but their runs may declare far
+/// more values than that.
 ///
 /// Layout after the chunk header: actors (a count, then each a length and
 /// its bytes), heads (a count, then 32 bytes each), then the change
@@ -254,22 +454,14 @@ pub fn check_document(element: &[u8]) -> Result<(), ChunkError> {
         .filter(|n| *n <= rest.len())
         .ok_or(ChunkError::Document("more heads than bytes"))?;
     rest = &rest[head_bytes..];
-    let mut column_bytes: u64 = 0;
-    for _ in 0..2 {
-        let columns = next(&mut rest)?;
-        if columns > rest.len() as u64 / 2 {
-            return Err(ChunkError::Document("more columns than bytes"));
-        }
-        for _ in 0..columns {
-            let spec = next(&mut rest)?;
-            if spec & 0b1000 != 0 {
-                return Err(ChunkError::CompressedColumns);
-            }
-            column_bytes = column_bytes.saturating_add(next(&mut rest)?);
-        }
+    let mut columns = column_list(&mut rest)?;
+    columns.extend(column_list(&mut rest)?);
+    if columns.iter().any(|(spec, _)| spec & 0b1000 != 0) {
+        return Err(ChunkError::CompressedColumns);
     }
-    if column_bytes > rest.len() as u64 {
-        return Err(ChunkError::Document("columns longer than the document"));
+    // The change columns' data, then the operation columns'.
+    if declared_values(&columns, rest, MAX_DECLARED_VALUES)? > MAX_DECLARED_VALUES {
+        return Err(ChunkError::TooManyValues);
     }
     Ok(())
 }
@@ -280,11 +472,97 @@ pub fn is_document(bytes: &[u8]) -> bool {
     bytes.len() > 8 && bytes[..4] == MAGIC && bytes[8] == 0
 }
 
+/// Hand-built chunks for tests and the attack tool (`iq-attack`), which
+/// send what no automerge writes.
+#[doc(hidden)]
+pub mod forge {
+    use sha2::{Digest, Sha256};
+
+    pub fn uleb(mut v: u64, out: &mut Vec<u8>) {
+        loop {
+            let byte = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+
+    pub fn sleb(mut v: i64, out: &mut Vec<u8>) {
+        loop {
+            let byte = (v & 0x7f) as u8;
+            v >>= 7;
+            if (v == 0 && byte & 0x40 == 0) || (v == -1 && byte & 0x40 != 0) {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+
+    /// A change chunk by `actor` (sequence number 1, no dependencies)
+    /// whose columns are single runs of `n` values each: `n` times "set
+    /// key k of the root to null". `key` is the key column's run length,
+    /// for columns that disagree.
+    pub fn run_length_change(actor: &[u8], n: i64, key: i64) -> Vec<u8> {
+        let run = |count: i64, value: &[u8]| {
+            let mut column = Vec::new();
+            sleb(count, &mut column);
+            column.extend_from_slice(value);
+            column
+        };
+        let mut insert = Vec::new();
+        uleb(n.unsigned_abs(), &mut insert);
+        let columns: [(u64, Vec<u8>); 5] = [
+            (0x15, run(key, &[1, b'k'])), // key strings
+            (0x34, insert),               // insert flags, all false
+            (0x42, run(n, &[1])),         // actions: set
+            (0x56, run(n, &[0])),         // value metadata: null
+            (0x70, run(n, &[0])),         // predecessor counts: none
+        ];
+        let mut body = Vec::new();
+        uleb(0, &mut body); // dependencies
+        uleb(actor.len() as u64, &mut body);
+        body.extend_from_slice(actor);
+        uleb(1, &mut body); // sequence number
+        uleb(1, &mut body); // first operation
+        sleb(0, &mut body); // time
+        uleb(0, &mut body); // message
+        uleb(0, &mut body); // other actors
+        uleb(columns.len() as u64, &mut body);
+        for (spec, data) in &columns {
+            uleb(*spec, &mut body);
+            uleb(data.len() as u64, &mut body);
+        }
+        for (_, data) in &columns {
+            body.extend_from_slice(data);
+        }
+        let mut hashed = vec![1];
+        uleb(body.len() as u64, &mut hashed);
+        hashed.extend_from_slice(&body);
+        let mut chunk = super::MAGIC.to_vec();
+        chunk.extend_from_slice(&Sha256::digest(&hashed)[..4]);
+        chunk.extend_from_slice(&hashed);
+        chunk
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use automerge::transaction::Transactable;
     use automerge::{Automerge, ROOT};
+    use forge::{sleb, uleb};
+
+    fn run_length_change(n: i64, key: i64) -> Vec<u8> {
+        forge::run_length_change(&[7; 16], n, key)
+    }
+
+    fn all_values() -> u64 {
+        MAX_DECLARED_VALUES
+    }
 
     fn doc_with_changes(n: usize) -> Automerge {
         let mut doc = Automerge::new();
@@ -323,11 +601,11 @@ mod tests {
         let changes = doc.get_changes(&[]);
         let mut bytes = changes[1].raw_bytes().to_vec();
         let mut out = Vec::new();
-        changes_in(&bytes, &mut out).expect("the change as built");
+        changes_in(&bytes, &mut out, &mut all_values()).expect("the change as built");
         bytes[5] ^= 0x01;
         let mut out = Vec::new();
         assert_eq!(
-            changes_in(&bytes, &mut out),
+            changes_in(&bytes, &mut out, &mut all_values()),
             Err(ChunkError::BadChecksum(changes[1].hash()))
         );
         // What automerge's loader does with it, as the store's next start would.
@@ -347,14 +625,14 @@ mod tests {
             concatenated.extend_from_slice(c.raw_bytes());
         }
         let mut out = Vec::new();
-        changes_in(&concatenated, &mut out).expect("changes");
+        changes_in(&concatenated, &mut out, &mut all_values()).expect("changes");
         assert_eq!(
             out.iter().map(|c| c.hash()).collect::<Vec<_>>(),
             changes.iter().map(|c| c.hash()).collect::<Vec<_>>()
         );
         let mut out = Vec::new();
         assert_eq!(
-            changes_in(&doc.save(), &mut out),
+            changes_in(&doc.save(), &mut out, &mut all_values()),
             Err(ChunkError::UnexpectedType(0))
         );
         assert_eq!(count(&concatenated), 3);
@@ -386,19 +664,22 @@ mod tests {
     fn garbage_is_refused_without_reaching_automerge() {
         let mut out = Vec::new();
         assert_eq!(
-            changes_in(b"\x00\x01", &mut out),
+            changes_in(b"\x00\x01", &mut out, &mut all_values()),
             Err(ChunkError::Truncated)
         );
-        assert_eq!(changes_in(&[0u8; 16], &mut out), Err(ChunkError::BadMagic));
+        assert_eq!(
+            changes_in(&[0u8; 16], &mut out, &mut all_values()),
+            Err(ChunkError::BadMagic)
+        );
         let mut huge_len = MAGIC.to_vec();
         huge_len.extend_from_slice(&[0, 0, 0, 0, 1]);
         huge_len.extend_from_slice(&[0xff; 9]);
         huge_len.push(0x01);
-        assert!(changes_in(&huge_len, &mut out).is_err());
+        assert!(changes_in(&huge_len, &mut out, &mut all_values()).is_err());
         let mut bundle = MAGIC.to_vec();
         bundle.extend_from_slice(&[0, 0, 0, 0, 3, 0]);
         assert_eq!(
-            changes_in(&bundle, &mut out),
+            changes_in(&bundle, &mut out, &mut all_values()),
             Err(ChunkError::UnexpectedType(3))
         );
     }
@@ -445,8 +726,147 @@ mod tests {
         );
         let mut out = Vec::new();
         assert_eq!(
-            changes_in(&chunk, &mut out),
+            changes_in(&chunk, &mut out, &mut all_values()),
             Err(ChunkError::InflatesTooMuch)
         );
+    }
+
+    /// A few bytes of run-length encoding can declare millions of
+    /// operations, which automerge would read and apply one by one.
+    #[test]
+    fn run_length_bombs_are_refused_before_automerge_reads_them() {
+        // The hand-built change is one automerge reads: three operations.
+        let three = run_length_change(3, 3);
+        let mut out = Vec::new();
+        let mut left = all_values();
+        changes_in(&three, &mut out, &mut left).expect("a well-formed change");
+        assert_eq!(out[0].len(), 3);
+        assert_eq!(left, MAX_DECLARED_VALUES - 3);
+
+        // The same 70 bytes declaring more than a message may hold.
+        let bomb = run_length_change(MAX_DECLARED_VALUES as i64 + 1, 1);
+        assert!(bomb.len() < 80, "{} bytes", bomb.len());
+        assert_eq!(
+            changes_in(&bomb, &mut Vec::new(), &mut all_values()),
+            Err(ChunkError::TooManyValues)
+        );
+        // One column is enough, and so is the largest count there is.
+        let one_column = run_length_change(1, i64::MAX);
+        assert_eq!(
+            changes_in(&one_column, &mut Vec::new(), &mut all_values()),
+            Err(ChunkError::TooManyValues)
+        );
+        // Within the bound one change at a time, beyond it in one message.
+        let six = run_length_change(6, 6);
+        let mut left = 10;
+        let mut out = Vec::new();
+        changes_in(&six, &mut out, &mut left).expect("the first six");
+        assert_eq!(left, 4);
+        assert_eq!(
+            changes_in(&six, &mut out, &mut left),
+            Err(ChunkError::TooManyValues)
+        );
+    }
+
+    /// Null runs and boolean counts declare values too; a literal run
+    /// claiming more values than its column holds is malformed.
+    #[test]
+    fn every_kind_of_run_is_counted() {
+        let mut nulls = Vec::new();
+        sleb(0, &mut nulls);
+        uleb(u64::MAX, &mut nulls);
+        assert!(column_values(0x56, &nulls, 10).expect("counted") > 10);
+        let mut flags = Vec::new();
+        uleb(5, &mut flags);
+        uleb(7, &mut flags);
+        assert_eq!(column_values(0x34, &flags, 100), Ok(12));
+        let mut literals = Vec::new();
+        sleb(-3, &mut literals);
+        for s in ["a", "bc", "def"] {
+            uleb(s.len() as u64, &mut literals);
+            literals.extend_from_slice(s.as_bytes());
+        }
+        assert_eq!(column_values(0x15, &literals, 100), Ok(3));
+        let mut claims = Vec::new();
+        sleb(i64::MIN, &mut claims);
+        claims.push(1);
+        assert!(matches!(
+            column_values(0x42, &claims, u64::MAX),
+            Err(ChunkError::Malformed(_))
+        ));
+        // Raw value bytes declare nothing.
+        assert_eq!(column_values(0x57, &[0xff; 16], 10), Ok(0));
+    }
+
+    /// automerge's own changes and documents of every kind of object pass
+    /// the count, and each change is charged at least its operations.
+    #[test]
+    fn automerges_own_changes_and_documents_pass_the_count() {
+        use automerge::{ObjType, ScalarValue};
+        let mut doc = Automerge::new();
+        let mut tx = doc.transaction();
+        let list = tx.put_object(ROOT, "list", ObjType::List).expect("list");
+        let text = tx.put_object(ROOT, "text", ObjType::Text).expect("text");
+        let map = tx.put_object(ROOT, "map", ObjType::Map).expect("map");
+        tx.commit();
+        for i in 0..200i64 {
+            let mut tx = doc.transaction();
+            tx.insert(&list, 0, i).expect("insert");
+            tx.splice_text(&text, 0, 0, "Bürgerbeteiligung ")
+                .expect("text");
+            tx.put(&map, format!("k{}", i % 7), format!("v{i}"))
+                .expect("put");
+            tx.put(&map, "n", ScalarValue::counter(i)).expect("counter");
+            tx.put(&map, "f", 0.5 * i as f64).expect("float");
+            tx.put(&map, "b", i % 2 == 0).expect("bool");
+            tx.put(&map, "null", ScalarValue::Null).expect("null");
+            if i % 3 == 0 {
+                tx.delete(&list, 0).expect("delete");
+                tx.splice_text(&text, 2, 4, "").expect("delete text");
+                tx.increment(&map, "n", 1).expect("increment");
+            }
+            tx.commit();
+        }
+        let mut charged = 0;
+        for mut change in doc.get_changes(&[]) {
+            let mut left = all_values();
+            changes_in(change.raw_bytes(), &mut Vec::new(), &mut left)
+                .expect("automerge's own change");
+            assert!(MAX_DECLARED_VALUES - left >= change.len() as u64);
+            charged += MAX_DECLARED_VALUES - left;
+            // As automerge sends a large change: compressed.
+            let mut compressed_left = all_values();
+            changes_in(
+                change.bytes().as_ref(),
+                &mut Vec::new(),
+                &mut compressed_left,
+            )
+            .expect("compressed");
+            assert_eq!(compressed_left, left);
+        }
+        assert!(charged >= 201);
+        assert_eq!(check_document(&doc.save_nocompress()), Ok(()));
+    }
+
+    #[test]
+    fn a_document_whose_columns_declare_too_many_values_is_refused() {
+        let mut body = Vec::new();
+        uleb(1, &mut body); // actors
+        uleb(16, &mut body);
+        body.extend_from_slice(&[7; 16]);
+        uleb(0, &mut body); // heads
+        uleb(0, &mut body); // change columns
+        uleb(1, &mut body); // operation columns: the actions alone
+        let mut actions = Vec::new();
+        sleb(i64::MAX, &mut actions);
+        uleb(1, &mut actions);
+        uleb(0x42, &mut body);
+        uleb(actions.len() as u64, &mut body);
+        body.extend_from_slice(&actions);
+        let mut chunk = MAGIC.to_vec();
+        chunk.extend_from_slice(&[0, 0, 0, 0, 0]);
+        uleb(body.len() as u64, &mut chunk);
+        chunk.extend_from_slice(&body);
+        assert_eq!(check_document(&chunk), Err(ChunkError::TooManyValues));
     }
 }

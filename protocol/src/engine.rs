@@ -1092,8 +1092,9 @@ impl<P: Ord + Clone> Engine<P> {
                 Incoming::Document(Box::new(loaded))
             } else {
                 let mut carried = Vec::new();
+                let mut values_left = chunks::MAX_DECLARED_VALUES;
                 for element in msg.changes.iter() {
-                    chunks::changes_in(element, &mut carried)?;
+                    chunks::changes_in(element, &mut carried, &mut values_left)?;
                 }
                 Incoming::Changes(carried)
             };
@@ -1754,8 +1755,9 @@ mod tests {
         // keeps automerge's result.
         fn receive_both(doc: &mut Automerge, state: &mut sync::State, msg: sync::Message) {
             let mut carried = Vec::new();
+            let mut values_left = chunks::MAX_DECLARED_VALUES;
             for element in msg.changes.iter() {
-                chunks::changes_in(element, &mut carried).expect("parse");
+                chunks::changes_in(element, &mut carried, &mut values_left).expect("parse");
             }
             let lacking: Vec<automerge::Change> = carried
                 .into_iter()

@@ -125,7 +125,7 @@ fn insiders_cannot_forge_and_hostile_messages_cannot_take_the_centre_down() -> R
     c.quarter("prohlis").kill();
     let insider = &c.quarters[1];
     let rss_before = c.center.rss_kib().ok_or("no RSS for the centre")?;
-    let cases: [(&str, Vec<&str>, &str); 10] = [
+    let cases: [(&str, Vec<&str>, &str); 11] = [
         ("forge-city", vec![], "not a writer of city"),
         (
             "forge-quarter",
@@ -146,6 +146,11 @@ fn insiders_cannot_forge_and_hostile_messages_cannot_take_the_centre_down() -> R
             "compressed-doc",
             vec!["--doc", "quarter/prohlis"],
             "compressed columns",
+        ),
+        (
+            "run-length-bomb",
+            vec!["--doc", "quarter/prohlis"],
+            "declare more than",
         ),
         (
             "garbage",

@@ -7,6 +7,8 @@
 //! actor), `forge-whole-doc` (a forged change in a whole document of a
 //! quarter the sender does not write),
 //! `compressed-doc` (the sender's own document with compressed columns),
+//! `run-length-bomb` (a change of the sender's, signed, whose 70 bytes of
+//! run-length encoding declare 2^63-1 operations),
 //! `garbage`, `bloom`, `bomb`, `oversized` (40 MiB
 //! that do not deflate), `deflated-oversized` (40 MiB that the codec deflates
 //! to under a quarter on `/iq/sync/2`, so it travels deflated and inflates
@@ -197,6 +199,28 @@ fn requests(args: &Args, identity: &Identity) -> Result<Vec<Outgoing>, String> {
                 doc,
                 message(am.get_heads(), vec![am.save()], sync::MessageVersion::V2),
                 vec![sig],
+            ));
+        }
+        "run-length-bomb" => {
+            // automerge would read the operations one by one, for good.
+            let change = iq_protocol::chunks::forge::run_length_change(
+                signer.actor().to_bytes(),
+                i64::MAX,
+                i64::MAX,
+            );
+            let mut hashes = Vec::new();
+            iq_protocol::chunks::hashes_in(&change, &mut hashes).map_err(|e| e.to_string())?;
+            let sigs = hashes
+                .iter()
+                .map(|h| SignedHash {
+                    hash: h.0.to_vec(),
+                    sig: signer.sign(h),
+                })
+                .collect();
+            out.push((
+                doc,
+                message(hashes, vec![change], sync::MessageVersion::V1),
+                sigs,
             ));
         }
         "garbage" => out.push((doc, vec![0x42; 4096], vec![])),
