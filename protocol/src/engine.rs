@@ -903,21 +903,15 @@ impl<P: Ord + Clone> Engine<P> {
                 .collect(),
             Incoming::Document(_) => Vec::new(),
         };
-        // A whole document that holds everything this node held replaces
-        // its copy, and is stored as it came (see `receive_parsed`).
-        let replacing = match &incoming {
-            Incoming::Document(loaded) => before
-                .iter()
-                .all(|h| loaded.get_change_meta_by_hash(h).is_some())
-                .then(|| msg.changes.iter().next().map(<[u8]>::to_vec))
-                .flatten(),
-            Incoming::Changes(_) => None,
-        };
         let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             receive_parsed(am, &mut session.state, msg, incoming)
         }));
+        let mut replacing = None;
         let failure = match applied {
-            Ok(Ok(())) => None,
+            Ok(Ok(replaced)) => {
+                replacing = replaced;
+                None
+            }
             // automerge may have applied part of the message before it
             // failed; what it applied is not on disk, so the document is
             // reloaded from the store, exactly as after a panic.
@@ -1501,16 +1495,19 @@ pub fn load_chunks<'a>(
 ///
 /// A whole document ([`Incoming::Document`]) that holds every change this
 /// node holds replaces the node's copy (loading it whole is several times
-/// faster than applying its changes one by one, see `docs/benchmarks.md`);
-/// otherwise it is merged in.
+/// faster than applying its changes one by one, see `docs/benchmarks.md`),
+/// unless automerge holds changes queued for their dependencies: replacing
+/// would drop them, and the peers that sent them count them as sent.
+/// Otherwise it is merged in. Returns the document as it came when it
+/// replaced the copy, to be stored so.
 fn receive_parsed(
     am: &mut Automerge,
     state: &mut sync::State,
     mut msg: sync::Message,
     incoming: Incoming,
-) -> Result<(), automerge::AutomergeError> {
+) -> Result<Option<Vec<u8>>, automerge::AutomergeError> {
     if state.read_only {
-        return am.receive_sync_message(state, msg);
+        return am.receive_sync_message(state, msg).map(|()| None);
     }
     if msg.changes.is_empty() {
         // automerge takes a peer's heads equal to this node's as if it had
@@ -1525,17 +1522,20 @@ fn receive_parsed(
         if keeps_last_sent {
             state.last_sent_heads = last_sent;
         }
-        return Ok(());
+        return Ok(None);
     }
     state.in_flight = false;
     let before = am.get_heads();
+    let mut replaced = None;
     match incoming {
         Incoming::Changes(changes) => am.apply_changes(changes)?,
         Incoming::Document(mut loaded) => {
-            if before
-                .iter()
-                .all(|h| loaded.get_change_meta_by_hash(h).is_some())
+            if am.get_missing_deps(&[]).is_empty()
+                && before
+                    .iter()
+                    .all(|h| loaded.get_change_meta_by_hash(h).is_some())
             {
+                replaced = msg.changes.iter().next().map(<[u8]>::to_vec);
                 loaded.set_actor(am.get_actor().clone());
                 *am = *loaded;
             } else {
@@ -1558,7 +1558,7 @@ fn receive_parsed(
     if keeps_last_sent {
         state.last_sent_heads = last_sent;
     }
-    Ok(())
+    Ok(replaced)
 }
 
 /// `am` saved whole (uncompressed, see `chunks::check_document`), from
@@ -3457,6 +3457,41 @@ mod tests {
         // Stored as changes, since the document alone would lose the one held.
         let stored: usize = fx.changes.iter().map(|(_, c)| c.len()).sum();
         assert_eq!(stored, 40);
+    }
+
+    /// A change automerge holds queued for its dependencies survives a
+    /// whole document that brings them: the document is merged in, not
+    /// taken in place of the copy (which would drop the queue, while the
+    /// peer that sent the change counts it as sent).
+    #[test]
+    fn a_change_queued_for_its_dependencies_survives_a_whole_document() {
+        let q = [slug("a")];
+        let doc = DocId::quarter(&q[0]);
+        let writer = signer(1);
+        let changes = chain(&doc, &[&writer], 41);
+        let mut centre = engine(0, &q, &[1]);
+        let _ = centre.peer_up(1, vec![], 0);
+        centre.take_documents_from(&1, DocumentsFrom::Writer(writer.actor()));
+        let (last, sig) = &changes[40];
+        centre
+            .receive(
+                &1,
+                &doc,
+                &batch(&changes[40..]),
+                &[(last.hash(), sig.clone())],
+                0,
+            )
+            .expect("a change ahead of its dependency");
+        let held = centre.doc(&doc).expect("doc");
+        assert_eq!(held.get_missing_deps(&[]), vec![changes[39].0.hash()]);
+        let (_, fx) = receive_whole(&mut centre, &doc, &changes[..40]);
+        let held = centre.doc(&doc).expect("doc");
+        assert_eq!(held.get_heads(), vec![last.hash()]);
+        assert!(held.get_missing_deps(&[]).is_empty());
+        assert_eq!(schema::concern_count(held), 41);
+        // Stored as changes: all 41, the queued one included.
+        let stored: usize = fx.changes.iter().map(|(_, c)| c.len()).sum();
+        assert_eq!(stored, 41);
     }
 
     /// The owner's document reaches the centre whole, and a quarter that
