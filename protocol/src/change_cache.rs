@@ -23,6 +23,21 @@ use automerge::{ActorId, Automerge, ChangeHash};
 /// Bytes of changes kept at most; the oldest go first.
 pub const CACHE_BYTES: usize = 32 << 20;
 
+/// Most bytes of changes, with their hashes and signatures (96 bytes a
+/// change), one sync message carries beyond its first change: a session
+/// sends the rest in its next messages, each after the peer's answer says
+/// what it then holds. A document's first sync may otherwise exceed the
+/// request bound (`wire::MAX_REQUEST_BYTES`, 32 MiB), and be refused every
+/// time it is sent.
+pub const MESSAGE_CHANGE_BYTES: usize = 8 << 20;
+
+/// Most bytes of a whole document with its signatures (96 bytes a change)
+/// in one message; a larger document goes as changes, a part at a time.
+pub const WHOLE_DOCUMENT_BYTES: usize = 24 << 20;
+
+/// Bytes a change's hash and signature take in a request.
+const SIGNED_HASH_BYTES: usize = 96;
+
 /// Recently received or written changes, by hash, oldest evicted first.
 #[derive(Debug)]
 pub struct ChangeCache {
@@ -89,18 +104,31 @@ impl ChangeCache {
 
 /// The next sync message of a session, like automerge's
 /// `generate_sync_message`, but with the changes it carries taken from
-/// `cache` when all of them are there. Returns the message and the hashes of
+/// `cache` when all of them are there, and no more of them than
+/// [`MESSAGE_CHANGE_BYTES`] hold. Returns the message and the hashes of
 /// the changes it carries.
 pub fn sync_message(
     am: &Automerge,
     state: &mut sync::State,
     cache: &mut ChangeCache,
 ) -> Option<(sync::Message, Vec<ChangeHash>)> {
+    sync_message_within(am, state, cache, MESSAGE_CHANGE_BYTES)
+}
+
+/// [`sync_message`], with changes beyond the first up to `max_bytes`. The
+/// changes due are in causal order, so each part the peer gets applies
+/// on what it holds; those left out are not counted as sent.
+fn sync_message_within(
+    am: &Automerge,
+    state: &mut sync::State,
+    cache: &mut ChangeCache,
+    max_bytes: usize,
+) -> Option<(sync::Message, Vec<ChangeHash>)> {
     // A peer that advertised capabilities may be sent whole documents (v2
     // messages); iq nodes advertise none (see `engine`), so this path is theirs.
     if state.their_capabilities.is_none()
-        && let Some(hashes) = hashes_to_send(am, state)
-        && let Some(bytes) = hashes
+        && let Some(mut hashes) = hashes_to_send(am, state)
+        && let Some(mut bytes) = hashes
             .iter()
             .map(|h| cache.get(h).map(<[u8]>::to_vec))
             .collect::<Option<Vec<_>>>()
@@ -116,6 +144,9 @@ pub fn sync_message(
         if read_only || hashes.is_empty() {
             return Some((msg, Vec::new()));
         }
+        let part = within(bytes.iter().map(Vec::len), max_bytes);
+        hashes.truncate(part);
+        bytes.truncate(part);
         state.sent_hashes.extend(hashes.iter().copied());
         msg.changes = bytes.into();
         cache.hits += 1;
@@ -123,7 +154,25 @@ pub fn sync_message(
     }
     // automerge's own message, its changes rebuilt from the document; they
     // are kept, as the next peer is likely to need the same.
-    let msg = am.generate_sync_message(state)?;
+    let mut msg = am.generate_sync_message(state)?;
+    let part = within(msg.changes.iter().map(<[u8]>::len), max_bytes);
+    if part < msg.changes.len() {
+        let mut kept = Vec::with_capacity(part);
+        for (i, element) in msg.changes.iter().enumerate() {
+            if i < part {
+                kept.push(element.to_vec());
+                continue;
+            }
+            // Not sent after all: automerge counted it as sent.
+            let mut left_out = Vec::new();
+            if crate::chunks::hashes_in(element, &mut left_out).is_ok() {
+                for hash in left_out {
+                    state.sent_hashes.remove(&hash);
+                }
+            }
+        }
+        msg.changes = kept.into();
+    }
     let mut hashes = Vec::new();
     for element in msg.changes.iter() {
         let mut found = Vec::new();
@@ -141,6 +190,21 @@ pub fn sync_message(
     Some((msg, hashes))
 }
 
+/// How many of the changes of the given sizes go in one message: the
+/// first, and then as many as fit within `max_bytes` with it.
+fn within(sizes: impl Iterator<Item = usize>, max_bytes: usize) -> usize {
+    let mut total = 0;
+    let mut count = 0;
+    for size in sizes {
+        total += size + SIGNED_HASH_BYTES;
+        if count > 0 && total > max_bytes {
+            break;
+        }
+        count += 1;
+    }
+    count
+}
+
 /// Fewest changes a peer must lack for a document to go to it whole: below
 /// this, the changes are about as small and as quick to apply.
 pub const DOCUMENT_MIN_CHANGES: usize = 32;
@@ -149,7 +213,9 @@ pub const DOCUMENT_MIN_CHANGES: usize = 32;
 /// saved uncompressed), when the peer holds nothing of it but its root
 /// change (the genesis every node starts from) and lacks at least
 /// [`DOCUMENT_MIN_CHANGES`], and, if `only_by` names an actor, every other
-/// change is by that actor; otherwise `None`, and the caller builds the
+/// change is by that actor, and the document with its signatures takes no
+/// more than [`WHOLE_DOCUMENT_BYTES`] and passes the receiver's check
+/// (`chunks::check_document`); otherwise `None`, and the caller builds the
 /// message of changes ([`sync_message`]). Only for peers that read whole
 /// documents (`Engine::peer_takes_documents`): the receiver loads it whole
 /// instead of applying its changes one by one. automerge builds the rest of
@@ -196,12 +262,20 @@ pub fn document_message(
         return None;
     }
     let hashes: Vec<ChangeHash> = metas.iter().filter(others).map(|m| m.hash).collect();
+    let document = document(am);
+    if document.len() + hashes.len() * SIGNED_HASH_BYTES > WHOLE_DOCUMENT_BYTES
+        || crate::chunks::check_document(&document).is_err()
+    {
+        // Too large for one message, or more values than a peer reads in
+        // one: as changes, a part at a time.
+        return None;
+    }
     state.peer_read_only = true;
     let msg = am.generate_sync_message(state);
     state.peer_read_only = false;
     let mut msg = msg?;
     state.sent_hashes.extend(hashes.iter().copied());
-    msg.changes = vec![document(am)].into();
+    msg.changes = vec![document].into();
     Some((msg, hashes))
 }
 
@@ -322,6 +396,62 @@ mod tests {
         for c in am.get_changes(&[]) {
             cache.insert(c.hash(), c.raw_bytes());
         }
+    }
+
+    /// A first sync larger than a message may be goes in parts, each
+    /// within the bound and applying on what the peer then holds, whether
+    /// the changes come from the cache or automerge rebuilds them.
+    #[test]
+    fn a_large_first_sync_goes_in_parts_within_the_bound() {
+        let big = "x".repeat(10_000);
+        for warm in [false, true] {
+            let mut a = Automerge::new();
+            a.set_actor(automerge::ActorId::from(vec![1; 16]));
+            for i in 0..50 {
+                a.transact(|tx| tx.put(ROOT, format!("k{i}"), big.as_str()).map(|_| ()))
+                    .expect("a put on a fresh map");
+            }
+            let mut b = Automerge::new();
+            let (mut cache_a, mut cache_b) = (ChangeCache::default(), ChangeCache::default());
+            if warm {
+                cache_all(&a, &mut cache_a);
+            }
+            let max = 64 * 1024;
+            let (mut sa, mut sb) = (sync::State::new(), sync::State::new());
+            let mut parts = 0;
+            for round in 0.. {
+                assert!(round < 100, "no quiescence after 100 rounds");
+                let m1 = sync_message_within(&a, &mut sa, &mut cache_a, max);
+                if let Some((m, hashes)) = &m1 {
+                    let bytes: usize = m.changes.iter().map(<[u8]>::len).sum();
+                    assert!(bytes + hashes.len() * SIGNED_HASH_BYTES <= max, "{bytes} B");
+                    parts += usize::from(!hashes.is_empty());
+                    b.receive_sync_message(&mut sb, as_sent(m))
+                        .expect("applies");
+                    // Each part applies: nothing waits for a dependency.
+                    assert!(b.get_missing_deps(&[]).is_empty());
+                }
+                let m2 = sync_message_within(&b, &mut sb, &mut cache_b, max);
+                if let Some((m, _)) = &m2 {
+                    a.receive_sync_message(&mut sa, as_sent(m))
+                        .expect("applies");
+                }
+                if m1.is_none() && m2.is_none() {
+                    break;
+                }
+            }
+            assert_eq!(b.get_heads(), a.get_heads(), "warm: {warm}");
+            // 50 changes of 10 KB, six to a message of 64 KB.
+            assert_eq!(parts, 9, "warm: {warm}");
+        }
+    }
+
+    /// A change larger than the bound still goes, alone.
+    #[test]
+    fn a_change_larger_than_a_message_goes_alone() {
+        assert_eq!(within([100_000, 10, 10].into_iter(), 64 * 1024), 1);
+        assert_eq!(within([10, 10, 100_000].into_iter(), 64 * 1024), 2);
+        assert_eq!(within(std::iter::empty(), 64 * 1024), 0);
     }
 
     #[test]
