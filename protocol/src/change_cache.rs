@@ -128,9 +128,9 @@ fn sync_message_within(
     // messages); iq nodes advertise none (see `engine`), so this path is theirs.
     if state.their_capabilities.is_none()
         && let Some(mut hashes) = hashes_to_send(am, state)
-        && let Some(mut bytes) = hashes
+        && let Some(sizes) = hashes
             .iter()
-            .map(|h| cache.get(h).map(<[u8]>::to_vec))
+            .map(|h| cache.get(h).map(<[u8]>::len))
             .collect::<Option<Vec<_>>>()
     {
         // automerge builds the rest of the message (heads, need, the bloom
@@ -144,9 +144,11 @@ fn sync_message_within(
         if read_only || hashes.is_empty() {
             return Some((msg, Vec::new()));
         }
-        let part = within(bytes.iter().map(Vec::len), max_bytes);
-        hashes.truncate(part);
-        bytes.truncate(part);
+        hashes.truncate(within(sizes.into_iter(), max_bytes));
+        let bytes: Vec<Vec<u8>> = hashes
+            .iter()
+            .filter_map(|h| cache.get(h).map(<[u8]>::to_vec))
+            .collect();
         state.sent_hashes.extend(hashes.iter().copied());
         msg.changes = bytes.into();
         cache.hits += 1;
