@@ -212,12 +212,12 @@ fn within(sizes: impl Iterator<Item = usize>, max_bytes: usize) -> usize {
 pub const DOCUMENT_MIN_CHANGES: usize = 32;
 
 /// The next sync message of a session as a whole document (`document(am)`,
-/// saved uncompressed), when the peer holds nothing of it but its root
+/// saved uncompressed; `None` if it would not pass the receiver's check,
+/// `chunks::check_document`), when the peer holds nothing of it but its root
 /// change (the genesis every node starts from) and lacks at least
 /// [`DOCUMENT_MIN_CHANGES`], and, if `only_by` names an actor, every other
 /// change is by that actor, and the document with its signatures takes no
-/// more than [`WHOLE_DOCUMENT_BYTES`] and passes the receiver's check
-/// (`chunks::check_document`); otherwise `None`, and the caller builds the
+/// more than [`WHOLE_DOCUMENT_BYTES`]; otherwise `None`, and the caller builds the
 /// message of changes ([`sync_message`]). Only for peers that read whole
 /// documents (`Engine::peer_takes_documents`): the receiver loads it whole
 /// instead of applying its changes one by one. automerge builds the rest of
@@ -228,7 +228,7 @@ pub fn document_message(
     am: &Automerge,
     state: &mut sync::State,
     only_by: Option<&ActorId>,
-    document: impl FnOnce(&Automerge) -> Vec<u8>,
+    document: impl FnOnce(&Automerge) -> Option<Vec<u8>>,
 ) -> Option<(sync::Message, Vec<ChangeHash>)> {
     if state.their_capabilities.is_some() || state.peer_read_only {
         return None;
@@ -264,12 +264,9 @@ pub fn document_message(
         return None;
     }
     let hashes: Vec<ChangeHash> = metas.iter().filter(others).map(|m| m.hash).collect();
-    let document = document(am);
-    if document.len() + hashes.len() * SIGNED_HASH_BYTES > WHOLE_DOCUMENT_BYTES
-        || crate::chunks::check_document(&document).is_err()
-    {
-        // Too large for one message, or more values than a peer reads in
-        // one: as changes, a part at a time.
+    let document = document(am)?;
+    if document.len() + hashes.len() * SIGNED_HASH_BYTES > WHOLE_DOCUMENT_BYTES {
+        // Too large for one message: as changes, a part at a time.
         return None;
     }
     state.peer_read_only = true;

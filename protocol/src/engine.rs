@@ -1562,17 +1562,22 @@ fn receive_parsed(
 }
 
 /// `am` saved whole (uncompressed, see `chunks::check_document`), from
-/// `saved` if it holds the document at its current heads.
+/// `saved` if it holds the document at its current heads; `None` if the
+/// receiver's check would refuse it.
 fn saved_document(
     saved: &mut VecDeque<(DocId, Vec<ChangeHash>, Vec<u8>)>,
     doc: &DocId,
     am: &Automerge,
-) -> Vec<u8> {
+) -> Option<Vec<u8>> {
     let heads = am.get_heads();
     if let Some((_, _, bytes)) = saved.iter().find(|(d, h, _)| d == doc && *h == heads) {
-        return bytes.clone();
+        return Some(bytes.clone());
     }
     let bytes = am.save_nocompress();
+    // What the receiver checks before it loads the document: its columns
+    // may declare more values than a message may (a long history of
+    // values that run-length encode to nothing). Checked once per save.
+    chunks::check_document(&bytes).ok()?;
     saved.retain(|(d, _, _)| d != doc);
     let mut held: usize = saved.iter().map(|(_, _, b)| b.len()).sum();
     while held + bytes.len() > SAVED_BYTES {
@@ -1584,7 +1589,7 @@ fn saved_document(
     if bytes.len() <= SAVED_BYTES {
         saved.push_back((doc.clone(), heads, bytes.clone()));
     }
-    bytes
+    Some(bytes)
 }
 
 /// What a message brings in: changes, parsed (once checked, those this
