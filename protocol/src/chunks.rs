@@ -25,10 +25,11 @@ pub const MAX_CHANGES_PER_MESSAGE: usize = 200_000;
 /// are run-length encoded, so a change of 70 bytes can declare ten million
 /// operations; automerge reads every one (1.2 s) and applies them (11 s,
 /// about 390 bytes of memory each at the peak), and a count near 2^63 would
-/// keep it busy for good. iq's concerns take 21 bytes per operation as
-/// changes and 16 as a whole document, so a message within
-/// `wire::MAX_REQUEST_BYTES` (32 MiB) declares about half as many.
-pub const MAX_DECLARED_VALUES: u64 = 4_000_000;
+/// keep it busy for good. At this bound: 0.24 s, 2.4 s and 770 MiB. iq's
+/// concerns take 21 bytes per operation as changes and 16 as a whole
+/// document, and a node sends at most 8 MiB of changes or a 24 MiB document
+/// in one message (`change_cache`): about 400,000 and 1.6 million.
+pub const MAX_DECLARED_VALUES: u64 = 2_000_000;
 
 /// Why the chunks of a message were refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
