@@ -423,6 +423,29 @@ pub fn count(bytes: &[u8]) -> usize {
 /// columns and the operation columns, each a count of (specification,
 /// length) pairs; bit 3 of a specification marks a compressed column.
 pub fn check_document(element: &[u8]) -> Result<(), ChunkError> {
+    let (_, mut rest) = document_header(element)?;
+    let mut columns = column_list(&mut rest)?;
+    columns.extend(column_list(&mut rest)?);
+    if columns.iter().any(|(spec, _)| spec & 0b1000 != 0) {
+        return Err(ChunkError::CompressedColumns);
+    }
+    // The change columns' data, then the operation columns'.
+    if declared_values(&columns, rest, MAX_DECLARED_VALUES)? > MAX_DECLARED_VALUES {
+        return Err(ChunkError::TooManyValues);
+    }
+    Ok(())
+}
+
+/// The heads a whole-document chunk (alone in `element`) names in its
+/// header, read without loading it: the changes a document stored whole
+/// must bring when it loads.
+pub fn document_heads(element: &[u8]) -> Result<Vec<ChangeHash>, ChunkError> {
+    document_header(element).map(|(heads, _)| heads)
+}
+
+/// Reads a whole-document chunk's header up to its column lists: its
+/// heads, and the bytes after them.
+fn document_header(element: &[u8]) -> Result<(Vec<ChangeHash>, &[u8]), ChunkError> {
     let chunks = split(element)?;
     let [chunk] = chunks[..] else {
         return Err(ChunkError::Document("not exactly one chunk"));
@@ -454,17 +477,16 @@ pub fn check_document(element: &[u8]) -> Result<(), ChunkError> {
         .and_then(|n| usize::try_from(n).ok())
         .filter(|n| *n <= rest.len())
         .ok_or(ChunkError::Document("more heads than bytes"))?;
-    rest = &rest[head_bytes..];
-    let mut columns = column_list(&mut rest)?;
-    columns.extend(column_list(&mut rest)?);
-    if columns.iter().any(|(spec, _)| spec & 0b1000 != 0) {
-        return Err(ChunkError::CompressedColumns);
-    }
-    // The change columns' data, then the operation columns'.
-    if declared_values(&columns, rest, MAX_DECLARED_VALUES)? > MAX_DECLARED_VALUES {
-        return Err(ChunkError::TooManyValues);
-    }
-    Ok(())
+    let (head_bytes, rest) = rest.split_at(head_bytes);
+    let heads = head_bytes
+        .chunks_exact(32)
+        .map(|h| {
+            let mut hash = [0; 32];
+            hash.copy_from_slice(h);
+            ChangeHash(hash)
+        })
+        .collect();
+    Ok((heads, rest))
 }
 
 /// Whether `bytes` start with a whole-document chunk (what
@@ -659,6 +681,29 @@ mod tests {
         for cut in 0..plain.len() {
             assert!(check_document(&plain[..cut]).is_err(), "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn a_documents_heads_are_read_from_its_header() {
+        let doc = doc_with_changes(3);
+        let mut forked = doc.fork();
+        let mut tx = forked.transaction();
+        tx.put(ROOT, "other", 1).expect("put");
+        tx.commit();
+        let mut merged = doc.clone();
+        let mut tx = merged.transaction();
+        tx.put(ROOT, "mine", 2).expect("put");
+        tx.commit();
+        merged.merge(&mut forked).expect("merge");
+        assert_eq!(merged.get_heads().len(), 2);
+        for am in [&doc, &merged] {
+            assert_eq!(document_heads(&am.save()), Ok(am.get_heads()));
+            assert_eq!(document_heads(&am.save_nocompress()), Ok(am.get_heads()));
+        }
+        assert_eq!(
+            document_heads(doc.get_changes(&[])[0].raw_bytes()),
+            Err(ChunkError::UnexpectedType(1))
+        );
     }
 
     #[test]

@@ -1428,11 +1428,17 @@ pub fn load_chunks<'a>(
     chunks: impl IntoIterator<Item = &'a [u8]>,
 ) -> Result<Automerge, LoadError> {
     let entries: Vec<&[u8]> = chunks.into_iter().collect();
-    // The hashes of the stored loose changes (read without parsing them),
-    // to check afterwards that every one loaded.
+    // The hashes of the stored loose changes, and the heads of the stored
+    // documents (read without parsing them), to check afterwards that every
+    // one loaded: a document stored whole after loose changes (one that
+    // came whole and replaced the copy) loads as the chunks after them do.
     let mut stored = Vec::new();
-    for entry in entries.iter().filter(|e| !chunks::is_document(e)) {
-        chunks::hashes_in(entry, &mut stored).map_err(LoadError::Unreadable)?;
+    for entry in &entries {
+        if chunks::is_document(entry) {
+            stored.extend(chunks::document_heads(entry).map_err(LoadError::Unreadable)?);
+        } else {
+            chunks::hashes_in(entry, &mut stored).map_err(LoadError::Unreadable)?;
+        }
     }
     // One call for all chunks: automerge does work per call that grows
     // with the document, so loading chunk by chunk is quadratic.
@@ -3609,6 +3615,52 @@ mod tests {
     /// chunk after it, with a warning only; the next compaction would then
     /// delete those changes for good. Loading a document checks that every
     /// stored change is in it, after a snapshot or without one.
+    /// A document that came whole after loose changes is stored after
+    /// them; damaged on disk, automerge's incremental load drops it without
+    /// an error: the load fails instead, by the heads its header names.
+    #[test]
+    fn a_stored_document_after_loose_changes_that_does_not_load_fails_the_load() {
+        let q = [slug("a")];
+        let doc = DocId::quarter(&q[0]);
+        let writer = signer(1);
+        let changes = chain(&doc, &[&writer], 40);
+        let mut centre = engine(0, &q, &[1]);
+        let _ = centre.peer_up(1, vec![], 0);
+        centre.take_documents_from(&1, DocumentsFrom::Writer(writer.actor()));
+        let (last, sig) = &changes[9];
+        let fx = centre
+            .receive(
+                &1,
+                &doc,
+                &batch(&changes[..10]),
+                &[(last.hash(), sig.clone())],
+                0,
+            )
+            .expect("the first ten");
+        let mut stored: Vec<Vec<u8>> = fx.changes.into_iter().map(|(_, c)| c.concat()).collect();
+        let (am, fx) = receive_whole(&mut centre, &doc, &changes);
+        stored.extend(fx.changes.into_iter().map(|(_, c)| c.concat()));
+        assert_eq!(stored.len(), 2);
+        assert!(chunks::is_document(&stored[1]));
+        let actor = centre.actor().clone();
+        let loaded = load_chunks(&doc, &actor, stored.iter().map(Vec::as_slice)).expect("load");
+        assert_eq!(loaded.get_heads(), am.get_heads());
+        // The document's checksum damaged on disk.
+        stored[1][5] ^= 0x01;
+        let mut quiet = schema::genesis(&doc);
+        quiet
+            .load_incremental(&stored.concat())
+            .expect("automerge loads without an error");
+        assert_eq!(schema::concern_count(&quiet), 10);
+        match load_chunks(&doc, &actor, stored.iter().map(Vec::as_slice)) {
+            Err(LoadError::Incomplete { missing, .. }) => assert_eq!(missing, 1),
+            other => panic!(
+                "a document that did not load went unnoticed: {:?}",
+                other.map(|am| am.get_heads())
+            ),
+        }
+    }
+
     #[test]
     fn a_stored_change_that_does_not_load_fails_the_load() {
         let q = slug("prohlis");
@@ -3664,7 +3716,8 @@ mod tests {
             Err(LoadError::Incomplete {
                 missing, stored, ..
             }) => {
-                assert_eq!((missing, stored), (1, 1));
+                // d missing, of d and the snapshot's head.
+                assert_eq!((missing, stored), (1, 2));
             }
             other => panic!("a change left queued loaded: {other:?}"),
         }
