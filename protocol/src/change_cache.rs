@@ -20,6 +20,8 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use automerge::sync::{self, SyncDoc};
 use automerge::{ActorId, Automerge, ChangeHash};
 
+use crate::chunks::{MAX_CHANGES_PER_MESSAGE, MAX_DECLARED_VALUES};
+
 /// Bytes of changes kept at most; the oldest go first.
 pub const CACHE_BYTES: usize = 32 << 20;
 
@@ -115,9 +117,12 @@ pub fn sync_message(
     sync_message_within(am, state, cache, MESSAGE_CHANGE_BYTES)
 }
 
-/// [`sync_message`], with changes beyond the first up to `max_bytes`. The
-/// changes due are in causal order, so each part the peer gets applies
-/// on what it holds; those left out are not counted as sent.
+/// [`sync_message`], with changes beyond the first up to `max_bytes` (see
+/// [`within`]). The changes due come in the order automerge sends them:
+/// those the peer named as needed first, then the rest in causal order; so
+/// a part applies on what the peer holds, but for a needed change whose
+/// own dependency is in a later part, which waits in the peer's queue until
+/// it comes. Those left out are not counted as sent.
 fn sync_message_within(
     am: &Automerge,
     state: &mut sync::State,
@@ -144,7 +149,14 @@ fn sync_message_within(
         if read_only || hashes.is_empty() {
             return Some((msg, Vec::new()));
         }
-        hashes.truncate(within(sizes.into_iter(), max_bytes));
+        let part = within(
+            hashes.iter().zip(sizes).map(|(h, size)| {
+                let values = cache.get(h).and_then(crate::chunks::values_declared);
+                (size, values)
+            }),
+            max_bytes,
+        );
+        hashes.truncate(part);
         let bytes: Vec<Vec<u8>> = hashes
             .iter()
             .filter_map(|h| cache.get(h).map(<[u8]>::to_vec))
@@ -157,7 +169,12 @@ fn sync_message_within(
     // automerge's own message, its changes rebuilt from the document; they
     // are kept, as the next peer is likely to need the same.
     let mut msg = am.generate_sync_message(state)?;
-    let part = within(msg.changes.iter().map(<[u8]>::len), max_bytes);
+    let part = within(
+        msg.changes
+            .iter()
+            .map(|c| (c.len(), crate::chunks::values_declared(c))),
+        max_bytes,
+    );
     if part < msg.changes.len() {
         let mut kept = Vec::with_capacity(part);
         for (i, element) in msg.changes.iter().enumerate() {
@@ -192,14 +209,20 @@ fn sync_message_within(
     Some((msg, hashes))
 }
 
-/// How many of the changes of the given sizes go in one message: the
-/// first, and then as many as fit within `max_bytes` with it.
-fn within(sizes: impl Iterator<Item = usize>, max_bytes: usize) -> usize {
-    let mut total = 0;
-    let mut count = 0;
-    for size in sizes {
-        total += size + SIGNED_HASH_BYTES;
-        if count > 0 && total > max_bytes {
+/// How many of the changes of the given sizes and declared values (see
+/// `chunks::values_declared`) go in one message: the first, and then as
+/// many as fit with it within `max_bytes`, [`MAX_DECLARED_VALUES`] and
+/// [`MAX_CHANGES_PER_MESSAGE`], which the receiver holds a message to.
+fn within(changes: impl Iterator<Item = (usize, Option<u64>)>, max_bytes: usize) -> usize {
+    let (mut bytes, mut values, mut count) = (0usize, 0u64, 0usize);
+    for (size, declared) in changes {
+        bytes += size + SIGNED_HASH_BYTES;
+        values = values.saturating_add(declared.unwrap_or(MAX_DECLARED_VALUES));
+        if count > 0
+            && (bytes > max_bytes
+                || values > MAX_DECLARED_VALUES
+                || count == MAX_CHANGES_PER_MESSAGE)
+        {
             break;
         }
         count += 1;
@@ -448,9 +471,26 @@ mod tests {
     /// A change larger than the bound still goes, alone.
     #[test]
     fn a_change_larger_than_a_message_goes_alone() {
-        assert_eq!(within([100_000, 10, 10].into_iter(), 64 * 1024), 1);
-        assert_eq!(within([10, 10, 100_000].into_iter(), 64 * 1024), 2);
+        let sized = |sizes: &[usize]| sizes.iter().map(|s| (*s, Some(1))).collect::<Vec<_>>();
+        assert_eq!(within(sized(&[100_000, 10, 10]).into_iter(), 64 * 1024), 1);
+        assert_eq!(within(sized(&[10, 10, 100_000]).into_iter(), 64 * 1024), 2);
         assert_eq!(within(std::iter::empty(), 64 * 1024), 0);
+        // Nor more values than a receiver takes in one message, nor more
+        // changes; one change declaring more still goes, alone.
+        let half = Some(MAX_DECLARED_VALUES / 2 + 1);
+        assert_eq!(within([(70, half), (70, half)].into_iter(), 64 * 1024), 1);
+        assert_eq!(
+            within(
+                [(70, Some(MAX_DECLARED_VALUES + 1)), (70, Some(1))].into_iter(),
+                64 * 1024
+            ),
+            1
+        );
+        let many = vec![(1, Some(1)); MAX_CHANGES_PER_MESSAGE + 1];
+        assert_eq!(
+            within(many.into_iter(), usize::MAX),
+            MAX_CHANGES_PER_MESSAGE
+        );
     }
 
     #[test]

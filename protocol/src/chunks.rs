@@ -7,28 +7,23 @@
 //! 4 checksum bytes, 1 type byte (0 document, 1 change, 2 compressed change,
 //! 3 bundle), a ULEB128 length, then that many bytes.
 
-use std::io::Read;
-
 use automerge::{Change, ChangeHash};
 use sha2::{Digest, Sha256};
 
 const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
 
-/// Largest size one compressed change may inflate to.
-pub const MAX_INFLATED_CHANGE: u64 = 8 * 1024 * 1024;
-
 /// Most changes one message may carry.
 pub const MAX_CHANGES_PER_MESSAGE: usize = 200_000;
 
 /// Most values the columns of one message's changes, or of one whole
-/// document, may declare: about the most operations it may hold. Columns
-/// are run-length encoded, so a change of 70 bytes can declare ten million
-/// operations; automerge reads every one (1.2 s) and applies them (11 s;
-/// about 390 bytes of memory each at the peak, measured at two and four
-/// million), and a count near 2^63 would keep it busy for good. At this bound: 0.24 s, 2.4 s and 770 MiB. iq's
-/// concerns take 21 bytes per operation as changes and 16 as a whole
-/// document, and a node sends at most 8 MiB of changes or a 24 MiB document
-/// in one message (`change_cache`): about 400,000 and 1.6 million.
+/// document's operations, may declare: about the most operations it may
+/// hold. Columns are run-length encoded, so a change of 70 bytes can
+/// declare ten million operations; automerge reads every one (1.2 s) and
+/// applies them (11 s; about 390 bytes of memory each at the peak, measured
+/// at two and four million), and a count near 2^63 would keep it busy for
+/// good. At this bound: 0.24 s, 2.4 s and 770 MiB. iq's concerns take 21
+/// bytes per operation as changes and 16 as a whole document; a node cuts
+/// its own messages to this bound (`change_cache`).
 pub const MAX_DECLARED_VALUES: u64 = 2_000_000;
 
 /// Why the chunks of a message were refused.
@@ -38,14 +33,15 @@ pub enum ChunkError {
     Truncated,
     #[error("chunk does not start with automerge's magic bytes")]
     BadMagic,
-    #[error("chunk type {0} is not accepted in sync messages (only changes: 1, 2)")]
+    #[error("chunk type {0} is not accepted in sync messages (only changes: 1)")]
     UnexpectedType(u8),
     #[error("chunk length is malformed")]
     BadLength,
-    #[error("compressed change inflates beyond {MAX_INFLATED_CHANGE} bytes")]
-    InflatesTooMuch,
-    #[error("compressed change does not inflate: {0}")]
-    Inflate(String),
+    #[error(
+        "compressed change chunks are not accepted (automerge's sync sends changes \
+         uncompressed; each would inflate in memory before any check)"
+    )]
+    Compressed,
     #[error("change cannot be parsed: {0}")]
     Change(String),
     #[error("change {0}'s checksum does not match its contents")]
@@ -326,9 +322,11 @@ fn split(mut input: &[u8]) -> Result<Vec<RawChunk<'_>>, ChunkError> {
 }
 
 /// The changes carried by one element of a sync message's change list:
-/// change chunks or compressed change chunks. Whole documents (chunk type 0)
-/// are refused: automerge would inflate their compressed columns without a
-/// bound, and iq nodes never send them (they advertise no v2 capability).
+/// change chunks. Compressed change chunks (type 2) are refused, and so are
+/// whole documents (chunk type 0) here: automerge would inflate compressed
+/// changes and compressed columns without a bound, and iq nodes send
+/// neither (whole documents go uncompressed, alone, see
+/// [`check_document`]).
 /// The values each change's columns declare are charged to `values_left`
 /// (start it at [`MAX_DECLARED_VALUES`] for each message) before automerge
 /// reads them.
@@ -345,22 +343,11 @@ pub fn changes_in(
                     Change::try_from(chunk.bytes).map_err(|e| ChunkError::Change(e.to_string()))?,
                 );
             }
-            2 => {
-                // Inflate with a bound first: automerge would inflate without one.
-                let mut sink = Vec::new();
-                let mut decoder =
-                    flate2::read::DeflateDecoder::new(chunk.data).take(MAX_INFLATED_CHANGE + 1);
-                decoder
-                    .read_to_end(&mut sink)
-                    .map_err(|e| ChunkError::Inflate(e.to_string()))?;
-                if sink.len() as u64 > MAX_INFLATED_CHANGE {
-                    return Err(ChunkError::InflatesTooMuch);
-                }
-                charge_change(&sink, values_left)?;
-                out.push(
-                    Change::try_from(chunk.bytes).map_err(|e| ChunkError::Change(e.to_string()))?,
-                );
-            }
+            // automerge's sync sends changes uncompressed (`raw_bytes`), and
+            // so does iq; automerge would inflate a compressed one without a
+            // bound, and keep it inflated in the change: thousands of them
+            // fit in one request.
+            2 => return Err(ChunkError::Compressed),
             other => return Err(ChunkError::UnexpectedType(other)),
         }
         // automerge's parser does not compare a change's checksum (header
@@ -411,8 +398,9 @@ pub fn count(bytes: &[u8]) -> usize {
 /// Checks that `element` is one whole-document chunk (chunk type 0, what
 /// `Automerge::save_nocompress` writes) whose header automerge can read
 /// with bounded work, before automerge loads it: every count in its header
-/// fits the bytes that follow, no column is compressed, and no column
-/// declares more than [`MAX_DECLARED_VALUES`] values. automerge inflates
+/// fits the bytes that follow, no column is compressed, no change column
+/// declares more than [`MAX_CHANGES_PER_MESSAGE`] values and no operation
+/// column more than [`MAX_DECLARED_VALUES`]. automerge inflates
 /// compressed columns without a bound; uncompressed, a document's columns
 /// take no more bytes than it came in (the transport bounds those,
 /// inflated: `wire::MAX_REQUEST_BYTES`), but their runs may declare far
@@ -424,23 +412,61 @@ pub fn count(bytes: &[u8]) -> usize {
 /// length) pairs; bit 3 of a specification marks a compressed column.
 pub fn check_document(element: &[u8]) -> Result<(), ChunkError> {
     let (_, mut rest) = document_header(element)?;
-    let mut columns = column_list(&mut rest)?;
-    columns.extend(column_list(&mut rest)?);
-    if columns.iter().any(|(spec, _)| spec & 0b1000 != 0) {
+    let change_columns = column_list(&mut rest)?;
+    let op_columns = column_list(&mut rest)?;
+    if change_columns
+        .iter()
+        .chain(&op_columns)
+        .any(|(spec, _)| spec & 0b1000 != 0)
+    {
         return Err(ChunkError::CompressedColumns);
     }
-    // The change columns' data, then the operation columns'.
-    if declared_values(&columns, rest, MAX_DECLARED_VALUES)? > MAX_DECLARED_VALUES {
+    // The change columns' data, then the operation columns'. automerge
+    // sets up a builder for every change before it reads their operations,
+    // so the changes are bounded as in a message of changes.
+    let change_bytes = change_columns
+        .iter()
+        .fold(0u64, |sum, (_, len)| sum.saturating_add(*len));
+    let changes = declared_values(&change_columns, rest, MAX_CHANGES_PER_MESSAGE as u64)?;
+    if changes > MAX_CHANGES_PER_MESSAGE as u64 {
+        return Err(ChunkError::TooManyChanges);
+    }
+    take_bytes(
+        &mut rest,
+        change_bytes,
+        "column longer than the bytes that hold it",
+    )?;
+    if declared_values(&op_columns, rest, MAX_DECLARED_VALUES)? > MAX_DECLARED_VALUES {
         return Err(ChunkError::TooManyValues);
     }
     Ok(())
 }
 
-/// The heads a whole-document chunk (alone in `element`) names in its
-/// header, read without loading it: the changes a document stored whole
-/// must bring when it loads.
+/// The values the columns of the changes in `element` declare, as
+/// [`changes_in`] charges them: for this node's own messages, so that one
+/// stays within [`MAX_DECLARED_VALUES`]. `None` if they cannot be read.
+pub fn values_declared(element: &[u8]) -> Option<u64> {
+    let mut left = u64::MAX;
+    for chunk in split(element).ok()? {
+        if chunk.kind != 1 {
+            return None;
+        }
+        charge_change(chunk.data, &mut left).ok()?;
+    }
+    Some(u64::MAX - left)
+}
+
+/// The heads the whole-document chunk at the start of `element` names in
+/// its header, read without loading it: the changes a document stored
+/// whole must bring when it loads. automerge saves changes it holds queued
+/// for missing dependencies after the document chunk; they are not among
+/// these.
 pub fn document_heads(element: &[u8]) -> Result<Vec<ChangeHash>, ChunkError> {
-    document_header(element).map(|(heads, _)| heads)
+    let first = split(element)?
+        .first()
+        .map(|chunk| chunk.bytes)
+        .ok_or(ChunkError::Truncated)?;
+    document_header(first).map(|(heads, _)| heads)
 }
 
 /// Reads a whole-document chunk's header up to its column lists: its
@@ -754,16 +780,7 @@ mod tests {
         let body = enc.finish().expect("deflate");
         let mut chunk = MAGIC.to_vec();
         chunk.extend_from_slice(&[0, 0, 0, 0, 2]);
-        let mut len = body.len();
-        loop {
-            let byte = (len & 0x7f) as u8;
-            len >>= 7;
-            if len == 0 {
-                chunk.push(byte);
-                break;
-            }
-            chunk.push(byte | 0x80);
-        }
+        forge::uleb(body.len() as u64, &mut chunk);
         chunk.extend_from_slice(&body);
         assert!(
             chunk.len() < 64 * 1024,
@@ -773,8 +790,21 @@ mod tests {
         let mut out = Vec::new();
         assert_eq!(
             changes_in(&chunk, &mut out, &mut all_values()),
-            Err(ChunkError::InflatesTooMuch)
+            Err(ChunkError::Compressed)
         );
+        // automerge's own compressed form of a large change: refused too
+        // (automerge's sync never sends it).
+        let mut doc = Automerge::new();
+        let mut tx = doc.transaction();
+        tx.put(ROOT, "long", "x".repeat(4096)).expect("put");
+        tx.commit();
+        let mut change = doc.get_changes(&[])[0].clone();
+        assert_eq!(change.bytes()[8], 2, "automerge compresses it");
+        assert_eq!(
+            changes_in(change.bytes().as_ref(), &mut out, &mut all_values()),
+            Err(ChunkError::Compressed)
+        );
+        changes_in(change.raw_bytes(), &mut out, &mut all_values()).expect("uncompressed");
     }
 
     /// A few bytes of run-length encoding can declare millions of
@@ -874,21 +904,16 @@ mod tests {
             tx.commit();
         }
         let mut charged = 0;
-        for mut change in doc.get_changes(&[]) {
+        for change in doc.get_changes(&[]) {
             let mut left = all_values();
             changes_in(change.raw_bytes(), &mut Vec::new(), &mut left)
                 .expect("automerge's own change");
             assert!(MAX_DECLARED_VALUES - left >= change.len() as u64);
+            assert_eq!(
+                values_declared(change.raw_bytes()),
+                Some(MAX_DECLARED_VALUES - left)
+            );
             charged += MAX_DECLARED_VALUES - left;
-            // As automerge sends a large change: compressed.
-            let mut compressed_left = all_values();
-            changes_in(
-                change.bytes().as_ref(),
-                &mut Vec::new(),
-                &mut compressed_left,
-            )
-            .expect("compressed");
-            assert_eq!(compressed_left, left);
         }
         assert!(charged >= 201);
         assert_eq!(check_document(&doc.save_nocompress()), Ok(()));
@@ -914,5 +939,26 @@ mod tests {
         uleb(body.len() as u64, &mut chunk);
         chunk.extend_from_slice(&body);
         assert_eq!(check_document(&chunk), Err(ChunkError::TooManyValues));
+
+        // The change columns: automerge sets up each change before it
+        // reads an operation.
+        let mut body = Vec::new();
+        uleb(1, &mut body); // actors
+        uleb(16, &mut body);
+        body.extend_from_slice(&[7; 16]);
+        uleb(0, &mut body); // heads
+        uleb(1, &mut body); // change columns: the actors alone
+        let mut actors = Vec::new();
+        sleb(MAX_CHANGES_PER_MESSAGE as i64 + 1, &mut actors);
+        uleb(0, &mut actors);
+        uleb(0x01, &mut body);
+        uleb(actors.len() as u64, &mut body);
+        uleb(0, &mut body); // operation columns
+        body.extend_from_slice(&actors);
+        let mut chunk = MAGIC.to_vec();
+        chunk.extend_from_slice(&[0, 0, 0, 0, 0]);
+        uleb(body.len() as u64, &mut chunk);
+        chunk.extend_from_slice(&body);
+        assert_eq!(check_document(&chunk), Err(ChunkError::TooManyChanges));
     }
 }

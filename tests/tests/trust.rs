@@ -158,7 +158,11 @@ fn insiders_cannot_forge_and_hostile_messages_cannot_take_the_centre_down() -> R
             "malformed sync message",
         ),
         ("bloom", vec!["--doc", "quarter/prohlis"], "bloom filter"),
-        ("bomb", vec!["--doc", "quarter/prohlis"], "inflates beyond"),
+        (
+            "bomb",
+            vec!["--doc", "quarter/prohlis"],
+            "compressed change",
+        ),
         ("oversized", vec!["--doc", "quarter/prohlis"], ""),
         // Refused in the codec: the stream closes, no reason comes back
         // (counted below; its 40 MiB travel deflated, checked below).
