@@ -1461,15 +1461,15 @@ pub fn load_chunks<'a>(
         }
         am
     };
-    // Stored changes not in the document, and changes automerge queued
-    // because their dependencies are not in it either.
-    if !am.get_missing_deps(&stored).is_empty() {
-        // Counted among the stored changes (the missing dependencies of
-        // queued ones may not be stored ones).
-        let lost: Vec<&ChangeHash> = stored
-            .iter()
-            .filter(|h| am.get_change_meta_by_hash(h).is_none())
-            .collect();
+    // Stored changes not in the document (among them any automerge queued
+    // because their dependencies are not in it). Changes a snapshot keeps
+    // queued for missing dependencies (automerge saves them after the
+    // document) are not counted: they were not in the document before.
+    let lost: Vec<&ChangeHash> = stored
+        .iter()
+        .filter(|h| am.get_change_meta_by_hash(h).is_none())
+        .collect();
+    if !lost.is_empty() {
         return Err(LoadError::Incomplete {
             missing: lost.len(),
             stored: stored.len(),
@@ -3611,10 +3611,29 @@ mod tests {
         assert!(x.is_some(), "the snapshot's content is loaded");
     }
 
-    /// automerge's loaders drop a stored chunk they cannot use, and every
-    /// chunk after it, with a warning only; the next compaction would then
-    /// delete those changes for good. Loading a document checks that every
-    /// stored change is in it, after a snapshot or without one.
+    /// A change held queued for a dependency that never came (a writer can
+    /// sign one with a made-up dependency) is saved after the document in
+    /// its snapshot; the snapshot still loads, and the change stays queued.
+    #[test]
+    fn a_snapshot_keeping_a_change_queued_for_a_missing_dependency_loads() {
+        let q = [slug("a")];
+        let doc = DocId::quarter(&q[0]);
+        let writer = signer(1);
+        let changes = chain(&doc, &[&writer], 3);
+        let mut held = document_of(&doc, &changes[..1]);
+        held.apply_changes([changes[2].0.clone()]).expect("queued");
+        assert_eq!(held.get_missing_deps(&[]), vec![changes[1].0.hash()]);
+        let snapshot = held.save();
+        assert!(
+            chunks::count(&snapshot) > 1,
+            "automerge keeps the queued change"
+        );
+        let actor = signer(0).actor();
+        let loaded = load_chunks(&doc, &actor, [snapshot.as_slice()]).expect("the snapshot loads");
+        assert_eq!(loaded.get_heads(), held.get_heads());
+        assert_eq!(loaded.get_missing_deps(&[]), vec![changes[1].0.hash()]);
+    }
+
     /// A document that came whole after loose changes is stored after
     /// them; damaged on disk, automerge's incremental load drops it without
     /// an error: the load fails instead, by the heads its header names.
@@ -3661,6 +3680,10 @@ mod tests {
         }
     }
 
+    /// automerge's loaders drop a stored chunk they cannot use, and every
+    /// chunk after it, with a warning only; the next compaction would then
+    /// delete those changes for good. Loading a document checks that every
+    /// stored change is in it, after a snapshot or without one.
     #[test]
     fn a_stored_change_that_does_not_load_fails_the_load() {
         let q = slug("prohlis");
