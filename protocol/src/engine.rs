@@ -3178,6 +3178,15 @@ mod tests {
     /// `changes` as a whole document from peer 1, with only the last
     /// change's signature (it vouches for the rest): the document sent,
     /// and what taking it in called for.
+    /// The centre of quarter `q`, with peer 1 up, taking whole documents
+    /// from it as the document's writer `writer`.
+    fn centre_taking_documents_from(q: &[QuarterSlug], writer: &Signer) -> Engine<usize> {
+        let mut centre = engine(0, q, &[1]);
+        let _ = centre.peer_up(1, vec![], 0);
+        centre.take_documents_from(&1, DocumentsFrom::Writer(writer.actor()));
+        centre
+    }
+
     fn receive_whole(
         node: &mut Engine<usize>,
         doc: &DocId,
@@ -3201,9 +3210,7 @@ mod tests {
     fn whole_documents_and_batches_are_checked_change_by_change() {
         let q = [slug("a")];
         let doc = DocId::quarter(&q[0]);
-        let mut centre = engine(0, &q, &[1]);
-        let _ = centre.peer_up(1, vec![], 0);
-        centre.take_documents_from(&1, DocumentsFrom::Writer(signer(1).actor()));
+        let mut centre = centre_taking_documents_from(&q, &signer(1));
         // A whole document with one real and one forged change (the forger
         // writes as node 3, which is not a writer of quarter a).
         let mut am = schema::genesis(&doc);
@@ -3346,9 +3353,7 @@ mod tests {
         let doc = DocId::quarter(&q[0]);
         let writer = signer(1);
         let changes = chain(&doc, &[&writer], 40);
-        let mut centre = engine(0, &q, &[1]);
-        let _ = centre.peer_up(1, vec![], 0);
-        centre.take_documents_from(&1, DocumentsFrom::Writer(writer.actor()));
+        let mut centre = centre_taking_documents_from(&q, &writer);
         let mut stored = Vec::new();
         let fx = centre
             .receive(
@@ -3480,9 +3485,7 @@ mod tests {
         let doc = DocId::quarter(&q[0]);
         let writer = signer(1);
         let changes = chain(&doc, &[&writer], 41);
-        let mut centre = engine(0, &q, &[1]);
-        let _ = centre.peer_up(1, vec![], 0);
-        centre.take_documents_from(&1, DocumentsFrom::Writer(writer.actor()));
+        let mut centre = centre_taking_documents_from(&q, &writer);
         let (last, sig) = &changes[40];
         centre
             .receive(
@@ -3643,9 +3646,7 @@ mod tests {
         let doc = DocId::quarter(&q[0]);
         let writer = signer(1);
         let changes = chain(&doc, &[&writer], 40);
-        let mut centre = engine(0, &q, &[1]);
-        let _ = centre.peer_up(1, vec![], 0);
-        centre.take_documents_from(&1, DocumentsFrom::Writer(writer.actor()));
+        let mut centre = centre_taking_documents_from(&q, &writer);
         let (last, sig) = &changes[9];
         let fx = centre
             .receive(

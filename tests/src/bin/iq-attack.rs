@@ -288,16 +288,7 @@ fn bomb_message() -> Vec<u8> {
     }
     let body = enc.finish().unwrap_or_default();
     let mut chunk = vec![0x85, 0x6f, 0x4a, 0x83, 0, 0, 0, 0, 2];
-    let mut len = body.len();
-    loop {
-        let byte = (len & 0x7f) as u8;
-        len >>= 7;
-        if len == 0 {
-            chunk.push(byte);
-            break;
-        }
-        chunk.push(byte | 0x80);
-    }
+    iq_protocol::chunks::forge::uleb(body.len() as u64, &mut chunk);
     chunk.extend_from_slice(&body);
     message(vec![], vec![chunk], sync::MessageVersion::V1)
 }
