@@ -919,46 +919,46 @@ mod tests {
         assert_eq!(check_document(&doc.save_nocompress()), Ok(()));
     }
 
+    /// A whole-document chunk built by hand: one actor, no heads, and the
+    /// given change and operation columns (specification, data).
+    fn hand_built_document(changes: &[(u64, Vec<u8>)], ops: &[(u64, Vec<u8>)]) -> Vec<u8> {
+        let mut body = Vec::new();
+        uleb(1, &mut body); // actors
+        uleb(16, &mut body);
+        body.extend_from_slice(&[7; 16]);
+        uleb(0, &mut body); // heads
+        for columns in [changes, ops] {
+            uleb(columns.len() as u64, &mut body);
+            for (spec, data) in columns {
+                uleb(*spec, &mut body);
+                uleb(data.len() as u64, &mut body);
+            }
+        }
+        for (_, data) in changes.iter().chain(ops) {
+            body.extend_from_slice(data);
+        }
+        let mut chunk = MAGIC.to_vec();
+        chunk.extend_from_slice(&[0, 0, 0, 0, 0]);
+        uleb(body.len() as u64, &mut chunk);
+        chunk.extend_from_slice(&body);
+        chunk
+    }
+
     #[test]
     fn a_document_whose_columns_declare_too_many_values_is_refused() {
-        let mut body = Vec::new();
-        uleb(1, &mut body); // actors
-        uleb(16, &mut body);
-        body.extend_from_slice(&[7; 16]);
-        uleb(0, &mut body); // heads
-        uleb(0, &mut body); // change columns
-        uleb(1, &mut body); // operation columns: the actions alone
-        let mut actions = Vec::new();
-        sleb(i64::MAX, &mut actions);
-        uleb(1, &mut actions);
-        uleb(0x42, &mut body);
-        uleb(actions.len() as u64, &mut body);
-        body.extend_from_slice(&actions);
-        let mut chunk = MAGIC.to_vec();
-        chunk.extend_from_slice(&[0, 0, 0, 0, 0]);
-        uleb(body.len() as u64, &mut chunk);
-        chunk.extend_from_slice(&body);
-        assert_eq!(check_document(&chunk), Err(ChunkError::TooManyValues));
-
-        // The change columns: automerge sets up each change before it
-        // reads an operation.
-        let mut body = Vec::new();
-        uleb(1, &mut body); // actors
-        uleb(16, &mut body);
-        body.extend_from_slice(&[7; 16]);
-        uleb(0, &mut body); // heads
-        uleb(1, &mut body); // change columns: the actors alone
-        let mut actors = Vec::new();
-        sleb(MAX_CHANGES_PER_MESSAGE as i64 + 1, &mut actors);
-        uleb(0, &mut actors);
-        uleb(0x01, &mut body);
-        uleb(actors.len() as u64, &mut body);
-        uleb(0, &mut body); // operation columns
-        body.extend_from_slice(&actors);
-        let mut chunk = MAGIC.to_vec();
-        chunk.extend_from_slice(&[0, 0, 0, 0, 0]);
-        uleb(body.len() as u64, &mut chunk);
-        chunk.extend_from_slice(&body);
-        assert_eq!(check_document(&chunk), Err(ChunkError::TooManyChanges));
+        let run = |count: i64, value: u64| {
+            let mut column = Vec::new();
+            sleb(count, &mut column);
+            uleb(value, &mut column);
+            column
+        };
+        // The actions alone.
+        let bomb = hand_built_document(&[], &[(0x42, run(i64::MAX, 1))]);
+        assert_eq!(check_document(&bomb), Err(ChunkError::TooManyValues));
+        // The change columns (the actors alone): automerge sets up each
+        // change before it reads an operation.
+        let changes = run(MAX_CHANGES_PER_MESSAGE as i64 + 1, 0);
+        let bomb = hand_built_document(&[(0x01, changes)], &[]);
+        assert_eq!(check_document(&bomb), Err(ChunkError::TooManyChanges));
     }
 }
