@@ -427,6 +427,12 @@ impl<P: Ord + Clone> Engine<P> {
         Ok(())
     }
 
+    /// Whether this node holds a signature for `hash`.
+    #[cfg(test)]
+    pub(crate) fn holds_signature(&self, hash: &ChangeHash) -> bool {
+        self.sigs.contains_key(hash)
+    }
+
     /// Loads persisted signatures.
     pub fn load_signatures(&mut self, sigs: impl IntoIterator<Item = (ChangeHash, Vec<u8>)>) {
         self.sigs.extend(sigs);

@@ -191,8 +191,13 @@ pub enum WriteError {
 
 type Job = Box<dyn FnOnce(&mut Actor) + Send>;
 
-/// Documents loaded at start-up off the actor, each with why it did not load.
-type Loaded = Vec<(DocId, Result<automerge::Automerge, String>)>;
+/// What loads at start-up off the actor: the documents, each with why it
+/// did not load, and the stored signatures (needed only to send changes,
+/// so only once the node joins the network).
+struct Loaded {
+    docs: Vec<(DocId, Result<automerge::Automerge, String>)>,
+    signatures: Result<Vec<crate::store::StoredSignature>, StoreError>,
+}
 
 enum Command {
     /// Runs once every stored document is loaded (see [`Actor::new`]).
@@ -221,21 +226,24 @@ fn load_in_parallel(
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .clamp(1, stored.len().max(1));
-    // Documents go to the threads in turn, so big and small ones spread
-    // evenly enough; each comes back to its place in the input.
+    // Each thread takes the next document not yet taken, so a thread that
+    // was slowed (by a big document, or by the node's other threads on the
+    // same cores) takes fewer; each comes back to its place in the input.
+    let next = std::sync::atomic::AtomicUsize::new(0);
     let mut loaded: Vec<Option<Result<automerge::Automerge, String>>> =
         stored.iter().map(|_| None).collect();
     std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
-            .map(|t| {
-                scope.spawn(move || {
-                    stored
-                        .iter()
-                        .enumerate()
-                        .skip(t)
-                        .step_by(threads)
-                        .map(|(i, doc)| (i, load(doc)))
-                        .collect::<Vec<_>>()
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(doc) = stored.get(i) else {
+                            return done;
+                        };
+                        done.push((i, load(doc)));
+                    }
                 })
             })
             .collect();
@@ -715,7 +723,10 @@ impl Replicator {
     fn run_actor(mut actor: Actor) -> Result<Self, ReplicatorError> {
         actor.start()?;
         if actor.pending_load.is_none() {
-            actor.loaded(Vec::new());
+            actor.loaded(Loaded {
+                docs: Vec::new(),
+                signatures: Ok(Vec::new()),
+            });
             if let Some(e) = actor.fatal.take() {
                 return Err(e);
             }
@@ -884,14 +895,6 @@ impl Actor {
             own_quarter,
         );
         let loading = Instant::now();
-        engine.load_signatures(
-            config
-                .store
-                .signatures()?
-                .into_iter()
-                .map(|(h, s)| (ChangeHash(h), s)),
-        );
-        tracing::debug!(elapsed = ?loading.elapsed(), "signatures loaded");
         let mut chunks = HashMap::new();
         let (first, rest): (Vec<_>, Vec<_>) = config
             .store
@@ -919,22 +922,42 @@ impl Actor {
         }
         drop(first);
         tracing::debug!(elapsed = ?loading.elapsed(), "own and city documents loaded");
+        let store = Arc::new(config.store);
         let pending = rest.len();
-        let pending_load = (!rest.is_empty()).then(|| {
+        let pending_load = if rest.is_empty() {
+            engine.load_signatures(
+                store
+                    .signatures()?
+                    .into_iter()
+                    .map(|(h, s)| (ChangeHash(h), s)),
+            );
+            None
+        } else {
+            // The signatures load beside the documents: the API does not
+            // need them, and on two cores reading them first delayed it.
             let (tx, rx) = oneshot::channel();
             let actor = engine.actor().clone();
+            let store = Arc::clone(&store);
             // If the thread cannot start or dies, the sender is dropped and
             // the actor stops with that (see `run`).
             let _ = std::thread::Builder::new()
                 .name("iq-load".into())
                 .spawn(move || {
-                    let _ = tx.send(load_in_parallel(&rest, &actor));
+                    let loaded = std::thread::scope(|scope| {
+                        let signatures = scope.spawn(|| store.signatures());
+                        let docs = load_in_parallel(&rest, &actor);
+                        // If reading them panicked, the sender is dropped.
+                        let signatures = signatures.join().ok()?;
+                        Some(Loaded { docs, signatures })
+                    });
+                    if let Some(loaded) = loaded {
+                        let _ = tx.send(loaded);
+                    }
                 });
-            rx
-        });
+            Some(rx)
+        };
         let wire = Arc::new(WireCounters::default());
         let swarm = transport::build_swarm(&config.identity, config.psk, Arc::clone(&wire))?;
-        let store = Arc::new(config.store);
         let actor = Self {
             engine,
             loading: pending,
@@ -994,8 +1017,17 @@ impl Actor {
     /// the node with its name and the reason, as a start did before the API
     /// answered ahead of the load.
     fn loaded(&mut self, loaded: Loaded) {
-        let count = loaded.len();
-        for (id, am) in loaded {
+        match loaded.signatures {
+            Ok(sigs) => self
+                .engine
+                .load_signatures(sigs.into_iter().map(|(h, s)| (ChangeHash(h), s))),
+            Err(e) => {
+                self.fatal = Some(e.into());
+                return;
+            }
+        }
+        let count = loaded.docs.len();
+        for (id, am) in loaded.docs {
             let inserted = am.and_then(|am| {
                 self.engine
                     .insert_loaded(&id, am)
@@ -2140,6 +2172,13 @@ mod tests {
                 put(&DocId::quarter(q), i as i64 + 2, &|_| {});
             }
         }
+        // One stored signature, as a synced node holds one per change.
+        store
+            .commit(&Batch {
+                signatures: vec![([7; 32], vec![1; 64])],
+                ..Batch::default()
+            })
+            .expect("store");
         let centre = Identity::generate().peer_id();
         Actor::new(ReplicatorConfig {
             identity: Identity::generate(),
@@ -2220,6 +2259,9 @@ mod tests {
             .expect("status answers while a read is held")
             .expect("status");
         assert_eq!(status.loading, 3);
+        // The signatures load beside the other documents, not before the API.
+        let signed = |v: View<'_>| v.engine.holds_signature(&ChangeHash([7; 32]));
+        assert!(!h.read_now(signed).await.expect("read"));
 
         release
             .send(loading.await.expect("loaded"))
@@ -2254,6 +2296,7 @@ mod tests {
             .await
             .expect("read");
         assert_eq!(kept, Some(true), "the write made while loading is kept");
+        assert!(h.read(signed).await.expect("read"), "the signatures loaded");
         let heads = h.heads().await.expect("heads");
         assert_eq!((heads.documents.len(), heads.loading), (5, 0));
         replicator.shutdown().await.expect("shutdown");
