@@ -5,7 +5,8 @@
 //! A message with changes is mostly automerge change chunks, which repeat
 //! their actor, field names and values from change to change: deflate at
 //! its fastest level takes a concern change from about 380 to about 110
-//! bytes, at roughly 400 MB/s. Signatures do not compress.
+//! bytes, at roughly 400 MB/s. Signatures do not compress. Requests of
+//! [`REUSE_ABOVE`] or more are deflated at the default level instead.
 //!
 //! Nodes offer both protocols, `/iq/sync/2` first, so a node of this
 //! version talks deflated requests with its own kind and plain CBOR with a
@@ -112,7 +113,11 @@ impl WireCounters {
 }
 
 /// Requests at least this large, once deflated, are kept for reuse
-/// ([`Deflated`]).
+/// ([`Deflated`]). They are deflated at zlib's default level rather than
+/// its fastest: a whole document of 1,000 concerns with its signatures
+/// (422 KB of CBOR) deflates to 160 KB instead of 188 KB in 4.3 ms instead
+/// of 1.7 ms, and the centre deflates it once for every quarter it sends
+/// it to (`docs/benchmarks.md`, run 52).
 pub const REUSE_ABOVE: usize = 64 * 1024;
 
 /// Bytes of deflated request bodies kept for reuse at most: room for a
@@ -169,7 +174,7 @@ impl SyncCodec {
     fn deflated_body(&self, plain: &[u8]) -> io::Result<Option<Arc<Vec<u8>>>> {
         use sha2::{Digest, Sha256};
         if plain.len() < REUSE_ABOVE {
-            return Ok(deflated(plain)?.map(Arc::new));
+            return Ok(deflated(plain, flate2::Compression::fast())?.map(Arc::new));
         }
         let key: [u8; 32] = Sha256::digest(plain).into();
         if let Ok(kept) = self.deflated.lock()
@@ -179,7 +184,7 @@ impl SyncCodec {
             self.counters.bodies_reused.fetch_add(1, Ordering::Relaxed);
             return Ok(Some(body));
         }
-        let Some(body) = deflated(plain)? else {
+        let Some(body) = deflated(plain, flate2::Compression::default())? else {
             return Ok(None);
         };
         let body = Arc::new(body);
@@ -236,15 +241,16 @@ fn invalid(msg: String) -> io::Error {
 }
 
 /// The deflated `/iq/sync/2` request body for the CBOR request `plain`,
-/// if deflating is worth it and stays within [`MAX_INFLATE_RATIO`];
-/// otherwise the body is [`PLAIN`] and `plain` as it is.
-fn deflated(plain: &[u8]) -> io::Result<Option<Vec<u8>>> {
+/// at `level`, if deflating is worth it and stays within
+/// [`MAX_INFLATE_RATIO`]; otherwise the body is [`PLAIN`] and `plain` as
+/// it is.
+fn deflated(plain: &[u8], level: flate2::Compression) -> io::Result<Option<Vec<u8>>> {
     if plain.len() <= DEFLATE_ABOVE {
         return Ok(None);
     }
     let mut out = Vec::with_capacity(plain.len() / 2);
     out.push(DEFLATED);
-    let mut enc = flate2::write::DeflateEncoder::new(out, flate2::Compression::fast());
+    let mut enc = flate2::write::DeflateEncoder::new(out, level);
     enc.write_all(plain)?;
     let body = enc.finish()?;
     let deflated = body.len() - 1;
@@ -812,6 +818,35 @@ mod tests {
         let _ = written(&mut codec, &v2(), request(3)).await;
         let _ = written(&mut codec, &v2(), request(3)).await;
         assert_eq!(counters.bodies_reused(), 1);
+    }
+
+    /// A request large enough to be kept for reuse (a whole document the
+    /// centre sends to many quarters) is deflated harder than a small one,
+    /// which is deflated at the fastest level.
+    #[tokio::test]
+    async fn large_requests_are_deflated_at_the_default_level() {
+        let mut codec = SyncCodec::new(Arc::default());
+        for (n, large) in [(1000, true), (3, false)] {
+            let plain = written(&mut codec, &v1(), request(n)).await;
+            assert_eq!(plain.len() >= REUSE_ABOVE, large, "{} bytes", plain.len());
+            let body = written(&mut codec, &v2(), request(n)).await;
+            let at = |level| {
+                deflated(&plain, level)
+                    .expect("deflates")
+                    .expect("worth it")
+            };
+            let (fast, default) = (
+                at(flate2::Compression::fast()),
+                at(flate2::Compression::default()),
+            );
+            assert!(
+                default.len() < fast.len(),
+                "{} {}",
+                default.len(),
+                fast.len()
+            );
+            assert_eq!(body, if large { default } else { fast });
+        }
     }
 
     /// The shapes of nodes that answer in acknowledgements but read no
