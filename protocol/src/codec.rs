@@ -455,6 +455,8 @@ mod tests {
             sigs,
             answer: true,
             documents: true,
+            signed: Vec::new(),
+            prefixed: true,
         })
     }
 
@@ -577,6 +579,8 @@ mod tests {
             sigs: Vec::new(),
             answer: false,
             documents: false,
+            signed: Vec::new(),
+            prefixed: false,
         });
         let body = written(&mut codec, &v2(), zeros.clone()).await;
         assert_eq!(body[0], PLAIN, "a request deflating 1,000:1 went deflated");
@@ -654,6 +658,8 @@ mod tests {
                 sigs: Vec::new(),
                 answer: false,
                 documents: false,
+                signed: Vec::new(),
+                prefixed: false,
             })
         };
         let max = wire::MAX_REQUEST_BYTES as usize;
@@ -729,6 +735,8 @@ mod tests {
             sigs,
             answer: true,
             documents: true,
+            signed: Vec::new(),
+            prefixed: true,
         });
         for protocol in [v1(), v2()] {
             let body = written(&mut ours, &protocol, new.clone()).await;
@@ -793,6 +801,8 @@ mod tests {
                 sigs: Vec::new(),
                 answer: true,
                 documents: true,
+                signed: Vec::new(),
+                prefixed: true,
             })
         };
         let first = written(&mut codec, &v2(), with(0)).await;
@@ -847,6 +857,140 @@ mod tests {
             );
             assert_eq!(body, if large { default } else { fast });
         }
+    }
+
+    /// The shapes of nodes that read whole documents but no signatures in
+    /// the short form (before `prefixed`).
+    mod whole_hashes {
+        use serde::{Deserialize, Serialize};
+
+        use crate::ids::DocId;
+        use crate::wire::SignedHash;
+
+        #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+        pub enum Request {
+            V1(RequestV1),
+        }
+
+        #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+        pub enum RequestV1 {
+            Sync {
+                doc: DocId,
+                #[serde(with = "serde_bytes")]
+                data: Vec<u8>,
+                sigs: Vec<SignedHash>,
+                #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+                answer: bool,
+                #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+                documents: bool,
+            },
+        }
+
+        #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+        pub enum Response {
+            V1(ResponseV1),
+        }
+
+        #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+        pub enum ResponseV1 {
+            Ack,
+            Refused {
+                reason: String,
+            },
+            Busy,
+            Answer {
+                #[serde(with = "serde_bytes")]
+                data: Vec<u8>,
+                #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+                documents: bool,
+            },
+        }
+    }
+
+    /// A node of the version before `prefixed` reads a request that says it
+    /// (and carries whole hashes, as it is sent them) and an answer that
+    /// says it as ones that do not; what it sends reads here as not reading
+    /// the short form, so it is sent whole hashes, as before.
+    #[tokio::test]
+    async fn nodes_that_read_only_whole_hashes_read_requests_and_answers_that_offer_prefixes() {
+        let mut ours = SyncCodec::new(Arc::default());
+        let mut theirs =
+            cbor::codec::Codec::<whole_hashes::Request, whole_hashes::Response>::default()
+                .set_request_size_maximum(wire::MAX_REQUEST_BYTES)
+                .set_response_size_maximum(wire::MAX_RESPONSE_BYTES);
+        let new = request(3);
+        let Request::V1(RequestV1::Sync {
+            doc, data, sigs, ..
+        }) = new.clone();
+        let old = whole_hashes::Request::V1(whole_hashes::RequestV1::Sync {
+            doc,
+            data,
+            sigs,
+            answer: true,
+            documents: true,
+        });
+        let body = written(&mut ours, &v1(), new).await;
+        let theirs_read = theirs
+            .read_request(&v1(), &mut &body[..])
+            .await
+            .expect("the earlier node reads it");
+        assert_eq!(theirs_read, old);
+        let mut from_them = Vec::new();
+        theirs
+            .write_request(&v1(), &mut from_them, old)
+            .await
+            .expect("writes");
+        let ours_read = read(&mut ours, &v1(), &from_them).await.expect("reads");
+        assert!(
+            matches!(
+                &ours_read,
+                Request::V1(RequestV1::Sync {
+                    documents: true,
+                    prefixed: false,
+                    signed,
+                    sigs,
+                    ..
+                }) if signed.is_empty() && sigs.len() == 3
+            ),
+            "{ours_read:?}"
+        );
+        let data = vec![0x42; 300];
+        let mut body = Vec::new();
+        ours.write_response(
+            &v1(),
+            &mut body,
+            Response::V1(ResponseV1::Answer {
+                data: data.clone(),
+                documents: true,
+                prefixed: true,
+            }),
+        )
+        .await
+        .expect("writes");
+        let answer = whole_hashes::Response::V1(whole_hashes::ResponseV1::Answer {
+            data: data.clone(),
+            documents: true,
+        });
+        let theirs_read = theirs
+            .read_response(&v1(), &mut &body[..])
+            .await
+            .expect("the earlier node reads the answer");
+        assert_eq!(theirs_read, answer);
+        let mut body = Vec::new();
+        theirs
+            .write_response(&v1(), &mut body, answer)
+            .await
+            .expect("writes");
+        assert_eq!(
+            ours.read_response(&v1(), &mut &body[..])
+                .await
+                .expect("reads"),
+            Response::V1(ResponseV1::Answer {
+                data,
+                documents: true,
+                prefixed: false,
+            })
+        );
     }
 
     /// The shapes of nodes that answer in acknowledgements but read no
@@ -943,6 +1087,7 @@ mod tests {
             Response::V1(ResponseV1::Answer {
                 data: data.clone(),
                 documents: true,
+                prefixed: true,
             }),
         )
         .await
@@ -970,7 +1115,8 @@ mod tests {
                 .expect("reads"),
             Response::V1(ResponseV1::Answer {
                 data,
-                documents: false
+                documents: false,
+                prefixed: false,
             })
         );
     }
@@ -982,6 +1128,7 @@ mod tests {
         let answer = Response::V1(ResponseV1::Answer {
             data: vec![0x42; 300],
             documents: true,
+            prefixed: true,
         });
         for resp in [answer.clone(), Response::V1(ResponseV1::Ack)] {
             let mut body = Vec::new();
@@ -1003,6 +1150,7 @@ mod tests {
         let largest = Response::V1(ResponseV1::Answer {
             data: vec![0xff; wire::MAX_ANSWER_BYTES],
             documents: true,
+            prefixed: true,
         });
         let mut body = Vec::new();
         codec

@@ -39,6 +39,7 @@ use crate::change_cache::{self, ChangeCache};
 use crate::chunks::{self, ChunkError};
 use crate::ids::{DocId, QuarterSlug};
 use crate::schema;
+use crate::wire;
 
 /// Messages one call of [`Engine::flush`] generates at most.
 pub const FLUSH_SLICE: usize = 32;
@@ -267,6 +268,9 @@ struct Peer {
     /// Reads whole documents ([`Engine::peer_takes_documents`]); learnt
     /// anew each time the peer comes up.
     takes_documents: bool,
+    /// Reads signatures in the short form ([`Engine::peer_reads_prefixed`]);
+    /// learnt anew each time the peer comes up.
+    reads_prefixed: bool,
     /// Whose whole documents this node takes from the peer
     /// ([`Engine::take_documents_from`]); set anew each time it comes up.
     documents_from: DocumentsFrom,
@@ -633,6 +637,7 @@ impl<P: Ord + Clone> Engine<P> {
         entry.sessions.clear();
         entry.busy = false;
         entry.takes_documents = false;
+        entry.reads_prefixed = false;
         entry.documents_from = DocumentsFrom::Nobody;
         entry.persisted = persisted.into_iter().collect();
         entry.stats.session_bytes_sent = 0;
@@ -661,6 +666,21 @@ impl<P: Ord + Clone> Engine<P> {
         if let Some(p) = self.peers.get_mut(peer).filter(|p| p.up) {
             p.takes_documents = true;
         }
+    }
+
+    /// `peer` reads signatures named by a prefix of the change's hash (it
+    /// said so on its last message, see `wire::RequestV1::Sync::signed`).
+    /// Until it says so, and to nodes of earlier versions, they go with
+    /// whole hashes.
+    pub fn peer_reads_prefixed(&mut self, peer: &P) {
+        if let Some(p) = self.peers.get_mut(peer).filter(|p| p.up) {
+            p.reads_prefixed = true;
+        }
+    }
+
+    /// Whether `peer` reads signatures in the short form.
+    pub fn reads_prefixed(&self, peer: &P) -> bool {
+        self.peers.get(peer).is_some_and(|p| p.reads_prefixed)
     }
 
     /// Takes whole documents from `peer` as `from` says (see
@@ -784,6 +804,7 @@ impl<P: Ord + Clone> Engine<P> {
             });
         let over_budget = windowed && self.in_flight_bytes >= self.node_bytes;
         let takes_documents = self.peers.get(peer).is_some_and(|p| p.takes_documents);
+        let reads_prefixed = self.reads_prefixed(peer);
         // Peers take whole documents only from the centre and from a
         // document's writers (see `DocumentsFrom`). A quarter that has no
         // roster yet does not know it writes its own document: it sends
@@ -834,7 +855,7 @@ impl<P: Ord + Clone> Engine<P> {
             session.outstanding = true;
             session.last_activity_ms = now;
             let epoch = session.epoch;
-            let n = data.len() + signature_bytes(&sigs);
+            let n = data.len() + sent_signature_bytes(&sigs, reads_prefixed);
             if carries_changes {
                 // One message per session is outstanding, so an epoch is
                 // never in the map twice; were it, the total would still
@@ -864,21 +885,22 @@ impl<P: Ord + Clone> Engine<P> {
     /// A sync message from `peer` for `doc` arrived with the signatures of
     /// the changes it carries. Every change not yet held must be signed by a
     /// writer of `doc`; otherwise the whole message is refused and counted.
-    pub fn receive(
+    pub fn receive<'s>(
         &mut self,
         peer: &P,
         doc: &DocId,
         data: &[u8],
-        sigs: &[(ChangeHash, Vec<u8>)],
+        sigs: impl Into<Signatures<'s>>,
         now: u64,
     ) -> Result<Effects<P>, SyncError> {
+        let sigs = SigIndex::new(sigs.into());
         if !self.is_up(peer) {
             return Err(SyncError::UnknownPeer);
         }
         if !self.accepts(doc) {
             return Err(SyncError::NotAccepted(doc.clone()));
         }
-        let (msg, new_sigs, incoming) = match self.check_message(peer, doc, data, sigs) {
+        let (msg, new_sigs, incoming) = match self.check_message(peer, doc, data, &sigs) {
             Ok(ok) => ok,
             Err((err, bad_changes)) => {
                 if matches!(err, SyncError::Unauthorised(AuthorError::NotAWriter { .. })) {
@@ -988,7 +1010,7 @@ impl<P: Ord + Clone> Engine<P> {
             fx.changed.insert(doc.clone());
         }
         if let Some(p) = self.peers.get_mut(peer) {
-            let n = (data.len() + signature_bytes(sigs)) as u64;
+            let n = (data.len() + sigs.bytes) as u64;
             p.stats.session_bytes_received += n;
             p.stats.total_bytes_received += n;
             p.stats.session_messages_received += 1;
@@ -1050,7 +1072,7 @@ impl<P: Ord + Clone> Engine<P> {
         peer: &P,
         doc: &DocId,
         data: &[u8],
-        sigs: &[(ChangeHash, Vec<u8>)],
+        sig_of: &SigIndex<'_>,
     ) -> Result<(sync::Message, Vec<(ChangeHash, Vec<u8>)>, Incoming), (SyncError, u64)> {
         let documents_taken = match self.peers.get(peer).map(|p| &p.documents_from) {
             Some(DocumentsFrom::Centre) => true,
@@ -1105,8 +1127,6 @@ impl<P: Ord + Clone> Engine<P> {
             Ok(Err(e)) => return Err((e, 0)),
             Err(_) => return Err((SyncError::Decode("the parser panicked".into()), 0)),
         };
-        let sig_of: HashMap<&ChangeHash, &[u8]> =
-            sigs.iter().map(|(h, s)| (h, s.as_slice())).collect();
         self.ensure_doc(doc);
         let held = |hash: &ChangeHash| {
             self.docs
@@ -1118,14 +1138,14 @@ impl<P: Ord + Clone> Engine<P> {
                 let fresh: Vec<automerge::Change> =
                     carried.into_iter().filter(|c| !held(&c.hash())).collect();
                 let new: Vec<&automerge::Change> = fresh.iter().collect();
-                let accepted = self.check_authors(doc, &new, &sig_of)?;
+                let accepted = self.check_authors(doc, &new, sig_of)?;
                 Ok((msg, accepted, Incoming::Changes(fresh)))
             }
             Incoming::Document(loaded) => {
                 let metas = loaded.get_changes_meta(&[]);
                 let new: Vec<&automerge::ChangeMetadata<'_>> =
                     metas.iter().filter(|m| !held(&m.hash)).collect();
-                let accepted = self.check_authors(doc, &new, &sig_of)?;
+                let accepted = self.check_authors(doc, &new, sig_of)?;
                 drop(metas);
                 Ok((msg, accepted, Incoming::Document(loaded)))
             }
@@ -1142,7 +1162,7 @@ impl<P: Ord + Clone> Engine<P> {
         &mut self,
         doc: &DocId,
         new: &[&C],
-        sig_of: &HashMap<&ChangeHash, &[u8]>,
+        sig_of: &SigIndex<'_>,
     ) -> Result<Vec<(ChangeHash, Vec<u8>)>, (SyncError, u64)> {
         let mut first_error = None;
         let mut bad = 0u64;
@@ -1171,7 +1191,7 @@ impl<P: Ord + Clone> Engine<P> {
                 continue; // the genesis, or vouched for by a later change
             }
             let hash = change.hash();
-            let sig = sig_of.get(&hash).copied();
+            let sig = sig_of.verified(change.actor(), &hash);
             match Writers::check_signature_of(doc, change.actor(), hash, sig) {
                 Ok(()) => {
                     if let Some(sig) = sig {
@@ -1184,7 +1204,9 @@ impl<P: Ord + Clone> Engine<P> {
                         if signed[j] {
                             signed[j] = false;
                             let h = new[j].hash();
-                            if let Some(sig) = sig_of.get(&h).filter(|s| s.len() == SIGNATURE_LEN) {
+                            if let Some(sig) =
+                                sig_of.unambiguous(&h).filter(|s| s.len() == SIGNATURE_LEN)
+                            {
                                 accepted.push((h, sig.to_vec()));
                             }
                         }
@@ -1723,6 +1745,141 @@ fn same_heads(a: &[ChangeHash], b: &[ChangeHash]) -> bool {
     a.sort();
     b.sort();
     a == b
+}
+
+/// The signatures that came with a message: each with the whole hash of
+/// the change it signs, and in the short form
+/// (`wire::RequestV1::Sync::signed`: records of
+/// [`wire::PREFIXED_SIGNATURE_LEN`] bytes; bytes after the last whole
+/// record are ignored, the replicator refuses such a list).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Signatures<'a> {
+    pub whole: &'a [(ChangeHash, Vec<u8>)],
+    pub prefixed: &'a [u8],
+}
+
+impl<'a> From<&'a [(ChangeHash, Vec<u8>)]> for Signatures<'a> {
+    fn from(whole: &'a [(ChangeHash, Vec<u8>)]) -> Self {
+        Self {
+            whole,
+            prefixed: &[],
+        }
+    }
+}
+
+impl<'a> From<&'a Vec<(ChangeHash, Vec<u8>)>> for Signatures<'a> {
+    fn from(whole: &'a Vec<(ChangeHash, Vec<u8>)>) -> Self {
+        whole.as_slice().into()
+    }
+}
+
+impl<'a, const N: usize> From<&'a [(ChangeHash, Vec<u8>); N]> for Signatures<'a> {
+    fn from(whole: &'a [(ChangeHash, Vec<u8>); N]) -> Self {
+        whole.as_slice().into()
+    }
+}
+
+/// A change's hash shortened as the short form names it.
+pub fn hash_prefix(hash: &ChangeHash) -> [u8; wire::HASH_PREFIX_LEN] {
+    let mut prefix = [0; wire::HASH_PREFIX_LEN];
+    prefix.copy_from_slice(&hash.0[..wire::HASH_PREFIX_LEN]);
+    prefix
+}
+
+/// Signatures named by one hash prefix that a change is checked against at
+/// most: only a peer that searched for hashes that collide sends more than
+/// one, and each costs a verification.
+const MAX_CANDIDATES: usize = 4;
+
+/// A message's signatures, sorted by the prefix of the hash each names.
+struct SigIndex<'a> {
+    /// (prefix, the whole hash if it came with one, signature), in the
+    /// order they came within each prefix.
+    by_prefix: Vec<(
+        [u8; wire::HASH_PREFIX_LEN],
+        Option<&'a ChangeHash>,
+        &'a [u8],
+    )>,
+    /// The bytes they took (hashes or prefixes, and signatures).
+    bytes: usize,
+}
+
+impl<'a> SigIndex<'a> {
+    fn new(sigs: Signatures<'a>) -> Self {
+        let mut by_prefix: Vec<_> = sigs
+            .whole
+            .iter()
+            .map(|(hash, sig)| (hash_prefix(hash), Some(hash), sig.as_slice()))
+            .collect();
+        for record in sigs.prefixed.chunks_exact(wire::PREFIXED_SIGNATURE_LEN) {
+            let (prefix, sig) = record.split_at(wire::HASH_PREFIX_LEN);
+            if let Ok(prefix) = <[u8; wire::HASH_PREFIX_LEN]>::try_from(prefix) {
+                by_prefix.push((prefix, None, sig));
+            }
+        }
+        // Stable: within a prefix they stay in the order they came.
+        by_prefix.sort_by_key(|(prefix, _, _)| *prefix);
+        Self {
+            by_prefix,
+            bytes: signature_bytes(sigs.whole) + sigs.prefixed.len(),
+        }
+    }
+
+    /// The signatures that may be `hash`'s: the one named by the whole
+    /// hash (the last, as a map of them would keep it), else those named by
+    /// its prefix, the first [`MAX_CANDIDATES`] of them.
+    fn candidates(&self, hash: &ChangeHash) -> Vec<&'a [u8]> {
+        let prefix = hash_prefix(hash);
+        let start = self.by_prefix.partition_point(|(p, _, _)| *p < prefix);
+        let len = self.by_prefix[start..].partition_point(|(p, _, _)| *p == prefix);
+        let same = &self.by_prefix[start..start + len];
+        if let Some((_, _, sig)) = same.iter().rev().find(|(_, h, _)| *h == Some(hash)) {
+            return vec![sig];
+        }
+        same.iter()
+            .filter(|(_, h, _)| h.is_none())
+            .map(|(_, _, sig)| *sig)
+            .take(MAX_CANDIDATES)
+            .collect()
+    }
+
+    /// The signature to check for the change `hash` by `actor`: of its
+    /// candidates the one that verifies, or the first if none does (its
+    /// check then says why). More than one costs a verification each, at
+    /// most [`MAX_CANDIDATES`] per author and message.
+    fn verified(&self, actor: &ActorId, hash: &ChangeHash) -> Option<&'a [u8]> {
+        match self.candidates(hash)[..] {
+            [] => None,
+            [only] => Some(only),
+            ref several => several
+                .iter()
+                .copied()
+                .find(|sig| crate::authorship::verify(actor, hash, sig))
+                .or(several.first().copied()),
+        }
+    }
+
+    /// The signature of the change `hash` if only one may be its: kept,
+    /// unverified, for a change that a later one vouches for (verifying
+    /// several for every change would let a peer cost this node that many
+    /// verifications per change).
+    fn unambiguous(&self, hash: &ChangeHash) -> Option<&'a [u8]> {
+        match self.candidates(hash)[..] {
+            [only] => Some(only),
+            _ => None,
+        }
+    }
+}
+
+/// The bytes `sigs` take on the wire to a peer that reads the short form
+/// (`prefixed`) or not (see `replicator::wire_signatures`).
+fn sent_signature_bytes(sigs: &[(ChangeHash, Vec<u8>)], prefixed: bool) -> usize {
+    sigs.iter()
+        .map(|(h, s)| match prefixed && s.len() == SIGNATURE_LEN {
+            true => wire::PREFIXED_SIGNATURE_LEN,
+            false => h.0.len() + s.len(),
+        })
+        .sum()
 }
 
 fn signature_bytes(sigs: &[(ChangeHash, Vec<u8>)]) -> usize {
@@ -2975,6 +3132,80 @@ mod tests {
             .expect_err("unvouched");
         assert_bad_signature(&err);
         assert_eq!(schema::concern_count(other.doc(&doc).expect("doc")), 0);
+    }
+
+    /// Signatures in the short form (a hash prefix each) are matched to the
+    /// changes by that prefix: a batch signed so gets in, its signatures
+    /// are kept under the whole hash, and a wrong one is refused as with
+    /// whole hashes. A prefix that several signatures name (only a peer
+    /// that searched for hashes that collide sends that) is checked against
+    /// each, up to `MAX_CANDIDATES`.
+    #[test]
+    fn signatures_named_by_a_hash_prefix_are_matched_and_checked() {
+        let q = [slug("a")];
+        let doc = DocId::quarter(&q[0]);
+        let writer = signer(1);
+        let changes = chain(&doc, &[&writer], 3);
+        let latest = changes[2].0.hash();
+        let short = |sigs: &[(ChangeHash, Vec<u8>)]| -> Vec<u8> {
+            sigs.iter()
+                .flat_map(|(h, s)| hash_prefix(h).into_iter().chain(s.iter().copied()))
+                .collect()
+        };
+        let centre = || {
+            let mut e = engine(0, &q, &[1]);
+            let _ = e.peer_up(1, vec![], 0);
+            e
+        };
+        let real: Vec<_> = changes.iter().map(|(c, s)| (c.hash(), s.clone())).collect();
+        let receive = |e: &mut Engine<usize>, sigs: &[(ChangeHash, Vec<u8>)]| {
+            let prefixed = short(sigs);
+            let signatures = Signatures {
+                whole: &[],
+                prefixed: &prefixed,
+            };
+            e.receive(&1, &doc, &batch(&changes), signatures, 0)
+        };
+        let mut e = centre();
+        receive(&mut e, &real).expect("signed in the short form");
+        assert_eq!(schema::concern_count(e.doc(&doc).expect("doc")), 3);
+        for (h, s) in &real {
+            assert_eq!(e.sigs.get(h), Some(s), "kept under the whole hash");
+        }
+
+        let mut forged = real.clone();
+        forged[2].1 = signer(7).sign(&latest);
+        let err = receive(&mut centre(), &forged).expect_err("a wrong signature");
+        assert_bad_signature(&err);
+
+        // Wrong signatures named by the latest change's prefix, before the
+        // right one.
+        for decoys in [MAX_CANDIDATES - 1, MAX_CANDIDATES] {
+            let mut sigs: Vec<_> = (0..decoys)
+                .map(|i| (latest, signer(10 + i).sign(&latest)))
+                .collect();
+            sigs.extend(real.iter().cloned());
+            let mut e = centre();
+            let got = receive(&mut e, &sigs);
+            if decoys < MAX_CANDIDATES {
+                got.expect("the right signature is among the candidates");
+                assert_eq!(e.sigs.get(&latest), Some(&real[2].1));
+            } else {
+                assert_bad_signature(&got.expect_err("the right one is past the candidates"));
+                assert_eq!(schema::concern_count(e.doc(&doc).expect("doc")), 0);
+            }
+        }
+        // A second signature named by an earlier change's prefix: the
+        // latest change vouches for it, and of the two none is kept, as
+        // though it had come without one.
+        let first = changes[0].0.hash();
+        let mut sigs = vec![(first, signer(7).sign(&first))];
+        sigs.extend(real.iter().cloned());
+        let mut e = centre();
+        receive(&mut e, &sigs).expect("vouched for");
+        assert_eq!(schema::concern_count(e.doc(&doc).expect("doc")), 3);
+        assert_eq!(e.sigs.get(&first), None);
+        assert_eq!(e.sigs.get(&latest), Some(&real[2].1));
     }
 
     #[test]

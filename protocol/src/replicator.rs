@@ -35,7 +35,8 @@ use crate::authorship::{SIGNATURE_LEN, Signer, Writers};
 use crate::codec::WireCounters;
 use crate::datadir::Role;
 use crate::engine::{
-    Activity, ChangeError, DocumentsFrom, Effects, Engine, Outgoing, PeerStats, SyncError,
+    Activity, ChangeError, DocumentsFrom, Effects, Engine, Outgoing, PeerStats, Signatures,
+    SyncError,
 };
 use crate::identity::{Identity, actor_id_of_peer};
 use crate::ids::{DocId, QuarterSlug};
@@ -1241,20 +1242,15 @@ impl Actor {
     /// Hands sync messages to the transport.
     fn send_now(&mut self, sends: Vec<Outgoing<PeerId>>) {
         for out in sends {
-            let sigs = out
-                .sigs
-                .into_iter()
-                .map(|(h, sig)| SignedHash {
-                    hash: h.0.to_vec(),
-                    sig,
-                })
-                .collect();
+            let (sigs, signed) = wire_signatures(out.sigs, self.engine.reads_prefixed(&out.peer));
             let request = Request::V1(RequestV1::Sync {
                 doc: out.doc.clone(),
                 data: out.data,
                 sigs,
                 answer: true,
                 documents: true,
+                signed,
+                prefixed: true,
             });
             let id = self
                 .swarm
@@ -1905,8 +1901,12 @@ impl Actor {
                     sigs,
                     answer,
                     documents,
+                    signed,
+                    prefixed,
                 }) = request;
-                let Some(sigs) = parse_sigs(sigs) else {
+                let sigs =
+                    parse_sigs(sigs).filter(|_| signed.len() % wire::PREFIXED_SIGNATURE_LEN == 0);
+                let Some(sigs) = sigs else {
                     self.refused_requests += 1;
                     let response = ResponseV1::Refused {
                         reason: "malformed signature list".into(),
@@ -1933,7 +1933,14 @@ impl Actor {
                     if documents {
                         self.engine.peer_takes_documents(&peer);
                     }
-                    match self.engine.receive(&peer, &doc, &data, &sigs, now) {
+                    if prefixed {
+                        self.engine.peer_reads_prefixed(&peer);
+                    }
+                    let signatures = Signatures {
+                        whole: &sigs,
+                        prefixed: &signed,
+                    };
+                    match self.engine.receive(&peer, &doc, &data, signatures, now) {
                         Ok(mut fx) => {
                             let reply = if answer {
                                 take_answer(&mut fx.sends, &peer, &doc)
@@ -1953,6 +1960,7 @@ impl Actor {
                                     ResponseV1::Answer {
                                         data: out.data,
                                         documents: true,
+                                        prefixed: true,
                                     }
                                 }
                                 None => ResponseV1::Ack,
@@ -2008,9 +2016,16 @@ impl Actor {
                     Response::V1(ResponseV1::Ack) => {
                         self.engine.delivered(&peer, &doc, epoch, now);
                     }
-                    Response::V1(ResponseV1::Answer { data, documents }) => {
+                    Response::V1(ResponseV1::Answer {
+                        data,
+                        documents,
+                        prefixed,
+                    }) => {
                         if documents {
                             self.engine.peer_takes_documents(&peer);
+                        }
+                        if prefixed {
+                            self.engine.peer_reads_prefixed(&peer);
                         }
                         self.engine.delivered(&peer, &doc, epoch, now);
                         self.receive_answer(peer, doc, epoch, &data);
@@ -2113,6 +2128,38 @@ fn take_answer(
             && o.data.len() <= wire::MAX_ANSWER_BYTES
     })?;
     Some(sends.remove(i))
+}
+
+/// A message's signatures as they go on the wire: in the short form to a
+/// peer that reads it (`wire::RequestV1::Sync::signed`), which saves 24 of
+/// every 96 bytes and the CBOR around each; with whole hashes otherwise.
+fn wire_signatures(sigs: Vec<(ChangeHash, Vec<u8>)>, prefixed: bool) -> (Vec<SignedHash>, Vec<u8>) {
+    if !prefixed {
+        let whole = sigs
+            .into_iter()
+            .map(|(h, sig)| SignedHash {
+                hash: h.0.to_vec(),
+                sig,
+            })
+            .collect();
+        return (whole, Vec::new());
+    }
+    let mut signed = Vec::with_capacity(sigs.len() * wire::PREFIXED_SIGNATURE_LEN);
+    let mut whole = Vec::new();
+    for (h, sig) in sigs {
+        if sig.len() == SIGNATURE_LEN {
+            signed.extend_from_slice(&crate::engine::hash_prefix(&h));
+            signed.extend_from_slice(&sig);
+        } else {
+            // Not a signature the short form can hold (the node keeps only
+            // 64-byte ones); it goes as it came.
+            whole.push(SignedHash {
+                hash: h.0.to_vec(),
+                sig,
+            });
+        }
+    }
+    (whole, signed)
 }
 
 /// Checks the signature list of a request: 32-byte hashes, 64-byte signatures.
@@ -2316,6 +2363,30 @@ mod tests {
         match err {
             ReplicatorError::Load { doc, .. } => assert_eq!(doc, DocId::quarter(&slug("q1"))),
             other => panic!("stopped with {other}"),
+        }
+    }
+
+    /// To a peer that reads the short form, signatures go as records of 72
+    /// bytes, the hash's prefix and the signature; to any other peer they
+    /// go with whole hashes.
+    #[test]
+    fn signatures_go_in_the_short_form_only_to_a_peer_that_reads_it() {
+        let sigs: Vec<(ChangeHash, Vec<u8>)> = (0..3u8)
+            .map(|i| (ChangeHash([i; 32]), vec![i + 100; SIGNATURE_LEN]))
+            .collect();
+        let (whole, signed) = wire_signatures(sigs.clone(), false);
+        assert!(signed.is_empty());
+        assert_eq!(parse_sigs(whole), Some(sigs.clone()));
+
+        let (whole, signed) = wire_signatures(sigs.clone(), true);
+        assert!(whole.is_empty());
+        assert_eq!(signed.len(), 3 * wire::PREFIXED_SIGNATURE_LEN);
+        for (record, (hash, sig)) in signed.chunks(wire::PREFIXED_SIGNATURE_LEN).zip(&sigs) {
+            assert_eq!(
+                record[..wire::HASH_PREFIX_LEN],
+                hash.0[..wire::HASH_PREFIX_LEN]
+            );
+            assert_eq!(&record[wire::HASH_PREFIX_LEN..], sig.as_slice());
         }
     }
 

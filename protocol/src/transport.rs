@@ -202,6 +202,8 @@ mod tests {
             sigs: Vec::new(),
             answer: true,
             documents: false,
+            signed: Vec::new(),
+            prefixed: false,
         })
     }
 

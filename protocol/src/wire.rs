@@ -58,8 +58,26 @@ pub enum RequestV1 {
         /// versions leave it out and are sent changes, as before.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         documents: bool,
+        /// Signatures in the short form, [`PREFIXED_SIGNATURE_LEN`] bytes
+        /// each: the first [`HASH_PREFIX_LEN`] bytes of the signed change's
+        /// hash, then the 64-byte signature. Only to a peer that said
+        /// `prefixed`; the receiver finds the change by the prefix among
+        /// those the message carries. Alongside `sigs` or instead of it.
+        #[serde(default, skip_serializing_if = "Vec::is_empty", with = "serde_bytes")]
+        signed: Vec<u8>,
+        /// The sender reads signatures in `signed`. Nodes of earlier
+        /// versions leave it out and are sent `sigs`, as before.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        prefixed: bool,
     },
 }
+
+/// Bytes of a change's hash that name it in [`RequestV1::Sync::signed`].
+pub const HASH_PREFIX_LEN: usize = 8;
+
+/// Bytes of one signature in [`RequestV1::Sync::signed`]: the hash prefix
+/// and the 64-byte signature.
+pub const PREFIXED_SIGNATURE_LEN: usize = HASH_PREFIX_LEN + 64;
 
 /// A change hash and its author's ed25519 signature over it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,5 +115,9 @@ pub enum ResponseV1 {
         /// documents. Nodes of the version before it leave it out.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         documents: bool,
+        /// As in [`RequestV1::Sync`]: the answering node reads signatures
+        /// in the short form.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        prefixed: bool,
     },
 }

@@ -310,6 +310,8 @@ fn refill(
             sigs,
             answer: false,
             documents: false,
+            signed: Vec::new(),
+            prefixed: false,
         });
         swarm.behaviour_mut().sync.send_request(&target, request);
         *pending += 1;
