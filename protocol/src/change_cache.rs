@@ -235,7 +235,8 @@ fn within(changes: impl Iterator<Item = (usize, Option<u64>)>, max_bytes: usize)
 pub const DOCUMENT_MIN_CHANGES: usize = 32;
 
 /// The next sync message of a session as a whole document (`document(am)`,
-/// saved uncompressed; `None` if it would not pass the receiver's check,
+/// saved with compressed columns for a peer that reads them, uncompressed
+/// otherwise; `None` if it would not pass the receiver's check,
 /// `chunks::check_document`), when the peer holds nothing of it but its root
 /// change (the genesis every node starts from) and lacks at least
 /// [`DOCUMENT_MIN_CHANGES`], and, if `only_by` names an actor, every other

@@ -7,6 +7,8 @@
 //! 4 checksum bytes, 1 type byte (0 document, 1 change, 2 compressed change,
 //! 3 bundle), a ULEB128 length, then that many bytes.
 
+use std::io::Read as _;
+
 use automerge::{Change, ChangeHash};
 use sha2::{Digest, Sha256};
 
@@ -25,6 +27,13 @@ pub const MAX_CHANGES_PER_MESSAGE: usize = 200_000;
 /// bytes per operation as changes and 16 as a whole document; a node cuts
 /// its own messages to this bound (`change_cache`).
 pub const MAX_DECLARED_VALUES: u64 = 2_000_000;
+
+/// Most bytes the compressed columns of one whole document may inflate to,
+/// all together. automerge inflates every compressed column of a document
+/// it loads, without a bound, and holds them while it loads. A document of
+/// 100,000 concerns takes about 31 MB uncompressed (5.5 MB compressed);
+/// beyond this a document goes as changes (`change_cache`).
+pub const MAX_INFLATED_DOCUMENT: u64 = 64 << 20;
 
 /// Why the chunks of a message were refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -54,8 +63,10 @@ pub enum ChunkError {
     Bloom(&'static str),
     #[error("whole document is malformed: {0}")]
     Document(&'static str),
-    #[error("whole document has compressed columns (only uncompressed ones are accepted)")]
-    CompressedColumns,
+    #[error(
+        "whole document's compressed columns inflate to more than {MAX_INFLATED_DOCUMENT} bytes"
+    )]
+    InflatesTooFar,
     #[error("chunk is malformed: {0}")]
     Malformed(&'static str),
     #[error(
@@ -236,16 +247,49 @@ fn column_values(spec: u64, mut data: &[u8], limit: u64) -> Result<u64, ChunkErr
     Ok(total)
 }
 
+/// Bit 3 of a column's specification: its data is deflated.
+const COLUMN_DEFLATE: u64 = 0b1000;
+
 /// The most values any one of `columns` (specification, length), laid out
 /// one after the other at the start of `data`, declares, stopping once past
-/// `limit`.
-fn declared_values(columns: &[(u64, u64)], mut data: &[u8], limit: u64) -> Result<u64, ChunkError> {
+/// `limit`. A compressed column is inflated first, charged to
+/// `inflate_left`; without it (in a change, which automerge refuses with
+/// compressed columns) a compressed column is refused.
+fn declared_values(
+    columns: &[(u64, u64)],
+    mut data: &[u8],
+    limit: u64,
+    mut inflate_left: Option<&mut u64>,
+) -> Result<u64, ChunkError> {
     let mut most = 0;
     for &(spec, len) in columns {
         let column = take_bytes(&mut data, len, "column longer than the bytes that hold it")?;
-        most = most.max(column_values(spec, column, limit)?);
+        let values = if spec & COLUMN_DEFLATE == 0 {
+            column_values(spec, column, limit)?
+        } else {
+            let left = inflate_left
+                .as_deref_mut()
+                .ok_or(ChunkError::Malformed("compressed column in a change"))?;
+            column_values(spec, &inflate_column(column, left)?, limit)?
+        };
+        most = most.max(values);
     }
     Ok(most)
+}
+
+/// A compressed column's data inflated, as automerge inflates it (raw
+/// deflate, read to the end of its stream), reading no more than `left`
+/// bytes of output, which are taken off it.
+fn inflate_column(column: &[u8], left: &mut u64) -> Result<Vec<u8>, ChunkError> {
+    let mut out = Vec::new();
+    flate2::read::DeflateDecoder::new(column)
+        .take(left.saturating_add(1))
+        .read_to_end(&mut out)
+        .map_err(|_| ChunkError::Document("a compressed column does not inflate"))?;
+    *left = left
+        .checked_sub(out.len() as u64)
+        .ok_or(ChunkError::InflatesTooFar)?;
+    Ok(out)
 }
 
 /// Reads a list of column specifications and lengths: a count, then each
@@ -286,7 +330,7 @@ fn charge_change(mut data: &[u8], values_left: &mut u64) -> Result<(), ChunkErro
         take_bytes(data, len, what)?;
     }
     let columns = column_list(data)?;
-    let declared = declared_values(&columns, data, *values_left)?;
+    let declared = declared_values(&columns, data, *values_left, None)?;
     *values_left = values_left
         .checked_sub(declared)
         .ok_or(ChunkError::TooManyValues)?;
@@ -398,13 +442,12 @@ pub fn count(bytes: &[u8]) -> usize {
 /// Checks that `element` is one whole-document chunk (chunk type 0, what
 /// `Automerge::save_nocompress` writes) whose header automerge can read
 /// with bounded work, before automerge loads it: every count in its header
-/// fits the bytes that follow, no column is compressed, no change column
-/// declares more than [`MAX_CHANGES_PER_MESSAGE`] values and no operation
-/// column more than [`MAX_DECLARED_VALUES`]. automerge inflates
-/// compressed columns without a bound; uncompressed, a document's columns
-/// take no more bytes than it came in (the transport bounds those,
-/// inflated: `wire::MAX_REQUEST_BYTES`), but their runs may declare far
-/// more values than that.
+/// fits the bytes that follow, its compressed columns inflate to at most
+/// [`MAX_INFLATED_DOCUMENT`] bytes together (automerge inflates them
+/// without a bound), no change column declares more than
+/// [`MAX_CHANGES_PER_MESSAGE`] values and no operation column more than
+/// [`MAX_DECLARED_VALUES`] (run-length encoding declares far more values
+/// than its bytes hold).
 ///
 /// Layout after the chunk header: actors (a count, then each a length and
 /// its bytes), heads (a count, then 32 bytes each), then the change
@@ -414,20 +457,19 @@ pub fn check_document(element: &[u8]) -> Result<(), ChunkError> {
     let (_, mut rest) = document_header(element)?;
     let change_columns = column_list(&mut rest)?;
     let op_columns = column_list(&mut rest)?;
-    if change_columns
-        .iter()
-        .chain(&op_columns)
-        .any(|(spec, _)| spec & 0b1000 != 0)
-    {
-        return Err(ChunkError::CompressedColumns);
-    }
+    let mut inflate_left = MAX_INFLATED_DOCUMENT;
     // The change columns' data, then the operation columns'. automerge
     // sets up a builder for every change before it reads their operations,
     // so the changes are bounded as in a message of changes.
     let change_bytes = change_columns
         .iter()
         .fold(0u64, |sum, (_, len)| sum.saturating_add(*len));
-    let changes = declared_values(&change_columns, rest, MAX_CHANGES_PER_MESSAGE as u64)?;
+    let changes = declared_values(
+        &change_columns,
+        rest,
+        MAX_CHANGES_PER_MESSAGE as u64,
+        Some(&mut inflate_left),
+    )?;
     if changes > MAX_CHANGES_PER_MESSAGE as u64 {
         return Err(ChunkError::TooManyChanges);
     }
@@ -436,7 +478,13 @@ pub fn check_document(element: &[u8]) -> Result<(), ChunkError> {
         change_bytes,
         "column longer than the bytes that hold it",
     )?;
-    if declared_values(&op_columns, rest, MAX_DECLARED_VALUES)? > MAX_DECLARED_VALUES {
+    let ops = declared_values(
+        &op_columns,
+        rest,
+        MAX_DECLARED_VALUES,
+        Some(&mut inflate_left),
+    )?;
+    if ops > MAX_DECLARED_VALUES {
         return Err(ChunkError::TooManyValues);
     }
     Ok(())
@@ -596,6 +644,40 @@ pub mod forge {
         chunk.extend_from_slice(&hashed);
         chunk
     }
+
+    /// A whole-document chunk by `actor`, without heads, whose one change
+    /// column is compressed and inflates to `inflated` zero bytes (null
+    /// runs of no values): what automerge would inflate whole before it
+    /// read anything else.
+    pub fn inflating_document(actor: &[u8], inflated: usize) -> Vec<u8> {
+        use std::io::Write as _;
+        let mut deflate =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+        let zeros = vec![0u8; 1 << 20];
+        let mut left = inflated;
+        while left > 0 {
+            let n = left.min(zeros.len());
+            let _ = deflate.write_all(&zeros[..n]);
+            left -= n;
+        }
+        let column = deflate.finish().unwrap_or_default();
+        let mut body = Vec::new();
+        uleb(1, &mut body); // actors
+        uleb(actor.len() as u64, &mut body);
+        body.extend_from_slice(actor);
+        uleb(0, &mut body); // heads
+        uleb(1, &mut body); // change columns: the actors, compressed
+        uleb(0x19, &mut body);
+        uleb(column.len() as u64, &mut body);
+        uleb(0, &mut body); // operation columns
+        body.extend_from_slice(&column);
+        let mut chunk = super::MAGIC.to_vec();
+        chunk.extend_from_slice(&[0; 4]);
+        chunk.push(0);
+        uleb(body.len() as u64, &mut chunk);
+        chunk.extend_from_slice(&body);
+        chunk
+    }
 }
 
 #[cfg(test)]
@@ -689,14 +771,32 @@ mod tests {
     }
 
     #[test]
-    fn only_well_formed_uncompressed_documents_pass_the_document_check() {
-        // Enough changes that automerge compresses some columns when asked.
+    fn only_well_formed_documents_pass_the_document_check() {
+        // Enough changes that automerge compresses some columns.
         let doc = doc_with_changes(300);
         let plain = doc.save_nocompress();
         assert_eq!(check_document(&plain), Ok(()));
+        let compressed = doc.save();
+        assert!(compressed.len() < plain.len());
+        assert_eq!(check_document(&compressed), Ok(()));
+        // Compressed columns inflate up to the bound, together.
+        let max = MAX_INFLATED_DOCUMENT as usize;
         assert_eq!(
-            check_document(&doc.save()),
-            Err(ChunkError::CompressedColumns)
+            check_document(&forge::inflating_document(&[7; 16], max)),
+            Ok(())
+        );
+        assert_eq!(
+            check_document(&forge::inflating_document(&[7; 16], max + 1)),
+            Err(ChunkError::InflatesTooFar)
+        );
+        // A compressed column that does not inflate: its data (from byte
+        // 33, after the 9-byte chunk header, the length, one 16-byte actor,
+        // no heads and the two column lists) is not a deflate stream.
+        let mut broken = forge::inflating_document(&[7; 16], 1024);
+        broken[33..].iter_mut().for_each(|b| *b = 0xff);
+        assert_eq!(
+            check_document(&broken),
+            Err(ChunkError::Document("a compressed column does not inflate"))
         );
         let change = doc.get_changes(&[])[0].raw_bytes().to_vec();
         assert_eq!(check_document(&change), Err(ChunkError::UnexpectedType(1)));

@@ -457,6 +457,7 @@ mod tests {
             documents: true,
             signed: Vec::new(),
             prefixed: true,
+            compressed: true,
         })
     }
 
@@ -581,6 +582,7 @@ mod tests {
             documents: false,
             signed: Vec::new(),
             prefixed: false,
+            compressed: false,
         });
         let body = written(&mut codec, &v2(), zeros.clone()).await;
         assert_eq!(body[0], PLAIN, "a request deflating 1,000:1 went deflated");
@@ -660,6 +662,7 @@ mod tests {
                 documents: false,
                 signed: Vec::new(),
                 prefixed: false,
+                compressed: false,
             })
         };
         let max = wire::MAX_REQUEST_BYTES as usize;
@@ -737,6 +740,7 @@ mod tests {
             documents: true,
             signed: Vec::new(),
             prefixed: true,
+            compressed: true,
         });
         for protocol in [v1(), v2()] {
             let body = written(&mut ours, &protocol, new.clone()).await;
@@ -803,6 +807,7 @@ mod tests {
                 documents: true,
                 signed: Vec::new(),
                 prefixed: true,
+                compressed: true,
             })
         };
         let first = written(&mut codec, &v2(), with(0)).await;
@@ -859,8 +864,8 @@ mod tests {
         }
     }
 
-    /// The shapes of nodes that read whole documents but no signatures in
-    /// the short form (before `prefixed`).
+    /// The shapes of nodes that read whole documents, uncompressed, but no
+    /// signatures in the short form (before `prefixed` and `compressed`).
     mod whole_hashes {
         use serde::{Deserialize, Serialize};
 
@@ -907,10 +912,11 @@ mod tests {
         }
     }
 
-    /// A node of the version before `prefixed` reads a request that says it
-    /// (and carries whole hashes, as it is sent them) and an answer that
-    /// says it as ones that do not; what it sends reads here as not reading
-    /// the short form, so it is sent whole hashes, as before.
+    /// A node of the version before `prefixed` and `compressed` reads a
+    /// request that says them (and carries whole hashes, as it is sent
+    /// them) and an answer that says them as ones that do not; what it
+    /// sends reads here as reading neither, so it is sent whole hashes and
+    /// uncompressed documents, as before.
     #[tokio::test]
     async fn nodes_that_read_only_whole_hashes_read_requests_and_answers_that_offer_prefixes() {
         let mut ours = SyncCodec::new(Arc::default());
@@ -947,6 +953,7 @@ mod tests {
                 Request::V1(RequestV1::Sync {
                     documents: true,
                     prefixed: false,
+                    compressed: false,
                     signed,
                     sigs,
                     ..
@@ -963,6 +970,7 @@ mod tests {
                 data: data.clone(),
                 documents: true,
                 prefixed: true,
+                compressed: true,
             }),
         )
         .await
@@ -989,6 +997,7 @@ mod tests {
                 data,
                 documents: true,
                 prefixed: false,
+                compressed: false,
             })
         );
     }
@@ -1088,6 +1097,7 @@ mod tests {
                 data: data.clone(),
                 documents: true,
                 prefixed: true,
+                compressed: true,
             }),
         )
         .await
@@ -1117,6 +1127,7 @@ mod tests {
                 data,
                 documents: false,
                 prefixed: false,
+                compressed: false,
             })
         );
     }
@@ -1129,6 +1140,7 @@ mod tests {
             data: vec![0x42; 300],
             documents: true,
             prefixed: true,
+            compressed: true,
         });
         for resp in [answer.clone(), Response::V1(ResponseV1::Ack)] {
             let mut body = Vec::new();
@@ -1151,6 +1163,7 @@ mod tests {
             data: vec![0xff; wire::MAX_ANSWER_BYTES],
             documents: true,
             prefixed: true,
+            compressed: true,
         });
         let mut body = Vec::new();
         codec

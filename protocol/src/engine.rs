@@ -271,6 +271,10 @@ struct Peer {
     /// Reads signatures in the short form ([`Engine::peer_reads_prefixed`]);
     /// learnt anew each time the peer comes up.
     reads_prefixed: bool,
+    /// Reads whole documents with compressed columns
+    /// ([`Engine::peer_takes_compressed`]); learnt anew each time the peer
+    /// comes up.
+    takes_compressed: bool,
     /// Whose whole documents this node takes from the peer
     /// ([`Engine::take_documents_from`]); set anew each time it comes up.
     documents_from: DocumentsFrom,
@@ -337,7 +341,8 @@ pub struct Engine<P: Ord + Clone> {
     /// with the heads they were saved at, oldest first, at most
     /// [`SAVED_BYTES`] in all: a document is sent whole to every peer that
     /// holds nothing of it, and saving it costs about as much as loading it.
-    saved: VecDeque<(DocId, Vec<ChangeHash>, Vec<u8>)>,
+    /// Kept apart by whether its columns are compressed.
+    saved: VecDeque<SavedDocument>,
     /// Refused messages and changes since start, over all peers (also gone ones).
     refused: (u64, u64),
     /// The next session epoch.
@@ -638,6 +643,7 @@ impl<P: Ord + Clone> Engine<P> {
         entry.busy = false;
         entry.takes_documents = false;
         entry.reads_prefixed = false;
+        entry.takes_compressed = false;
         entry.documents_from = DocumentsFrom::Nobody;
         entry.persisted = persisted.into_iter().collect();
         entry.stats.session_bytes_sent = 0;
@@ -675,6 +681,17 @@ impl<P: Ord + Clone> Engine<P> {
     pub fn peer_reads_prefixed(&mut self, peer: &P) {
         if let Some(p) = self.peers.get_mut(peer).filter(|p| p.up) {
             p.reads_prefixed = true;
+        }
+    }
+
+    /// `peer` reads whole documents with compressed columns (it said so on
+    /// its last message, `wire::RequestV1::Sync::compressed`): they go to
+    /// it saved so, about a fifth of their size uncompressed. Until it says
+    /// so, and to nodes of earlier versions, whole documents go
+    /// uncompressed.
+    pub fn peer_takes_compressed(&mut self, peer: &P) {
+        if let Some(p) = self.peers.get_mut(peer).filter(|p| p.up) {
+            p.takes_compressed = true;
         }
     }
 
@@ -804,6 +821,7 @@ impl<P: Ord + Clone> Engine<P> {
             });
         let over_budget = windowed && self.in_flight_bytes >= self.node_bytes;
         let takes_documents = self.peers.get(peer).is_some_and(|p| p.takes_documents);
+        let takes_compressed = self.peers.get(peer).is_some_and(|p| p.takes_compressed);
         let reads_prefixed = self.reads_prefixed(peer);
         // Peers take whole documents only from the centre and from a
         // document's writers (see `DocumentsFrom`). A quarter that has no
@@ -830,7 +848,7 @@ impl<P: Ord + Clone> Engine<P> {
         let saved = &mut self.saved;
         let whole = if takes_documents {
             change_cache::document_message(am, &mut session.state, only_by, |am| {
-                saved_document(saved, doc, am)
+                saved_document(saved, doc, takes_compressed, am)
             })
         } else {
             None
@@ -842,7 +860,7 @@ impl<P: Ord + Clone> Engine<P> {
             // to send us whole documents of its own (v2 messages, saved
             // with compressed columns, which automerge inflates without
             // bounds). Whole documents come only as this node asks for
-            // them (`documents` on the wire), uncompressed, and are
+            // them (`documents` and `compressed` on the wire), and are
             // checked before they load (`chunks::check_document`).
             msg.flags = None;
             let sigs: Vec<(ChangeHash, Vec<u8>)> = carried
@@ -1595,33 +1613,46 @@ fn receive_parsed(
     Ok(replaced)
 }
 
-/// `am` saved whole (uncompressed, see `chunks::check_document`), from
-/// `saved` if it holds the document at its current heads; `None` if the
-/// receiver's check would refuse it.
+/// A document saved whole to send: which, whether its columns are
+/// compressed, the heads it was saved at, and its bytes.
+type SavedDocument = (DocId, bool, Vec<ChangeHash>, Vec<u8>);
+
+/// `am` saved whole, with compressed columns if `compressed` (for a peer
+/// that reads them, `Engine::peer_takes_compressed`), from `saved` if it
+/// holds the document so at its current heads; `None` if the receiver's
+/// check would refuse it (`chunks::check_document`).
 fn saved_document(
-    saved: &mut VecDeque<(DocId, Vec<ChangeHash>, Vec<u8>)>,
+    saved: &mut VecDeque<SavedDocument>,
     doc: &DocId,
+    compressed: bool,
     am: &Automerge,
 ) -> Option<Vec<u8>> {
     let heads = am.get_heads();
-    if let Some((_, _, bytes)) = saved.iter().find(|(d, h, _)| d == doc && *h == heads) {
+    let kept = saved
+        .iter()
+        .find(|(d, c, h, _)| d == doc && *c == compressed && *h == heads);
+    if let Some((_, _, _, bytes)) = kept {
         return Some(bytes.clone());
     }
-    let bytes = am.save_nocompress();
+    let bytes = if compressed {
+        am.save()
+    } else {
+        am.save_nocompress()
+    };
     // What the receiver checks before it loads the document: its columns
     // may declare more values than a message may (a long history of
     // values that run-length encode to nothing). Checked once per save.
     chunks::check_document(&bytes).ok()?;
-    saved.retain(|(d, _, _)| d != doc);
-    let mut held: usize = saved.iter().map(|(_, _, b)| b.len()).sum();
+    saved.retain(|(d, c, _, _)| !(d == doc && *c == compressed));
+    let mut held: usize = saved.iter().map(|(_, _, _, b)| b.len()).sum();
     while held + bytes.len() > SAVED_BYTES {
-        let Some((_, _, old)) = saved.pop_front() else {
+        let Some((_, _, _, old)) = saved.pop_front() else {
             break;
         };
         held -= old.len();
     }
     if bytes.len() <= SAVED_BYTES {
-        saved.push_back((doc.clone(), heads, bytes.clone()));
+        saved.push_back((doc.clone(), compressed, heads, bytes.clone()));
     }
     Some(bytes)
 }
@@ -3512,7 +3543,27 @@ mod tests {
             .expect_err("signed by another");
         assert_bad_signature(&err);
         assert!(!held(&centre, &real.hash()));
-        // Compressed columns are refused before automerge inflates them.
+        // Compressed columns that inflate past the bound are refused before
+        // automerge inflates them.
+        let err = centre
+            .receive(
+                &1,
+                &doc,
+                &whole(
+                    &only_real,
+                    chunks::forge::inflating_document(
+                        signer(1).actor().to_bytes(),
+                        chunks::MAX_INFLATED_DOCUMENT as usize + 1,
+                    ),
+                ),
+                &[],
+                0,
+            )
+            .expect_err("compressed columns inflating too far");
+        assert!(
+            matches!(err, SyncError::Chunks(ChunkError::InflatesTooFar)),
+            "{err}"
+        );
         let mut long = only_real.clone();
         long.set_actor(signer(1).actor());
         long.transact::<_, _, schema::SchemaError>(|tx| {
@@ -3527,11 +3578,12 @@ mod tests {
         .expect("write");
         let err = centre
             .receive(&1, &doc, &whole(&long, long.save()), &[], 0)
-            .expect_err("compressed columns");
+            .expect_err("compressed and unsigned");
         assert!(
-            matches!(err, SyncError::Chunks(ChunkError::CompressedColumns)),
+            matches!(err, SyncError::Unauthorised(AuthorError::Unsigned { .. })),
             "{err}"
         );
+        assert!(!held(&centre, &real.hash()));
         // A document beside changes in one message is refused.
         let mut both = only_real.save_nocompress();
         both.extend_from_slice(real.raw_bytes());
@@ -3568,17 +3620,22 @@ mod tests {
             "{err}"
         );
         assert!(!held(&centre, &real.hash()));
-        // The honest document goes in.
+        // The honest document goes in, with compressed columns (its long
+        // description makes automerge compress some).
+        let latest = long.get_last_local_change().expect("change").hash();
+        let compressed = long.save();
+        assert!(compressed.len() < long.save_nocompress().len());
         centre
             .receive(
                 &1,
                 &doc,
-                &whole(&only_real, only_real.save_nocompress()),
-                &sigs[..1],
+                &whole(&long, compressed),
+                &[(latest, signer(1).sign(&latest))],
                 0,
             )
             .expect("the honest document");
         assert!(held(&centre, &real.hash()));
+        assert!(held(&centre, &latest));
     }
 
     /// A whole document replaces a copy holding part of it, on the
@@ -3767,6 +3824,10 @@ mod tests {
             sim.nodes[x].take_documents_from(&y, DocumentsFrom::Writer(signer(y).actor()));
             sim.nodes[y].take_documents_from(&x, DocumentsFrom::Centre);
         }
+        // The owner and the centre read compressed documents; quarter 2, as
+        // a node of an earlier version, does not say so.
+        sim.nodes[0].peer_takes_compressed(&1);
+        sim.nodes[1].peer_takes_compressed(&0);
         sim.run(100_000);
         for n in [0, 2] {
             let held = sim.nodes[n].doc(&a).expect("replica");
@@ -3774,10 +3835,20 @@ mod tests {
         }
         assert_eq!(sim.documents_sent[1], 1, "the owner to the centre");
         assert_eq!(sim.documents_sent[0], 1, "the centre to quarter 2");
+        // Each stored the document as it came: compressed at the centre.
+        let plain = sim.nodes[1].doc(&a).expect("doc").save_nocompress().len();
+        let at_centre = &sim.stored[&(0, a.clone())];
+        assert_eq!(at_centre.len(), 1);
+        assert!(
+            at_centre[0].len() < plain / 2,
+            "{} of {plain} bytes",
+            at_centre[0].len()
+        );
         // Quarter 2 stored the document whole, and keeps every signature.
         let entries = &sim.stored[&(2, a.clone())];
         assert_eq!(entries.len(), 1);
         assert!(chunks::is_document(&entries[0]));
+        assert_eq!(entries[0].len(), plain, "uncompressed to quarter 2");
         assert_eq!(sim.nodes[2].sigs.len(), 60);
         // Quarter 2 neither writes quarter a's document nor is the centre:
         // it sends quarter 3 changes, though 3 reads whole documents.

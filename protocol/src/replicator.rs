@@ -1251,6 +1251,7 @@ impl Actor {
                 documents: true,
                 signed,
                 prefixed: true,
+                compressed: true,
             });
             let id = self
                 .swarm
@@ -1903,6 +1904,7 @@ impl Actor {
                     documents,
                     signed,
                     prefixed,
+                    compressed,
                 }) = request;
                 let sigs =
                     parse_sigs(sigs).filter(|_| signed.len() % wire::PREFIXED_SIGNATURE_LEN == 0);
@@ -1936,6 +1938,9 @@ impl Actor {
                     if prefixed {
                         self.engine.peer_reads_prefixed(&peer);
                     }
+                    if compressed {
+                        self.engine.peer_takes_compressed(&peer);
+                    }
                     let signatures = Signatures {
                         whole: &sigs,
                         prefixed: &signed,
@@ -1961,6 +1966,7 @@ impl Actor {
                                         data: out.data,
                                         documents: true,
                                         prefixed: true,
+                                        compressed: true,
                                     }
                                 }
                                 None => ResponseV1::Ack,
@@ -2020,12 +2026,16 @@ impl Actor {
                         data,
                         documents,
                         prefixed,
+                        compressed,
                     }) => {
                         if documents {
                             self.engine.peer_takes_documents(&peer);
                         }
                         if prefixed {
                             self.engine.peer_reads_prefixed(&peer);
+                        }
+                        if compressed {
+                            self.engine.peer_takes_compressed(&peer);
                         }
                         self.engine.delivered(&peer, &doc, epoch, now);
                         self.receive_answer(peer, doc, epoch, &data);

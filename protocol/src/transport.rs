@@ -204,6 +204,7 @@ mod tests {
             documents: false,
             signed: Vec::new(),
             prefixed: false,
+            compressed: false,
         })
     }
 

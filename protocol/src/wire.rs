@@ -69,6 +69,11 @@ pub enum RequestV1 {
         /// versions leave it out and are sent `sigs`, as before.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         prefixed: bool,
+        /// The sender reads whole documents with compressed columns (as
+        /// `Automerge::save` writes them). Nodes of earlier versions leave
+        /// it out and are sent whole documents uncompressed, as before.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        compressed: bool,
     },
 }
 
@@ -119,5 +124,9 @@ pub enum ResponseV1 {
         /// in the short form.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         prefixed: bool,
+        /// As in [`RequestV1::Sync`]: the answering node reads whole
+        /// documents with compressed columns.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        compressed: bool,
     },
 }

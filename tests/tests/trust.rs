@@ -143,9 +143,9 @@ fn insiders_cannot_forge_and_hostile_messages_cannot_take_the_centre_down() -> R
             "only from the centre or the document's writers",
         ),
         (
-            "compressed-doc",
+            "inflating-doc",
             vec!["--doc", "quarter/prohlis"],
-            "compressed columns",
+            "inflate to more than",
         ),
         (
             "run-length-bomb",

@@ -6,7 +6,8 @@
 //! Scenarios: `connect`, `forge-city`, `forge-quarter` (claims `--victim`'s
 //! actor), `forge-whole-doc` (a forged change in a whole document of a
 //! quarter the sender does not write),
-//! `compressed-doc` (the sender's own document with compressed columns),
+//! `inflating-doc` (a document of the sender's whose compressed column
+//! inflates to 64 MiB and one byte of zeros, from about 65 KB),
 //! `run-length-bomb` (a change of the sender's, signed, whose 70 bytes of
 //! run-length encoding declare 2^63-1 operations),
 //! `garbage`, `bloom`, `bomb`, `oversized` (40 MiB
@@ -177,28 +178,17 @@ fn requests(args: &Args, identity: &Identity) -> Result<Vec<Outgoing>, String> {
                 vec![sig],
             ));
         }
-        "compressed-doc" => {
-            // The sender's own document, written as itself and signed, but
-            // saved with compressed columns, which automerge would inflate
-            // without a bound.
-            let mut am = schema::genesis(&doc);
-            am.set_actor(signer.actor());
-            am.transact::<_, _, schema::SchemaError>(|tx| {
-                schema::put_concern(
-                    tx,
-                    &Concern::new("graffiti".into(), "x".repeat(3000), None, None, 0),
-                )
-            })
-            .map_err(|e| format!("{:?}", e.error))?;
-            let change = am.get_last_local_change().ok_or("no change")?;
-            let sig = SignedHash {
-                hash: change.hash().0.to_vec(),
-                sig: signer.sign(&change.hash()),
-            };
+        "inflating-doc" => {
+            // automerge would inflate every compressed column whole before
+            // it read anything else.
+            let document = iq_protocol::chunks::forge::inflating_document(
+                signer.actor().to_bytes(),
+                iq_protocol::chunks::MAX_INFLATED_DOCUMENT as usize + 1,
+            );
             out.push((
                 doc,
-                message(am.get_heads(), vec![am.save()], sync::MessageVersion::V2),
-                vec![sig],
+                message(vec![], vec![document], sync::MessageVersion::V2),
+                vec![],
             ));
         }
         "run-length-bomb" => {
@@ -312,6 +302,7 @@ fn refill(
             documents: false,
             signed: Vec::new(),
             prefixed: false,
+            compressed: false,
         });
         swarm.behaviour_mut().sync.send_request(&target, request);
         *pending += 1;
