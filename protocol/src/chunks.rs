@@ -30,10 +30,22 @@ pub const MAX_DECLARED_VALUES: u64 = 2_000_000;
 
 /// Most bytes the compressed columns of one whole document may inflate to,
 /// all together. automerge inflates every compressed column of a document
-/// it loads, without a bound, and holds them while it loads. A document of
-/// 100,000 concerns takes about 31 MB uncompressed (5.5 MB compressed);
-/// beyond this a document goes as changes (`change_cache`).
+/// it loads, without a bound, and holds them while it loads. 1,000 concerns
+/// take 312 KB uncompressed (56 KB compressed), so this holds about 200,000;
+/// a larger document goes as changes (`change_cache`).
 pub const MAX_INFLATED_DOCUMENT: u64 = 64 << 20;
+
+/// Most times its own size, and [`INFLATE_ALLOWANCE`] more, a whole
+/// document's compressed columns may inflate to (within
+/// [`MAX_INFLATED_DOCUMENT`]), so a peer makes a node inflate no more than
+/// this for every byte it sends (deflate reaches about 1,000:1; automerge's
+/// documents of concerns inflate about 6:1). A document beyond it goes as
+/// changes, as its sender runs the same check.
+pub const MAX_DOCUMENT_INFLATE_RATIO: u64 = 64;
+
+/// Bytes a whole document's compressed columns may inflate to beyond
+/// [`MAX_DOCUMENT_INFLATE_RATIO`] times its size.
+pub const INFLATE_ALLOWANCE: u64 = 1 << 20;
 
 /// Why the chunks of a message were refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -64,7 +76,9 @@ pub enum ChunkError {
     #[error("whole document is malformed: {0}")]
     Document(&'static str),
     #[error(
-        "whole document's compressed columns inflate to more than {MAX_INFLATED_DOCUMENT} bytes"
+        "whole document's compressed columns inflate to more than {MAX_INFLATED_DOCUMENT} \
+         bytes, or more than {MAX_DOCUMENT_INFLATE_RATIO} times the document's size and \
+         {INFLATE_ALLOWANCE} bytes"
     )]
     InflatesTooFar,
     #[error("chunk is malformed: {0}")]
@@ -369,8 +383,8 @@ fn split(mut input: &[u8]) -> Result<Vec<RawChunk<'_>>, ChunkError> {
 /// change chunks. Compressed change chunks (type 2) are refused, and so are
 /// whole documents (chunk type 0) here: automerge would inflate compressed
 /// changes and compressed columns without a bound, and iq nodes send
-/// neither (whole documents go uncompressed, alone, see
-/// [`check_document`]).
+/// neither here (whole documents go alone in their message, and are
+/// checked by [`check_document`]).
 /// The values each change's columns declare are charged to `values_left`
 /// (start it at [`MAX_DECLARED_VALUES`] for each message) before automerge
 /// reads them.
@@ -440,11 +454,12 @@ pub fn count(bytes: &[u8]) -> usize {
 }
 
 /// Checks that `element` is one whole-document chunk (chunk type 0, what
-/// `Automerge::save_nocompress` writes) whose header automerge can read
+/// `Automerge::save` and `save_nocompress` write) whose header automerge can read
 /// with bounded work, before automerge loads it: every count in its header
 /// fits the bytes that follow, its compressed columns inflate to at most
-/// [`MAX_INFLATED_DOCUMENT`] bytes together (automerge inflates them
-/// without a bound), no change column declares more than
+/// [`MAX_INFLATED_DOCUMENT`] bytes together, and to at most
+/// [`MAX_DOCUMENT_INFLATE_RATIO`] times the document's size and
+/// [`INFLATE_ALLOWANCE`] (automerge inflates them without a bound), no change column declares more than
 /// [`MAX_CHANGES_PER_MESSAGE`] values and no operation column more than
 /// [`MAX_DECLARED_VALUES`] (run-length encoding declares far more values
 /// than its bytes hold).
@@ -457,7 +472,10 @@ pub fn check_document(element: &[u8]) -> Result<(), ChunkError> {
     let (_, mut rest) = document_header(element)?;
     let change_columns = column_list(&mut rest)?;
     let op_columns = column_list(&mut rest)?;
-    let mut inflate_left = MAX_INFLATED_DOCUMENT;
+    let mut inflate_left = (element.len() as u64)
+        .saturating_mul(MAX_DOCUMENT_INFLATE_RATIO)
+        .saturating_add(INFLATE_ALLOWANCE)
+        .min(MAX_INFLATED_DOCUMENT);
     // The change columns' data, then the operation columns'. automerge
     // sets up a builder for every change before it reads their operations,
     // so the changes are bounded as in a message of changes.
@@ -779,16 +797,23 @@ mod tests {
         let compressed = doc.save();
         assert!(compressed.len() < plain.len());
         assert_eq!(check_document(&compressed), Ok(()));
-        // Compressed columns inflate up to the bound, together.
+        // Compressed columns inflate, together, up to 64 times the
+        // document's size and 1 MiB, and never past 64 MiB.
+        let within = |inflated: usize| {
+            let document = forge::inflating_document(&[7; 16], inflated);
+            let bound = (document.len() as u64 * MAX_DOCUMENT_INFLATE_RATIO + INFLATE_ALLOWANCE)
+                .min(MAX_INFLATED_DOCUMENT);
+            (check_document(&document), bound)
+        };
+        let (checked, bound) = within(INFLATE_ALLOWANCE as usize);
+        assert_eq!(checked, Ok(()));
+        assert!(bound > INFLATE_ALLOWANCE);
+        // 16 MiB of zeros deflate to about 16 KB: within 64 MiB, not 64:1.
+        let (checked, bound) = within(16 << 20);
+        assert!(bound < 16 << 20, "{bound}");
+        assert_eq!(checked, Err(ChunkError::InflatesTooFar));
         let max = MAX_INFLATED_DOCUMENT as usize;
-        assert_eq!(
-            check_document(&forge::inflating_document(&[7; 16], max)),
-            Ok(())
-        );
-        assert_eq!(
-            check_document(&forge::inflating_document(&[7; 16], max + 1)),
-            Err(ChunkError::InflatesTooFar)
-        );
+        assert_eq!(within(max + 2).0, Err(ChunkError::InflatesTooFar));
         // A compressed column that does not inflate: its data (from byte
         // 33, after the 9-byte chunk header, the length, one 16-byte actor,
         // no heads and the two column lists) is not a deflate stream.

@@ -26,7 +26,7 @@
 //! their own documents to each other while it is not, and relay everything
 //! only in a long outage; see `replicator`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use automerge::sync::{self, SyncDoc};
 use automerge::transaction::Transaction;
@@ -911,13 +911,13 @@ impl<P: Ord + Clone> Engine<P> {
         sigs: impl Into<Signatures<'s>>,
         now: u64,
     ) -> Result<Effects<P>, SyncError> {
-        let sigs = SigIndex::new(sigs.into());
         if !self.is_up(peer) {
             return Err(SyncError::UnknownPeer);
         }
         if !self.accepts(doc) {
             return Err(SyncError::NotAccepted(doc.clone()));
         }
+        let sigs = SigIndex::new(sigs.into());
         let (msg, new_sigs, incoming) = match self.check_message(peer, doc, data, &sigs) {
             Ok(ok) => ok,
             Err((err, bad_changes)) => {
@@ -1153,8 +1153,12 @@ impl<P: Ord + Clone> Engine<P> {
         };
         match carried {
             Incoming::Changes(carried) => {
-                let fresh: Vec<automerge::Change> =
-                    carried.into_iter().filter(|c| !held(&c.hash())).collect();
+                // A change the message repeats is checked and applied once.
+                let mut seen = HashSet::new();
+                let fresh: Vec<automerge::Change> = carried
+                    .into_iter()
+                    .filter(|c| !held(&c.hash()) && seen.insert(c.hash()))
+                    .collect();
                 let new: Vec<&automerge::Change> = fresh.iter().collect();
                 let accepted = self.check_authors(doc, &new, sig_of)?;
                 Ok((msg, accepted, Incoming::Changes(fresh)))
@@ -1818,66 +1822,72 @@ pub fn hash_prefix(hash: &ChangeHash) -> [u8; wire::HASH_PREFIX_LEN] {
 }
 
 /// Signatures named by one hash prefix that a change is checked against at
-/// most: only a peer that searched for hashes that collide sends more than
-/// one, and each costs a verification.
+/// most: an honest peer sends one (two of its changes share a prefix once
+/// in about 2^64 pairs), and each costs a verification.
 const MAX_CANDIDATES: usize = 4;
+
+/// Verifications of such candidates one message may cost at most; past
+/// them a change is checked against the first signature its prefix names.
+const MAX_CANDIDATE_CHECKS: usize = 16;
 
 /// A message's signatures, sorted by the prefix of the hash each names.
 struct SigIndex<'a> {
-    /// (prefix, the whole hash if it came with one, signature), in the
-    /// order they came within each prefix.
-    by_prefix: Vec<(
-        [u8; wire::HASH_PREFIX_LEN],
-        Option<&'a ChangeHash>,
-        &'a [u8],
-    )>,
+    /// Those with whole hashes, by hash (the last of a hash named twice).
+    by_hash: HashMap<&'a ChangeHash, &'a [u8]>,
+    /// Those in the short form, sorted by prefix, in the order they came
+    /// within each prefix.
+    by_prefix: Vec<([u8; wire::HASH_PREFIX_LEN], &'a [u8])>,
     /// The bytes they took (hashes or prefixes, and signatures).
     bytes: usize,
+    /// Verifications of candidates left ([`MAX_CANDIDATE_CHECKS`]).
+    checks_left: std::cell::Cell<usize>,
 }
 
 impl<'a> SigIndex<'a> {
     fn new(sigs: Signatures<'a>) -> Self {
-        let mut by_prefix: Vec<_> = sigs
+        let by_hash = sigs
             .whole
             .iter()
-            .map(|(hash, sig)| (hash_prefix(hash), Some(hash), sig.as_slice()))
+            .map(|(hash, sig)| (hash, sig.as_slice()))
             .collect();
+        let mut by_prefix = Vec::new();
         for record in sigs.prefixed.chunks_exact(wire::PREFIXED_SIGNATURE_LEN) {
             let (prefix, sig) = record.split_at(wire::HASH_PREFIX_LEN);
             if let Ok(prefix) = <[u8; wire::HASH_PREFIX_LEN]>::try_from(prefix) {
-                by_prefix.push((prefix, None, sig));
+                by_prefix.push((prefix, sig));
             }
         }
         // Stable: within a prefix they stay in the order they came.
-        by_prefix.sort_by_key(|(prefix, _, _)| *prefix);
+        by_prefix.sort_by_key(|(prefix, _)| *prefix);
         Self {
+            by_hash,
             by_prefix,
             bytes: signature_bytes(sigs.whole) + sigs.prefixed.len(),
+            checks_left: std::cell::Cell::new(MAX_CANDIDATE_CHECKS),
         }
     }
 
     /// The signatures that may be `hash`'s: the one named by the whole
-    /// hash (the last, as a map of them would keep it), else those named by
-    /// its prefix, the first [`MAX_CANDIDATES`] of them.
+    /// hash, else the first [`MAX_CANDIDATES`] named by its prefix (found
+    /// without walking past them, however many a peer sent).
     fn candidates(&self, hash: &ChangeHash) -> Vec<&'a [u8]> {
-        let prefix = hash_prefix(hash);
-        let start = self.by_prefix.partition_point(|(p, _, _)| *p < prefix);
-        let len = self.by_prefix[start..].partition_point(|(p, _, _)| *p == prefix);
-        let same = &self.by_prefix[start..start + len];
-        if let Some((_, _, sig)) = same.iter().rev().find(|(_, h, _)| *h == Some(hash)) {
+        if let Some(sig) = self.by_hash.get(hash) {
             return vec![sig];
         }
-        same.iter()
-            .filter(|(_, h, _)| h.is_none())
-            .map(|(_, _, sig)| *sig)
+        let prefix = hash_prefix(hash);
+        let start = self.by_prefix.partition_point(|(p, _)| *p < prefix);
+        self.by_prefix[start..]
+            .iter()
             .take(MAX_CANDIDATES)
+            .take_while(|(p, _)| *p == prefix)
+            .map(|(_, sig)| *sig)
             .collect()
     }
 
     /// The signature to check for the change `hash` by `actor`: of its
     /// candidates the one that verifies, or the first if none does (its
-    /// check then says why). More than one costs a verification each, at
-    /// most [`MAX_CANDIDATES`] per author and message.
+    /// check then says why). When there are several, each costs a
+    /// verification, at most [`MAX_CANDIDATE_CHECKS`] in one message.
     fn verified(&self, actor: &ActorId, hash: &ChangeHash) -> Option<&'a [u8]> {
         match self.candidates(hash)[..] {
             [] => None,
@@ -1885,7 +1895,11 @@ impl<'a> SigIndex<'a> {
             ref several => several
                 .iter()
                 .copied()
-                .find(|sig| crate::authorship::verify(actor, hash, sig))
+                .find(|sig| {
+                    let left = self.checks_left.get();
+                    self.checks_left.set(left.saturating_sub(1));
+                    left > 0 && crate::authorship::verify(actor, hash, sig)
+                })
                 .or(several.first().copied()),
         }
     }
@@ -3168,9 +3182,8 @@ mod tests {
     /// Signatures in the short form (a hash prefix each) are matched to the
     /// changes by that prefix: a batch signed so gets in, its signatures
     /// are kept under the whole hash, and a wrong one is refused as with
-    /// whole hashes. A prefix that several signatures name (only a peer
-    /// that searched for hashes that collide sends that) is checked against
-    /// each, up to `MAX_CANDIDATES`.
+    /// whole hashes. A prefix that several signatures name (no honest peer
+    /// sends that) is checked against each, up to `MAX_CANDIDATES`.
     #[test]
     fn signatures_named_by_a_hash_prefix_are_matched_and_checked() {
         let q = [slug("a")];
@@ -3237,6 +3250,61 @@ mod tests {
         assert_eq!(schema::concern_count(e.doc(&doc).expect("doc")), 3);
         assert_eq!(e.sigs.get(&first), None);
         assert_eq!(e.sigs.get(&latest), Some(&real[2].1));
+    }
+
+    /// A change a message repeats is checked, applied and stored once.
+    #[test]
+    fn a_change_repeated_in_a_message_is_taken_once() {
+        let q = [slug("a")];
+        let doc = DocId::quarter(&q[0]);
+        let changes = chain(&doc, &[&signer(1)], 1);
+        let repeated = vec![changes[0].clone(); 50];
+        let mut centre = engine(0, &q, &[1]);
+        let _ = centre.peer_up(1, vec![], 0);
+        let fx = centre
+            .receive(
+                &1,
+                &doc,
+                &batch(&repeated),
+                &[(changes[0].0.hash(), changes[0].1.clone())],
+                0,
+            )
+            .expect("a repeated change");
+        let stored: usize = fx.changes.iter().map(|(_, c)| c.len()).sum();
+        assert_eq!(stored, 1);
+        assert_eq!(schema::concern_count(centre.doc(&doc).expect("doc")), 1);
+    }
+
+    /// Trying several signatures that name one prefix costs a verification
+    /// each, and one message may cost at most `MAX_CANDIDATE_CHECKS` of
+    /// them: past that a change gets the first signature its prefix names.
+    #[test]
+    fn the_candidates_one_message_may_have_checked_are_bounded() {
+        let writer = signer(1);
+        let changes = chain(&DocId::quarter(&slug("a")), &[&writer], 1);
+        let hash = changes[0].0.hash();
+        let wrong = signer(7).sign(&hash);
+        let mut prefixed = Vec::new();
+        for sig in [&wrong, &changes[0].1] {
+            prefixed.extend_from_slice(&hash_prefix(&hash));
+            prefixed.extend_from_slice(sig);
+        }
+        let index = SigIndex::new(Signatures {
+            whole: &[],
+            prefixed: &prefixed,
+        });
+        // The right one comes second: two verifications a time.
+        for _ in 0..MAX_CANDIDATE_CHECKS / 2 {
+            assert_eq!(
+                index.verified(&writer.actor(), &hash),
+                Some(changes[0].1.as_slice())
+            );
+        }
+        assert_eq!(
+            index.verified(&writer.actor(), &hash),
+            Some(wrong.as_slice())
+        );
+        assert_eq!(index.unambiguous(&hash), None);
     }
 
     #[test]
