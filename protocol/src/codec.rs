@@ -415,6 +415,8 @@ mod tests {
     use super::*;
     use crate::ids::DocId;
     use crate::wire::{RequestV1, ResponseV1, SignedHash};
+    use serde::Serialize;
+    use serde::de::DeserializeOwned;
 
     fn v1() -> StreamProtocol {
         StreamProtocol::new(wire::SYNC_PROTOCOL)
@@ -912,6 +914,64 @@ mod tests {
         }
     }
 
+    /// A request and an answer of this version, with every flag said, read
+    /// by a node of an earlier version (codec types `Req`, `Resp`): they
+    /// must read as `old_request` and `old_answer`. Returns how those two,
+    /// written by that node, read here.
+    async fn with_an_earlier_node<Req, Resp>(
+        old_request: Req,
+        old_answer: Resp,
+    ) -> (Request, Response)
+    where
+        Req: Serialize + DeserializeOwned + Send + Clone + PartialEq + std::fmt::Debug,
+        Resp: Serialize + DeserializeOwned + Send + Clone + PartialEq + std::fmt::Debug,
+    {
+        let mut ours = SyncCodec::new(Arc::default());
+        let mut theirs = cbor::codec::Codec::<Req, Resp>::default()
+            .set_request_size_maximum(wire::MAX_REQUEST_BYTES)
+            .set_response_size_maximum(wire::MAX_RESPONSE_BYTES);
+        let body = written(&mut ours, &v1(), request(3)).await;
+        let theirs_read = theirs
+            .read_request(&v1(), &mut &body[..])
+            .await
+            .expect("the earlier node reads the request");
+        assert_eq!(theirs_read, old_request);
+        let mut from_them = Vec::new();
+        theirs
+            .write_request(&v1(), &mut from_them, old_request)
+            .await
+            .expect("writes");
+        let request_read = read(&mut ours, &v1(), &from_them).await.expect("reads");
+        let mut body = Vec::new();
+        ours.write_response(
+            &v1(),
+            &mut body,
+            Response::V1(ResponseV1::Answer {
+                data: vec![0x42; 300],
+                documents: true,
+                prefixed: true,
+                compressed: true,
+            }),
+        )
+        .await
+        .expect("writes");
+        let theirs_read = theirs
+            .read_response(&v1(), &mut &body[..])
+            .await
+            .expect("the earlier node reads the answer");
+        assert_eq!(theirs_read, old_answer);
+        let mut body = Vec::new();
+        theirs
+            .write_response(&v1(), &mut body, old_answer)
+            .await
+            .expect("writes");
+        let answer_read = ours
+            .read_response(&v1(), &mut &body[..])
+            .await
+            .expect("reads");
+        (request_read, answer_read)
+    }
+
     /// A node of the version before `prefixed` and `compressed` reads a
     /// request that says them (and carries whole hashes, as it is sent
     /// them) and an answer that says them as ones that do not; what it
@@ -919,37 +979,26 @@ mod tests {
     /// uncompressed documents, as before.
     #[tokio::test]
     async fn nodes_that_read_only_whole_hashes_read_requests_and_answers_that_offer_prefixes() {
-        let mut ours = SyncCodec::new(Arc::default());
-        let mut theirs =
-            cbor::codec::Codec::<whole_hashes::Request, whole_hashes::Response>::default()
-                .set_request_size_maximum(wire::MAX_REQUEST_BYTES)
-                .set_response_size_maximum(wire::MAX_RESPONSE_BYTES);
-        let new = request(3);
         let Request::V1(RequestV1::Sync {
             doc, data, sigs, ..
-        }) = new.clone();
-        let old = whole_hashes::Request::V1(whole_hashes::RequestV1::Sync {
-            doc,
-            data,
-            sigs,
-            answer: true,
-            documents: true,
-        });
-        let body = written(&mut ours, &v1(), new).await;
-        let theirs_read = theirs
-            .read_request(&v1(), &mut &body[..])
-            .await
-            .expect("the earlier node reads it");
-        assert_eq!(theirs_read, old);
-        let mut from_them = Vec::new();
-        theirs
-            .write_request(&v1(), &mut from_them, old)
-            .await
-            .expect("writes");
-        let ours_read = read(&mut ours, &v1(), &from_them).await.expect("reads");
+        }) = request(3);
+        let (request_read, answer_read) = with_an_earlier_node(
+            whole_hashes::Request::V1(whole_hashes::RequestV1::Sync {
+                doc,
+                data,
+                sigs,
+                answer: true,
+                documents: true,
+            }),
+            whole_hashes::Response::V1(whole_hashes::ResponseV1::Answer {
+                data: vec![0x42; 300],
+                documents: true,
+            }),
+        )
+        .await;
         assert!(
             matches!(
-                &ours_read,
+                &request_read,
                 Request::V1(RequestV1::Sync {
                     documents: true,
                     prefixed: false,
@@ -959,42 +1008,12 @@ mod tests {
                     ..
                 }) if signed.is_empty() && sigs.len() == 3
             ),
-            "{ours_read:?}"
+            "{request_read:?}"
         );
-        let data = vec![0x42; 300];
-        let mut body = Vec::new();
-        ours.write_response(
-            &v1(),
-            &mut body,
-            Response::V1(ResponseV1::Answer {
-                data: data.clone(),
-                documents: true,
-                prefixed: true,
-                compressed: true,
-            }),
-        )
-        .await
-        .expect("writes");
-        let answer = whole_hashes::Response::V1(whole_hashes::ResponseV1::Answer {
-            data: data.clone(),
-            documents: true,
-        });
-        let theirs_read = theirs
-            .read_response(&v1(), &mut &body[..])
-            .await
-            .expect("the earlier node reads the answer");
-        assert_eq!(theirs_read, answer);
-        let mut body = Vec::new();
-        theirs
-            .write_response(&v1(), &mut body, answer)
-            .await
-            .expect("writes");
         assert_eq!(
-            ours.read_response(&v1(), &mut &body[..])
-                .await
-                .expect("reads"),
+            answer_read,
             Response::V1(ResponseV1::Answer {
-                data,
+                data: vec![0x42; 300],
                 documents: true,
                 prefixed: false,
                 compressed: false,
@@ -1051,80 +1070,36 @@ mod tests {
     /// here as not taking whole documents: it is sent changes, as before.
     #[tokio::test]
     async fn nodes_that_read_no_whole_documents_read_requests_and_answers_that_offer_them() {
-        let mut ours = SyncCodec::new(Arc::default());
-        let mut theirs = cbor::codec::Codec::<answering::Request, answering::Response>::default()
-            .set_request_size_maximum(wire::MAX_REQUEST_BYTES)
-            .set_response_size_maximum(wire::MAX_RESPONSE_BYTES);
-        let new = request(3);
         let Request::V1(RequestV1::Sync {
             doc, data, sigs, ..
-        }) = new.clone();
-        let old = answering::Request::V1(answering::RequestV1::Sync {
-            doc,
-            data,
-            sigs,
-            answer: true,
-        });
-        let body = written(&mut ours, &v1(), new).await;
-        let theirs_read = theirs
-            .read_request(&v1(), &mut &body[..])
-            .await
-            .expect("the earlier node reads it");
-        assert_eq!(theirs_read, old);
-        let mut from_them = Vec::new();
-        theirs
-            .write_request(&v1(), &mut from_them, old)
-            .await
-            .expect("writes");
-        let ours_read = read(&mut ours, &v1(), &from_them).await.expect("reads");
+        }) = request(3);
+        let (request_read, answer_read) = with_an_earlier_node(
+            answering::Request::V1(answering::RequestV1::Sync {
+                doc,
+                data,
+                sigs,
+                answer: true,
+            }),
+            answering::Response::V1(answering::ResponseV1::Answer {
+                data: vec![0x42; 300],
+            }),
+        )
+        .await;
         assert!(
             matches!(
-                ours_read,
+                request_read,
                 Request::V1(RequestV1::Sync {
                     answer: true,
                     documents: false,
                     ..
                 })
             ),
-            "{ours_read:?}"
+            "{request_read:?}"
         );
-        let data = vec![0x42; 300];
-        let mut body = Vec::new();
-        ours.write_response(
-            &v1(),
-            &mut body,
-            Response::V1(ResponseV1::Answer {
-                data: data.clone(),
-                documents: true,
-                prefixed: true,
-                compressed: true,
-            }),
-        )
-        .await
-        .expect("writes");
-        let theirs_read = theirs
-            .read_response(&v1(), &mut &body[..])
-            .await
-            .expect("the earlier node reads the answer");
         assert_eq!(
-            theirs_read,
-            answering::Response::V1(answering::ResponseV1::Answer { data: data.clone() })
-        );
-        let mut body = Vec::new();
-        theirs
-            .write_response(
-                &v1(),
-                &mut body,
-                answering::Response::V1(answering::ResponseV1::Answer { data: data.clone() }),
-            )
-            .await
-            .expect("writes");
-        assert_eq!(
-            ours.read_response(&v1(), &mut &body[..])
-                .await
-                .expect("reads"),
+            answer_read,
             Response::V1(ResponseV1::Answer {
-                data,
+                data: vec![0x42; 300],
                 documents: false,
                 prefixed: false,
                 compressed: false,
