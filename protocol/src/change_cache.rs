@@ -21,6 +21,7 @@ use automerge::sync::{self, SyncDoc};
 use automerge::{ActorId, Automerge, ChangeHash};
 
 use crate::chunks::{MAX_CHANGES_PER_MESSAGE, MAX_DECLARED_VALUES};
+use crate::vouch;
 
 /// Bytes of changes kept at most; the oldest go first.
 pub const CACHE_BYTES: usize = 32 << 20;
@@ -32,6 +33,11 @@ pub const CACHE_BYTES: usize = 32 << 20;
 /// request bound (`wire::MAX_REQUEST_BYTES`, 32 MiB), and be refused every
 /// time it is sent.
 pub const MESSAGE_CHANGE_BYTES: usize = 8 << 20;
+
+/// Most bytes of changes a message carries when it goes on past
+/// [`MESSAGE_CHANGE_BYTES`] to reach a signature that vouches for the
+/// changes before it (see [`vouched`]).
+pub const VOUCHED_CHANGE_BYTES: usize = 2 * MESSAGE_CHANGE_BYTES;
 
 /// Most bytes of a whole document with its signatures (96 bytes a change)
 /// in one message; a larger document goes as changes, a part at a time.
@@ -104,17 +110,55 @@ impl ChangeCache {
     }
 }
 
+/// The signatures a node holds, and which of them its messages carry.
+#[derive(Clone, Copy)]
+pub struct Vouching<'a> {
+    /// Whether the node holds the signature of a change.
+    pub holds: &'a dyn Fn(&ChangeHash) -> bool,
+    /// Only those the receiver needs (see `vouch::plan`): the peer relays
+    /// what it is sent vouched for only with a signature that vouches for
+    /// it. Otherwise every one held goes.
+    pub least: bool,
+}
+
+impl std::fmt::Debug for Vouching<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vouching")
+            .field("least", &self.least)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vouching<'_> {
+    /// A node that holds every signature and sends them all (tests).
+    #[cfg(test)]
+    pub const ALL: Vouching<'static> = Vouching {
+        holds: &|_| true,
+        least: false,
+    };
+}
+
+/// What a message carries: its changes, and those whose signatures go with
+/// them (see [`Vouching`]).
+#[derive(Debug, Default)]
+pub struct Carried {
+    pub hashes: Vec<ChangeHash>,
+    pub signed: Vec<ChangeHash>,
+}
+
 /// The next sync message of a session, like automerge's
 /// `generate_sync_message`, but with the changes it carries taken from
-/// `cache` when all of them are there, and no more of them than
-/// [`MESSAGE_CHANGE_BYTES`] hold. Returns the message and the hashes of
-/// the changes it carries.
+/// `cache` when all of them are there, no more of them than
+/// [`MESSAGE_CHANGE_BYTES`] hold, and none that the signatures this node
+/// holds do not vouch for ([`vouched`]). Returns the message and what it
+/// carries.
 pub fn sync_message(
     am: &Automerge,
     state: &mut sync::State,
     cache: &mut ChangeCache,
-) -> Option<(sync::Message, Vec<ChangeHash>)> {
-    sync_message_within(am, state, cache, MESSAGE_CHANGE_BYTES)
+    vouching: Vouching<'_>,
+) -> Option<(sync::Message, Carried)> {
+    sync_message_within(am, state, cache, MESSAGE_CHANGE_BYTES, vouching)
 }
 
 /// [`sync_message`], with changes beyond the first up to `max_bytes` (see
@@ -128,7 +172,8 @@ fn sync_message_within(
     state: &mut sync::State,
     cache: &mut ChangeCache,
     max_bytes: usize,
-) -> Option<(sync::Message, Vec<ChangeHash>)> {
+    vouching: Vouching<'_>,
+) -> Option<(sync::Message, Carried)> {
     // A peer that advertised capabilities may be sent whole documents (v2
     // messages); iq nodes advertise none (see `engine`), so this path is theirs.
     if state.their_capabilities.is_none()
@@ -142,21 +187,29 @@ fn sync_message_within(
         // filter, when to stay silent) but, told the peer takes no changes,
         // builds none; they are put in from the cache.
         let read_only = state.peer_read_only;
+        let repeats = repeats(am, state);
         state.peer_read_only = true;
         let msg = am.generate_sync_message(state);
         state.peer_read_only = read_only;
         let mut msg = msg?;
         if read_only || hashes.is_empty() {
-            return Some((msg, Vec::new()));
+            return Some((msg, Carried::default()));
         }
-        let part = within(
-            hashes.iter().zip(sizes).map(|(h, size)| {
+        let weights: Vec<(usize, Option<u64>)> = hashes
+            .iter()
+            .zip(sizes)
+            .map(|(h, size)| {
                 let values = cache.get(h).and_then(crate::chunks::values_declared);
                 (size, values)
-            }),
-            max_bytes,
-        );
-        hashes.truncate(part);
+            })
+            .collect();
+        let part = within(weights.iter().copied(), max_bytes);
+        let bound = || within(weights.iter().copied(), max_bytes.max(VOUCHED_CHANGE_BYTES));
+        let (kept, signed) = vouched(am, &hashes, part, bound, vouching);
+        if kept.is_empty() && repeats(&msg) {
+            return None;
+        }
+        hashes = kept.into_iter().map(|i| hashes[i]).collect();
         let bytes: Vec<Vec<u8>> = hashes
             .iter()
             .filter_map(|h| cache.get(h).map(<[u8]>::to_vec))
@@ -164,49 +217,172 @@ fn sync_message_within(
         state.sent_hashes.extend(hashes.iter().copied());
         msg.changes = bytes.into();
         cache.hits += 1;
-        return Some((msg, hashes));
+        return Some((msg, Carried { hashes, signed }));
     }
     // automerge's own message, its changes rebuilt from the document; they
     // are kept, as the next peer is likely to need the same.
+    let repeats = repeats(am, state);
     let mut msg = am.generate_sync_message(state)?;
-    let part = within(
-        msg.changes
-            .iter()
-            .map(|c| (c.len(), crate::chunks::values_declared(c))),
-        max_bytes,
-    );
-    if part < msg.changes.len() {
-        let mut kept = Vec::with_capacity(part);
-        for (i, element) in msg.changes.iter().enumerate() {
-            if i < part {
-                kept.push(element.to_vec());
-                continue;
-            }
-            // Not sent after all: automerge counted it as sent.
-            let mut left_out = Vec::new();
-            if crate::chunks::hashes_in(element, &mut left_out).is_ok() {
-                for hash in left_out {
-                    state.sent_hashes.remove(&hash);
-                }
-            }
+    let weights: Vec<(usize, Option<u64>)> = msg
+        .changes
+        .iter()
+        .map(|c| (c.len(), crate::chunks::values_declared(c)))
+        .collect();
+    let part = within(weights.iter().copied(), max_bytes);
+    // The change in each element (automerge puts one in each; our own
+    // message, so it parses: if it ever did not, the peer refuses it).
+    let elements: Vec<Vec<ChangeHash>> = msg
+        .changes
+        .iter()
+        .map(|element| {
+            let mut found = Vec::new();
+            let _ = crate::chunks::hashes_in(element, &mut found);
+            found
+        })
+        .collect();
+    let single: Option<Vec<ChangeHash>> = elements
+        .iter()
+        .map(|found| match found[..] {
+            [hash] => Some(hash),
+            _ => None,
+        })
+        .collect();
+    let (kept, signed) = match &single {
+        Some(due) => {
+            let bound = || within(weights.iter().copied(), max_bytes.max(VOUCHED_CHANGE_BYTES));
+            vouched(am, due, part, bound, vouching)
         }
-        msg.changes = kept.into();
+        None => {
+            let hashes: Vec<ChangeHash> = elements[..part].iter().flatten().copied().collect();
+            ((0..part).collect(), hashes)
+        }
+    };
+    if kept.is_empty() && !msg.changes.is_empty() && repeats(&msg) {
+        for hash in elements.into_iter().flatten() {
+            state.sent_hashes.remove(&hash);
+        }
+        return None;
     }
+    let mut keep = vec![false; msg.changes.len()];
+    for &i in &kept {
+        keep[i] = true;
+    }
+    let mut changes = Vec::with_capacity(kept.len());
     let mut hashes = Vec::new();
-    for element in msg.changes.iter() {
-        let mut found = Vec::new();
-        // Our own message: it parses (if it ever did not, the peer refuses it).
-        if crate::chunks::hashes_in(element, &mut found).is_ok()
-            && let [hash] = found[..]
-        {
+    for ((element, found), keep) in msg.changes.iter().zip(elements).zip(keep) {
+        if !keep {
+            // Not sent after all: automerge counted it as sent.
+            for hash in found {
+                state.sent_hashes.remove(&hash);
+            }
+            continue;
+        }
+        if let [hash] = found[..] {
             cache.insert(hash, element);
         }
+        changes.push(element.to_vec());
         hashes.extend(found);
     }
+    msg.changes = changes.into();
     if !hashes.is_empty() {
         cache.misses += 1;
     }
-    Some((msg, hashes))
+    Some((msg, Carried { hashes, signed }))
+}
+
+/// Whether a message of this session, built now, would only repeat what
+/// the last one said: the same heads, nothing needed. Sent without the
+/// changes that were due (none of them vouched for yet, see [`vouched`]),
+/// it would only draw the same answer, and that answer the same message:
+/// automerge's sessions go back and forth for as long as the two
+/// documents differ.
+fn repeats(am: &Automerge, state: &sync::State) -> impl Fn(&sync::Message) -> bool + use<> {
+    let said = state.have_responded.then(|| state.last_sent_heads.clone());
+    let heads = am.get_heads();
+    move |msg| said.as_ref() == Some(&heads) && msg.heads == heads && msg.need.is_empty()
+}
+
+/// Of `due`, the changes a session sends next in the order they go, which
+/// the next message carries, and whose signatures go with them (see
+/// [`Vouching`]): the first `part`, and where those hold a change of an
+/// author that no signature held vouches for, on to that author's next
+/// change whose signature is held, up to the first `bound()`; then
+/// without any change still not vouched for and the changes that depend on
+/// it. Those go once a signature for them is held (a later change that
+/// waits in automerge's queue for its dependencies, say). Returns indices
+/// into `due`, in order, and the hashes whose signatures go.
+fn vouched(
+    am: &Automerge,
+    due: &[ChangeHash],
+    part: usize,
+    bound: impl FnOnce() -> usize,
+    vouching: Vouching<'_>,
+) -> (Vec<usize>, Vec<ChangeHash>) {
+    let holds = vouching.holds;
+    if !vouching.least && due[..part].iter().all(holds) {
+        return ((0..part).collect(), due[..part].to_vec());
+    }
+    let meta = |h: &ChangeHash| am.get_change_meta_by_hash(h);
+    let mut metas: Vec<(usize, automerge::ChangeMetadata<'_>)> = due[..part]
+        .iter()
+        .enumerate()
+        .filter_map(|(i, h)| Some((i, meta(h)?)))
+        .collect();
+    let mut plan = plan_of(&metas, holds);
+    if !plan.unvouched.is_empty() {
+        // On to each such author's next change whose signature is held.
+        let mut waiting: HashSet<ActorId> = plan
+            .unvouched
+            .iter()
+            .map(|&k| metas[k].1.actor.clone().into_owned())
+            .collect();
+        let mut more = Vec::new();
+        let mut end = part;
+        for (i, h) in due.iter().enumerate().take(bound()).skip(part) {
+            if waiting.is_empty() {
+                break;
+            }
+            let Some(m) = meta(h) else { continue };
+            if holds(h) && waiting.remove(m.actor.as_ref()) {
+                end = i + 1;
+            }
+            more.push((i, m));
+        }
+        metas.extend(more.into_iter().take_while(|(i, _)| *i < end));
+        plan = plan_of(&metas, holds);
+    }
+    // Without what is still not vouched for, and what depends on it.
+    while !plan.unvouched.is_empty() {
+        let mut dropped: HashSet<ChangeHash> =
+            plan.unvouched.iter().map(|&k| metas[k].1.hash).collect();
+        let mut grew = true;
+        while grew {
+            grew = false;
+            for (_, m) in &metas {
+                if !dropped.contains(&m.hash) && m.deps.iter().any(|d| dropped.contains(d)) {
+                    dropped.insert(m.hash);
+                    grew = true;
+                }
+            }
+        }
+        metas.retain(|(_, m)| !dropped.contains(&m.hash));
+        plan = plan_of(&metas, holds);
+    }
+    let signed = if vouching.least {
+        plan.signed.iter().map(|&k| metas[k].1.hash).collect()
+    } else {
+        metas.iter().map(|(_, m)| m.hash).filter(holds).collect()
+    };
+    (metas.into_iter().map(|(i, _)| i).collect(), signed)
+}
+
+/// [`vouch::plan`] of a message's changes.
+fn plan_of(
+    metas: &[(usize, automerge::ChangeMetadata<'_>)],
+    holds: &dyn Fn(&ChangeHash) -> bool,
+) -> vouch::Plan {
+    let batch: Vec<&automerge::ChangeMetadata<'_>> = metas.iter().map(|(_, m)| m).collect();
+    vouch::plan(&batch, holds)
 }
 
 /// How many of the changes of the given sizes and declared values (see
@@ -246,14 +422,16 @@ pub const DOCUMENT_MIN_CHANGES: usize = 32;
 /// documents (`Engine::peer_takes_documents`): the receiver loads it whole
 /// instead of applying its changes one by one. automerge builds the rest of
 /// the message, as in [`sync_message`], and counts every change the
-/// document carries as sent. Returns the message and the hashes of every
-/// change in it but the root, whose signatures travel with it.
+/// document carries as sent. Returns the message and what it carries:
+/// every change but the root, and the signatures that vouch for them (if
+/// those held do not vouch for every one, `None`).
 pub fn document_message(
     am: &Automerge,
     state: &mut sync::State,
     only_by: Option<&ActorId>,
+    vouching: Vouching<'_>,
     document: impl FnOnce(&Automerge) -> Option<Vec<u8>>,
-) -> Option<(sync::Message, Vec<ChangeHash>)> {
+) -> Option<(sync::Message, Carried)> {
     if state.their_capabilities.is_some() || state.peer_read_only {
         return None;
     }
@@ -288,6 +466,20 @@ pub fn document_message(
         return None;
     }
     let hashes: Vec<ChangeHash> = metas.iter().filter(others).map(|m| m.hash).collect();
+    // A document goes whole only if the signatures held vouch for all of it.
+    let signed = if vouching.least || !hashes.iter().all(vouching.holds) {
+        let batch: Vec<&automerge::ChangeMetadata<'_>> = metas.iter().filter(others).collect();
+        let plan = vouch::plan(&batch, vouching.holds);
+        if !plan.unvouched.is_empty() {
+            return None;
+        }
+        match vouching.least {
+            true => plan.signed.iter().map(|&i| batch[i].hash).collect(),
+            false => hashes.iter().copied().filter(vouching.holds).collect(),
+        }
+    } else {
+        hashes.clone()
+    };
     let document = document(am)?;
     if document.len() + hashes.len() * SIGNED_HASH_BYTES > WHOLE_DOCUMENT_BYTES {
         // Too large for one message: as changes, a part at a time.
@@ -299,7 +491,7 @@ pub fn document_message(
     let mut msg = msg?;
     state.sent_hashes.extend(hashes.iter().copied());
     msg.changes = vec![document].into();
-    Some((msg, hashes))
+    Some((msg, Carried { hashes, signed }))
 }
 
 /// The changes automerge would send next in this session (its
@@ -389,13 +581,13 @@ mod tests {
         let (mut sa, mut sb) = (sync::State::new(), sync::State::new());
         let mut messages = 0;
         for _ in 0..20 {
-            let m1 = sync_message(a, &mut sa, cache_a);
+            let m1 = sync_message(a, &mut sa, cache_a, Vouching::ALL);
             if let Some((m, _)) = &m1 {
                 b.receive_sync_message(&mut sb, as_sent(m))
                     .expect("applies");
                 messages += 1;
             }
-            let m2 = sync_message(b, &mut sb, cache_b);
+            let m2 = sync_message(b, &mut sb, cache_b, Vouching::ALL);
             if let Some((m, _)) = &m2 {
                 a.receive_sync_message(&mut sa, as_sent(m))
                     .expect("applies");
@@ -444,8 +636,9 @@ mod tests {
             let mut parts = 0;
             for round in 0.. {
                 assert!(round < 100, "no quiescence after 100 rounds");
-                let m1 = sync_message_within(&a, &mut sa, &mut cache_a, max);
-                if let Some((m, hashes)) = &m1 {
+                let m1 = sync_message_within(&a, &mut sa, &mut cache_a, max, Vouching::ALL);
+                if let Some((m, carried)) = &m1 {
+                    let hashes = &carried.hashes;
                     let bytes: usize = m.changes.iter().map(<[u8]>::len).sum();
                     assert!(bytes + hashes.len() * SIGNED_HASH_BYTES <= max, "{bytes} B");
                     parts += usize::from(!hashes.is_empty());
@@ -454,7 +647,7 @@ mod tests {
                     // Each part applies: nothing waits for a dependency.
                     assert!(b.get_missing_deps(&[]).is_empty());
                 }
-                let m2 = sync_message_within(&b, &mut sb, &mut cache_b, max);
+                let m2 = sync_message_within(&b, &mut sb, &mut cache_b, max, Vouching::ALL);
                 if let Some((m, _)) = &m2 {
                     a.receive_sync_message(&mut sa, as_sent(m))
                         .expect("applies");
@@ -539,9 +732,9 @@ mod tests {
             .expect("changes are due");
         let mut cache = ChangeCache::default();
         cache_all(&a, &mut cache);
-        let (cached, hashes) =
-            sync_message(&a_cached, &mut sa_cached, &mut cache).expect("changes are due");
-        assert_eq!(hashes.len(), 3);
+        let (cached, carried) = sync_message(&a_cached, &mut sa_cached, &mut cache, Vouching::ALL)
+            .expect("changes are due");
+        assert_eq!(carried.hashes.len(), 3);
         assert_eq!(cache.hits_and_misses(), (1, 0), "built from the cache");
         let plain_changes: Vec<Vec<u8>> = plain.changes.iter().map(<[u8]>::to_vec).collect();
         let cached_changes: Vec<Vec<u8>> = cached.changes.iter().map(<[u8]>::to_vec).collect();
@@ -578,5 +771,148 @@ mod tests {
         assert!(cache.held() <= one * 2 + one / 2);
         assert!(cache.get(&changes[0].hash()).is_none());
         assert!(cache.get(&changes[3].hash()).is_some());
+    }
+
+    /// `a`'s changes, latest last, with the sequence numbers 1 to `n` of
+    /// its one author.
+    fn by_seq(a: &Automerge) -> Vec<ChangeHash> {
+        a.get_changes(&[]).iter().map(|c| c.hash()).collect()
+    }
+
+    /// Syncs `a` to a fresh document, a message at a time, `a` holding the
+    /// signatures `held` and sending the least of them. Checks that every
+    /// message's signatures are held and vouch for all it carries, as the
+    /// receiver checks them; returns what each message with changes carried.
+    fn sync_vouched(
+        a: &Automerge,
+        b: &mut Automerge,
+        sa: &mut sync::State,
+        sb: &mut sync::State,
+        held: &HashSet<ChangeHash>,
+        max: usize,
+        warm: bool,
+    ) -> Vec<Carried> {
+        let mut cache_a = ChangeCache::default();
+        if warm {
+            cache_all(a, &mut cache_a);
+        }
+        let vouching = Vouching {
+            holds: &|h| held.contains(h),
+            least: true,
+        };
+        let mut carried_all = Vec::new();
+        for round in 0.. {
+            assert!(round < 100, "no quiescence after 100 rounds");
+            let m1 = sync_message_within(a, sa, &mut cache_a, max, vouching);
+            if let Some((m, carried)) = m1.as_ref() {
+                let metas: Vec<automerge::ChangeMetadata<'_>> = carried
+                    .hashes
+                    .iter()
+                    .map(|h| a.get_change_meta_by_hash(h).expect("a's own"))
+                    .collect();
+                let batch: Vec<&automerge::ChangeMetadata<'_>> = metas.iter().collect();
+                let plan = vouch::plan(&batch, |h| carried.signed.contains(h));
+                assert!(plan.unvouched.is_empty(), "round {round}: {plan:?}");
+                assert!(carried.signed.iter().all(|h| held.contains(h)));
+                b.receive_sync_message(sb, as_sent(m)).expect("applies");
+            }
+            let m2 = sync_message_within(b, sb, &mut ChangeCache::default(), max, Vouching::ALL);
+            if let Some((m, _)) = &m2 {
+                a.clone()
+                    .receive_sync_message(sa, as_sent(m))
+                    .expect("applies");
+            }
+            match m1 {
+                Some((_, carried)) if !carried.hashes.is_empty() => carried_all.push(carried),
+                None if m2.is_none() => break,
+                _ => {}
+            }
+        }
+        carried_all
+    }
+
+    /// A node that was sent a long run of one author's changes holds the
+    /// signatures of the run's last change and of every checkpoint: each
+    /// part it sends on reaches up to one of them, past the bound if need
+    /// be, and goes with that one signature alone.
+    #[test]
+    fn a_relay_cuts_its_parts_at_the_signatures_it_holds() {
+        let big = "x".repeat(2_000);
+        let mut a = Automerge::new();
+        a.set_actor(automerge::ActorId::from(vec![1; 16]));
+        for i in 0..600 {
+            a.transact(|tx| tx.put(ROOT, format!("k{i}"), big.as_str()).map(|_| ()))
+                .expect("a put on a fresh map");
+        }
+        let hashes = by_seq(&a);
+        let at = |seq: u64| hashes[seq as usize - 1];
+        let held: HashSet<ChangeHash> = [at(256), at(512), at(600)].into();
+        for warm in [false, true] {
+            let mut b = Automerge::new();
+            let (mut sa, mut sb) = (sync::State::new(), sync::State::new());
+            let sent = sync_vouched(&a, &mut b, &mut sa, &mut sb, &held, 64 * 1024, warm);
+            assert_eq!(b.get_heads(), a.get_heads(), "warm: {warm}");
+            // About 30 changes fit the bound; each part goes on to the
+            // next signature held.
+            let lasts: Vec<ChangeHash> = sent
+                .iter()
+                .filter_map(|c| c.hashes.last().copied())
+                .collect();
+            assert_eq!(lasts, vec![at(256), at(512), at(600)], "warm: {warm}");
+            let signed: Vec<&[ChangeHash]> = sent.iter().map(|c| &c.signed[..]).collect();
+            assert_eq!(
+                signed,
+                [&[at(256)][..], &[at(512)], &[at(600)]],
+                "warm: {warm}"
+            );
+        }
+        // Holding every signature, the parts keep to the bound, each with
+        // its last change's signature, and the checkpoint's within it.
+        let every: HashSet<ChangeHash> = hashes.iter().copied().collect();
+        let mut b = Automerge::new();
+        let (mut sa, mut sb) = (sync::State::new(), sync::State::new());
+        let sent = sync_vouched(&a, &mut b, &mut sa, &mut sb, &every, 64 * 1024, true);
+        assert_eq!(b.get_heads(), a.get_heads());
+        assert!(sent.len() > 15, "{} parts", sent.len());
+        let checkpoint = sent
+            .iter()
+            .find(|c| c.hashes.contains(&at(256)))
+            .expect("sent");
+        assert_eq!(
+            checkpoint.signed.len(),
+            1 + usize::from(checkpoint.hashes.last() != Some(&at(256)))
+        );
+        assert!(checkpoint.signed.contains(&at(256)));
+    }
+
+    /// Changes that no signature held vouches for (their author's later
+    /// change waits in automerge's queue, say) stay back, uncounted as
+    /// sent, and the session falls silent rather than repeat itself; they
+    /// go once a later change comes with its signature.
+    #[test]
+    fn changes_nothing_held_vouches_for_wait_until_something_does() {
+        let keys: Vec<String> = (0..10).map(|i| format!("k{i}")).collect();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let mut a = doc_with(1, &keys);
+        let hashes = by_seq(&a);
+        let mut b = Automerge::new();
+        let (mut sa, mut sb) = (sync::State::new(), sync::State::new());
+        let held: HashSet<ChangeHash> = [hashes[4]].into();
+        let sent = sync_vouched(&a, &mut b, &mut sa, &mut sb, &held, 1 << 20, true);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].hashes, hashes[..5]);
+        assert_eq!(sent[0].signed, [hashes[4]]);
+        assert_eq!(b.get_heads(), vec![hashes[4]]);
+        assert!(hashes[5..].iter().all(|h| !sa.sent_hashes.contains(h)));
+        // The later change comes (here: is written), with its signature.
+        a.transact(|tx| tx.put(ROOT, "k10", "k10").map(|_| ()))
+            .expect("a put");
+        let hashes = by_seq(&a);
+        let held: HashSet<ChangeHash> = [hashes[4], hashes[10]].into();
+        let sent = sync_vouched(&a, &mut b, &mut sa, &mut sb, &held, 1 << 20, true);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].hashes, hashes[5..]);
+        assert_eq!(sent[0].signed, [hashes[10]]);
+        assert_eq!(b.get_heads(), a.get_heads());
     }
 }

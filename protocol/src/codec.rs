@@ -460,6 +460,7 @@ mod tests {
             signed: Vec::new(),
             prefixed: true,
             compressed: true,
+            vouched: true,
         })
     }
 
@@ -585,6 +586,7 @@ mod tests {
             signed: Vec::new(),
             prefixed: false,
             compressed: false,
+            vouched: false,
         });
         let body = written(&mut codec, &v2(), zeros.clone()).await;
         assert_eq!(body[0], PLAIN, "a request deflating 1,000:1 went deflated");
@@ -665,6 +667,7 @@ mod tests {
                 signed: Vec::new(),
                 prefixed: false,
                 compressed: false,
+                vouched: false,
             })
         };
         let max = wire::MAX_REQUEST_BYTES as usize;
@@ -743,6 +746,7 @@ mod tests {
             signed: Vec::new(),
             prefixed: true,
             compressed: true,
+            vouched: true,
         });
         for protocol in [v1(), v2()] {
             let body = written(&mut ours, &protocol, new.clone()).await;
@@ -768,6 +772,7 @@ mod tests {
                     Request::V1(RequestV1::Sync {
                         answer: false,
                         documents: false,
+                        vouched: false,
                         ..
                     })
                 ),
@@ -810,6 +815,7 @@ mod tests {
                 signed: Vec::new(),
                 prefixed: true,
                 compressed: true,
+                vouched: true,
             })
         };
         let first = written(&mut codec, &v2(), with(0)).await;
@@ -951,6 +957,7 @@ mod tests {
                 documents: true,
                 prefixed: true,
                 compressed: true,
+                vouched: true,
             }),
         )
         .await
@@ -1017,6 +1024,7 @@ mod tests {
                 documents: true,
                 prefixed: false,
                 compressed: false,
+                vouched: false,
             })
         );
     }
@@ -1103,6 +1111,7 @@ mod tests {
                 documents: false,
                 prefixed: false,
                 compressed: false,
+                vouched: false,
             })
         );
     }
@@ -1116,6 +1125,7 @@ mod tests {
             documents: true,
             prefixed: true,
             compressed: true,
+            vouched: true,
         });
         for resp in [answer.clone(), Response::V1(ResponseV1::Ack)] {
             let mut body = Vec::new();
@@ -1139,6 +1149,7 @@ mod tests {
             documents: true,
             prefixed: true,
             compressed: true,
+            vouched: true,
         });
         let mut body = Vec::new();
         codec

@@ -39,6 +39,7 @@ use crate::change_cache::{self, ChangeCache};
 use crate::chunks::{self, ChunkError};
 use crate::ids::{DocId, QuarterSlug};
 use crate::schema;
+use crate::vouch::{Ancestry, Authored, vouched_order};
 use crate::wire;
 
 /// Messages one call of [`Engine::flush`] generates at most.
@@ -99,7 +100,8 @@ pub enum Activity {
     Full,
 }
 
-/// One sync message to send, with the signatures of the changes it carries.
+/// One sync message to send, with the signatures that vouch for the
+/// changes it carries (see `vouch`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outgoing<P> {
     pub peer: P,
@@ -275,6 +277,11 @@ struct Peer {
     /// ([`Engine::peer_takes_compressed`]); learnt anew each time the peer
     /// comes up.
     takes_compressed: bool,
+    /// Relays what it was sent vouched for only with a signature that
+    /// vouches for it, so it is sent only the signatures it needs
+    /// ([`Engine::peer_takes_vouched`]); learnt anew each time the peer
+    /// comes up.
+    takes_vouched: bool,
     /// Whose whole documents this node takes from the peer
     /// ([`Engine::take_documents_from`]); set anew each time it comes up.
     documents_from: DocumentsFrom,
@@ -644,6 +651,7 @@ impl<P: Ord + Clone> Engine<P> {
         entry.takes_documents = false;
         entry.reads_prefixed = false;
         entry.takes_compressed = false;
+        entry.takes_vouched = false;
         entry.documents_from = DocumentsFrom::Nobody;
         entry.persisted = persisted.into_iter().collect();
         entry.stats.session_bytes_sent = 0;
@@ -692,6 +700,19 @@ impl<P: Ord + Clone> Engine<P> {
     pub fn peer_takes_compressed(&mut self, peer: &P) {
         if let Some(p) = self.peers.get_mut(peer).filter(|p| p.up) {
             p.takes_compressed = true;
+        }
+    }
+
+    /// `peer` relays changes it was sent vouched for (without their own
+    /// signatures) only with a signature that vouches for them (it said so
+    /// on its last message, `wire::RequestV1::Sync::vouched`): it is sent
+    /// only the signatures it needs, one per author and message for the
+    /// most part (`vouch::plan`). Until it says so, and to nodes of earlier
+    /// versions, which may relay any part of what they hold, every
+    /// signature held goes.
+    pub fn peer_takes_vouched(&mut self, peer: &P) {
+        if let Some(p) = self.peers.get_mut(peer).filter(|p| p.up) {
+            p.takes_vouched = true;
         }
     }
 
@@ -822,6 +843,11 @@ impl<P: Ord + Clone> Engine<P> {
         let over_budget = windowed && self.in_flight_bytes >= self.node_bytes;
         let takes_documents = self.peers.get(peer).is_some_and(|p| p.takes_documents);
         let takes_compressed = self.peers.get(peer).is_some_and(|p| p.takes_compressed);
+        let signatures = &self.sigs;
+        let vouching = change_cache::Vouching {
+            holds: &|h| signatures.contains_key(h),
+            least: self.peers.get(peer).is_some_and(|p| p.takes_vouched),
+        };
         let reads_prefixed = self.reads_prefixed(peer);
         // Peers take whole documents only from the centre and from a
         // document's writers (see `DocumentsFrom`). A quarter that has no
@@ -847,15 +873,15 @@ impl<P: Ord + Clone> Engine<P> {
         session.dirty = false;
         let saved = &mut self.saved;
         let whole = if takes_documents {
-            change_cache::document_message(am, &mut session.state, only_by, |am| {
+            change_cache::document_message(am, &mut session.state, only_by, vouching, |am| {
                 saved_document(saved, doc, takes_compressed, am)
             })
         } else {
             None
         };
-        if let Some((mut msg, carried)) =
-            whole.or_else(|| change_cache::sync_message(am, &mut session.state, &mut self.cache))
-        {
+        if let Some((mut msg, carried)) = whole.or_else(|| {
+            change_cache::sync_message(am, &mut session.state, &mut self.cache, vouching)
+        }) {
             // Advertise no capabilities, so peers' automerge never decides
             // to send us whole documents of its own (v2 messages, saved
             // with compressed columns, which automerge inflates without
@@ -864,6 +890,7 @@ impl<P: Ord + Clone> Engine<P> {
             // checked before they load (`chunks::check_document`).
             msg.flags = None;
             let sigs: Vec<(ChangeHash, Vec<u8>)> = carried
+                .signed
                 .into_iter()
                 .filter_map(|h| self.sigs.get(&h).map(|s| (h, s.clone())))
                 .collect();
@@ -1668,112 +1695,6 @@ enum Incoming {
     Document(Box<Automerge>),
 }
 
-/// What the authorship check reads of a change: a parsed change, or a
-/// loaded document's metadata of one.
-trait Authored {
-    fn hash(&self) -> ChangeHash;
-    fn actor(&self) -> &ActorId;
-    fn seq(&self) -> u64;
-    fn deps(&self) -> &[ChangeHash];
-}
-
-impl Authored for automerge::Change {
-    fn hash(&self) -> ChangeHash {
-        automerge::Change::hash(self)
-    }
-    fn actor(&self) -> &ActorId {
-        self.actor_id()
-    }
-    fn seq(&self) -> u64 {
-        automerge::Change::seq(self)
-    }
-    fn deps(&self) -> &[ChangeHash] {
-        automerge::Change::deps(self)
-    }
-}
-
-impl Authored for automerge::ChangeMetadata<'_> {
-    fn hash(&self) -> ChangeHash {
-        self.hash
-    }
-    fn actor(&self) -> &ActorId {
-        &self.actor
-    }
-    fn seq(&self) -> u64 {
-        self.seq
-    }
-    fn deps(&self) -> &[ChangeHash] {
-        &self.deps
-    }
-}
-
-/// Indices of `batch`, each author's changes latest first (by sequence
-/// number), so a signature checked early vouches for what comes after.
-fn vouched_order<C: Authored>(batch: &[&C]) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..batch.len()).collect();
-    order.sort_by(|a, b| batch[*b].seq().cmp(&batch[*a].seq()));
-    order
-}
-
-/// Walks a batch of changes down their dependencies, to find the earlier
-/// changes of an author that a signed change of theirs vouches for.
-struct Ancestry<'a, C> {
-    batch: &'a [&'a C],
-    index: HashMap<ChangeHash, usize>,
-    /// Per author, the changes already walked from one of their changes:
-    /// what lies below those was found then, so no change is walked twice
-    /// per author (the walk stays linear in the batch).
-    walked: HashMap<ActorId, Vec<bool>>,
-}
-
-impl<'a, C: Authored> Ancestry<'a, C> {
-    fn new(batch: &'a [&'a C]) -> Self {
-        let index = batch
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (c.hash(), i))
-            .collect();
-        Self {
-            batch,
-            index,
-            walked: HashMap::new(),
-        }
-    }
-
-    /// The changes of the batch by the author of `batch[top]` that
-    /// `batch[top]` depends on, directly or through other changes of the
-    /// batch (not those found by an earlier call for the same author).
-    fn same_author_below(&mut self, top: usize) -> Vec<usize> {
-        let batch = self.batch;
-        let author = batch[top].actor();
-        let walked = self
-            .walked
-            .entry(author.clone())
-            .or_insert_with(|| vec![false; batch.len()]);
-        let mut found = Vec::new();
-        if walked[top] {
-            return found;
-        }
-        walked[top] = true;
-        let mut stack = vec![top];
-        while let Some(i) = stack.pop() {
-            for dep in batch[i].deps() {
-                if let Some(&j) = self.index.get(dep)
-                    && !walked[j]
-                {
-                    walked[j] = true;
-                    if batch[j].actor() == author {
-                        found.push(j);
-                    }
-                    stack.push(j);
-                }
-            }
-        }
-        found
-    }
-}
-
-/// Wire size of a signature list: each entry is a change hash and its signature.
 /// Whether two lists of heads name the same changes, in any order.
 fn same_heads(a: &[ChangeHash], b: &[ChangeHash]) -> bool {
     let (mut a, mut b) = (a.to_vec(), b.to_vec());
@@ -3932,6 +3853,75 @@ mod tests {
         let held = sim.nodes[3].doc(&a).expect("replica");
         assert_eq!(schema::concern_count(held), 60);
         assert_eq!(sim.nodes[3].refusals(), (0, 0));
+    }
+
+    /// To peers that say they relay vouched-for changes only with a
+    /// signature that vouches for them, a node sends an author's latest
+    /// change's signature and the checkpoints' only; such a peer, holding
+    /// no more than those, relays the document on, and what it relays is
+    /// taken. Whole or as changes.
+    #[test]
+    fn peers_that_relay_vouched_changes_are_sent_the_signatures_they_need() {
+        for documents in [false, true] {
+            let q = [slug("a"), slug("b"), slug("c")];
+            let a = DocId::quarter(&q[0]);
+            let mut sim = Sim::new(4, vec![], &q, &[1, 2, 3], 5, 0);
+            let writes = crate::vouch::CHECKPOINT as usize + 44;
+            for i in 0..writes {
+                sim.write(1, &a, format!("a{i}"));
+            }
+            // A star around node 0, then node 3 hears only from node 2.
+            for (x, y) in [(0, 1), (0, 2), (2, 3)] {
+                let fx = sim.nodes[x].peer_up(y, vec![], 0);
+                sim.enqueue(x, fx);
+                let fx = sim.nodes[y].peer_up(x, vec![], 0);
+                sim.enqueue(y, fx);
+                sim.nodes[x].peer_takes_vouched(&y);
+                sim.nodes[y].peer_takes_vouched(&x);
+                if documents {
+                    sim.nodes[x].peer_takes_documents(&y);
+                    sim.nodes[y].peer_takes_documents(&x);
+                    let writer = DocumentsFrom::Writer(signer(y).actor());
+                    sim.nodes[x].take_documents_from(&y, writer);
+                    sim.nodes[y].take_documents_from(&x, DocumentsFrom::Centre);
+                }
+            }
+            sim.run(100_000);
+            for n in [0, 2, 3] {
+                let held = sim.nodes[n].doc(&a).expect("replica");
+                assert_eq!(schema::concern_count(held), writes, "node {n}");
+            }
+            let by_seq: Vec<ChangeHash> = sim.nodes[1]
+                .doc(&a)
+                .expect("doc")
+                .get_changes_meta(&[])
+                .iter()
+                .filter(|m| *m.actor == signer(1).actor())
+                .map(|m| m.hash)
+                .collect();
+            assert_eq!(by_seq.len(), writes);
+            let (last, checkpoint) = (
+                by_seq[writes - 1],
+                by_seq[crate::vouch::CHECKPOINT as usize - 1],
+            );
+            for n in [0, 2, 3] {
+                let node = &sim.nodes[n];
+                assert!(
+                    node.holds_signature(&last),
+                    "node {n}, documents: {documents}"
+                );
+                assert!(node.holds_signature(&checkpoint), "node {n}");
+                assert!(!node.holds_signature(&by_seq[100]), "node {n}");
+            }
+            // A few signatures in all, where each change had its own.
+            for n in [0, 1, 2] {
+                let sent = sim.changes_sent[n];
+                assert!(
+                    (2..=8).contains(&sent),
+                    "node {n}: {sent}, documents: {documents}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub mod replicator;
 pub mod schema;
 pub mod store;
 pub mod transport;
+pub mod vouch;
 pub mod wire;
 pub mod workflows;
 

@@ -1252,6 +1252,7 @@ impl Actor {
                 signed,
                 prefixed: true,
                 compressed: true,
+                vouched: true,
             });
             let id = self
                 .swarm
@@ -1905,6 +1906,7 @@ impl Actor {
                     signed,
                     prefixed,
                     compressed,
+                    vouched,
                 }) = request;
                 let sigs =
                     parse_sigs(sigs).filter(|_| signed.len() % wire::PREFIXED_SIGNATURE_LEN == 0);
@@ -1941,6 +1943,9 @@ impl Actor {
                     if compressed {
                         self.engine.peer_takes_compressed(&peer);
                     }
+                    if vouched {
+                        self.engine.peer_takes_vouched(&peer);
+                    }
                     let signatures = Signatures {
                         whole: &sigs,
                         prefixed: &signed,
@@ -1967,6 +1972,7 @@ impl Actor {
                                         documents: true,
                                         prefixed: true,
                                         compressed: true,
+                                        vouched: true,
                                     }
                                 }
                                 None => ResponseV1::Ack,
@@ -2027,6 +2033,7 @@ impl Actor {
                         documents,
                         prefixed,
                         compressed,
+                        vouched,
                     }) => {
                         if documents {
                             self.engine.peer_takes_documents(&peer);
@@ -2036,6 +2043,9 @@ impl Actor {
                         }
                         if compressed {
                             self.engine.peer_takes_compressed(&peer);
+                        }
+                        if vouched {
+                            self.engine.peer_takes_vouched(&peer);
                         }
                         self.engine.delivered(&peer, &doc, epoch, now);
                         self.receive_answer(peer, doc, epoch, &data);

@@ -205,6 +205,7 @@ mod tests {
             signed: Vec::new(),
             prefixed: false,
             compressed: false,
+            vouched: false,
         })
     }
 

@@ -40,8 +40,8 @@ pub enum Request {
 /// Version 1 requests.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RequestV1 {
-    /// One automerge sync message for `doc`, with its author's signature
-    /// for every change it carries (see `authorship`).
+    /// One automerge sync message for `doc`, with its authors' signatures
+    /// that vouch for every change it carries (see `authorship`, `vouch`).
     Sync {
         doc: DocId,
         #[serde(with = "serde_bytes")]
@@ -74,6 +74,13 @@ pub enum RequestV1 {
         /// it out and are sent whole documents uncompressed, as before.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         compressed: bool,
+        /// The sender relays changes it was sent vouched for by a later
+        /// change of their author (without their own signatures) only with
+        /// a signature that vouches for them (`vouch`), so it may be sent
+        /// only the signatures it needs. Nodes of earlier versions leave it
+        /// out and are sent every signature, as before.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        vouched: bool,
     },
 }
 
@@ -128,5 +135,9 @@ pub enum ResponseV1 {
         /// documents with compressed columns.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         compressed: bool,
+        /// As in [`RequestV1::Sync`]: the answering node relays changes
+        /// sent vouched for only with a signature that vouches for them.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        vouched: bool,
     },
 }

@@ -176,7 +176,7 @@ fn a_catch_up_travels_deflated() -> Result<()> {
         .as_u64()
         .ok_or("no wire bytes in status")?;
     eprintln!("catch-up into the centre: {messages} B of sync messages, {wire} B on the wire");
-    // 100 changes of about 400 B and their 96 B signatures.
+    // 100 changes of about 400 B, and the signatures that vouch for them.
     assert!(messages > 40_000, "only {messages} B of sync messages");
     assert!(
         wire * 10 < messages * 6,

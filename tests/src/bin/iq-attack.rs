@@ -303,6 +303,7 @@ fn refill(
             signed: Vec::new(),
             prefixed: false,
             compressed: false,
+            vouched: false,
         });
         swarm.behaviour_mut().sync.send_request(&target, request);
         *pending += 1;
