@@ -247,6 +247,11 @@ pub fn catch_up(cfg: &Config) -> Result<(Run, Value)> {
         }
         holds(held, &expected)
     })?;
+    // The document that came last, to look for in the nodes' logs.
+    let last_doc = arrived
+        .iter()
+        .max_by_key(|(_, t)| **t)
+        .map(|(d, _)| d.clone());
     let arrivals: Vec<Duration> = arrived.into_values().collect();
     let first_doc = arrivals.iter().min().copied();
     eprintln!("iq: P1 the centre holds every document after {to_centre:.2?}");
@@ -294,6 +299,7 @@ pub fn catch_up(cfg: &Config) -> Result<(Run, Value)> {
         "centre_ready_ms": ms(centre_ready),
         "first_document_at_centre_ms": first_doc.map(ms),
         "documents_at_centre_ms": Stats::of(&arrivals).json(),
+        "last_document_at_centre": last_doc,
         "to_centre_ms": ms(to_centre),
         "to_all_ms": ms(to_all),
         "centre_received_bytes": centre_received,
