@@ -119,12 +119,18 @@ pub struct Vouching<'a> {
     /// what it is sent vouched for only with a signature that vouches for
     /// it. Otherwise every one held goes.
     pub least: bool,
+    /// Whether the session may send nothing when the changes due all
+    /// stay back and its message would only repeat the last one (see
+    /// [`repeats`]); not while it answers a message with changes, as the
+    /// peer may wait for the answer to send the rest.
+    pub may_fall_silent: bool,
 }
 
 impl std::fmt::Debug for Vouching<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vouching")
             .field("least", &self.least)
+            .field("may_fall_silent", &self.may_fall_silent)
             .finish_non_exhaustive()
     }
 }
@@ -135,6 +141,7 @@ impl Vouching<'_> {
     pub const ALL: Vouching<'static> = Vouching {
         holds: &|_| true,
         least: false,
+        may_fall_silent: true,
     };
 }
 
@@ -149,8 +156,9 @@ pub struct Carried {
 /// The next sync message of a session, like automerge's
 /// `generate_sync_message`, but with the changes it carries taken from
 /// `cache` when all of them are there, no more of them than
-/// [`MESSAGE_CHANGE_BYTES`] hold, and none that the signatures this node
-/// holds do not vouch for ([`vouched`]). Returns the message and what it
+/// [`MESSAGE_CHANGE_BYTES`] hold (or [`VOUCHED_CHANGE_BYTES`], to reach a
+/// signature that vouches for them), and none that the signatures this
+/// node holds do not vouch for ([`vouched`]). Returns the message and what it
 /// carries.
 pub fn sync_message(
     am: &Automerge,
@@ -206,7 +214,7 @@ fn sync_message_within(
         let part = within(weights.iter().copied(), max_bytes);
         let bound = || within(weights.iter().copied(), max_bytes.max(VOUCHED_CHANGE_BYTES));
         let (kept, signed) = vouched(am, &hashes, part, bound, vouching);
-        if kept.is_empty() && repeats(&msg) {
+        if kept.is_empty() && vouching.may_fall_silent && repeats(&msg) {
             return None;
         }
         hashes = kept.into_iter().map(|i| hashes[i]).collect();
@@ -252,12 +260,14 @@ fn sync_message_within(
             let bound = || within(weights.iter().copied(), max_bytes.max(VOUCHED_CHANGE_BYTES));
             vouched(am, due, part, bound, vouching)
         }
+        // automerge builds one change per element; were it ever otherwise,
+        // every signature held goes, as before signatures were left out.
         None => {
             let hashes: Vec<ChangeHash> = elements[..part].iter().flatten().copied().collect();
             ((0..part).collect(), hashes)
         }
     };
-    if kept.is_empty() && !msg.changes.is_empty() && repeats(&msg) {
+    if kept.is_empty() && !msg.changes.is_empty() && vouching.may_fall_silent && repeats(&msg) {
         for hash in elements.into_iter().flatten() {
             state.sent_hashes.remove(&hash);
         }
@@ -330,26 +340,45 @@ fn vouched(
         .collect();
     let mut plan = plan_of(&metas, holds);
     if !plan.unvouched.is_empty() {
-        // On to each such author's next change whose signature is held.
-        let mut waiting: HashSet<ActorId> = plan
-            .unvouched
-            .iter()
-            .map(|&k| metas[k].1.actor.clone().into_owned())
-            .collect();
-        let mut more = Vec::new();
+        // On to each such author's next change whose signature is held,
+        // and again for the authors of the changes that brought in.
+        let limit = bound().min(due.len());
+        let mut ahead: Vec<Option<automerge::ChangeMetadata<'_>>> = Vec::new();
         let mut end = part;
-        for (i, h) in due.iter().enumerate().take(bound()).skip(part) {
-            if waiting.is_empty() {
+        loop {
+            let mut waiting: HashSet<ActorId> = plan
+                .unvouched
+                .iter()
+                .map(|&k| metas[k].1.actor.clone().into_owned())
+                .collect();
+            let mut reach = end;
+            let mut i = end;
+            while !waiting.is_empty() && i < limit {
+                if i - part == ahead.len() {
+                    ahead.push(meta(&due[i]));
+                }
+                if let Some(m) = &ahead[i - part]
+                    && holds(&m.hash)
+                    && waiting.remove(m.actor.as_ref())
+                {
+                    reach = i + 1;
+                }
+                i += 1;
+            }
+            if reach == end {
                 break;
             }
-            let Some(m) = meta(h) else { continue };
-            if holds(h) && waiting.remove(m.actor.as_ref()) {
-                end = i + 1;
+            for i in end..reach {
+                if let Some(m) = ahead[i - part].take() {
+                    metas.push((i, m));
+                }
             }
-            more.push((i, m));
+            end = reach;
+            plan = plan_of(&metas, holds);
+            if plan.unvouched.is_empty() {
+                break;
+            }
         }
-        metas.extend(more.into_iter().take_while(|(i, _)| *i < end));
-        plan = plan_of(&metas, holds);
     }
     // Without what is still not vouched for, and what depends on it.
     while !plan.unvouched.is_empty() {
@@ -799,6 +828,7 @@ mod tests {
         let vouching = Vouching {
             holds: &|h| held.contains(h),
             least: true,
+            may_fall_silent: true,
         };
         let mut carried_all = Vec::new();
         for round in 0.. {
@@ -914,5 +944,51 @@ mod tests {
         assert_eq!(sent[0].hashes, hashes[5..]);
         assert_eq!(sent[0].signed, [hashes[10]]);
         assert_eq!(b.get_heads(), a.get_heads());
+    }
+
+    /// Going on to one author's next signature brings in changes of
+    /// another whose own signature held lies further on: the part goes on
+    /// to that one too, rather than leave both behind.
+    #[test]
+    fn a_part_goes_on_to_every_author_it_brings_in() {
+        let big = "x".repeat(2_000);
+        let put = |am: &mut Automerge, k: String| {
+            am.transact(|tx| tx.put(ROOT, k, big.as_str()).map(|_| ()))
+                .expect("a put on a fresh map");
+        };
+        let mut a = Automerge::new();
+        a.set_actor(automerge::ActorId::from(vec![1; 16]));
+        for i in 0..30 {
+            put(&mut a, format!("a{i}"));
+        }
+        let mut b = a.fork().with_actor(automerge::ActorId::from(vec![2; 16]));
+        for i in 0..10 {
+            put(&mut b, format!("b{i}"));
+        }
+        a.merge(&mut b).expect("merges");
+        put(&mut a, "a30".into());
+        b.merge(&mut a).expect("merges");
+        for i in 10..20 {
+            put(&mut b, format!("b{i}"));
+        }
+        a.merge(&mut b).expect("merges");
+        // Held: a's 31st change and b's 20th, each the last of its author.
+        let last = |actor: u8| {
+            a.get_changes_meta(&[])
+                .iter()
+                .rev()
+                .find(|m| m.actor.to_bytes() == [actor; 16])
+                .map(|m| m.hash)
+                .expect("changes")
+        };
+        let held: HashSet<ChangeHash> = [last(1), last(2)].into();
+        for warm in [false, true] {
+            let mut peer = Automerge::new();
+            let (mut sa, mut sb) = (sync::State::new(), sync::State::new());
+            let sent = sync_vouched(&a, &mut peer, &mut sa, &mut sb, &held, 64 * 1024, warm);
+            assert_eq!(peer.get_heads(), a.get_heads(), "warm: {warm}");
+            assert_eq!(sent.len(), 1, "warm: {warm}");
+            assert_eq!(sent[0].hashes.len(), 51);
+        }
     }
 }

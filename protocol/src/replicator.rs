@@ -1492,6 +1492,19 @@ impl Actor {
         self.center.as_ref().is_some_and(|(c, _)| c == peer)
     }
 
+    /// `peer` said `vouched`: it is sent only the signatures it needs
+    /// (`Engine::peer_takes_vouched`), unless it is the centre. The centre
+    /// passes every quarter's changes on to every other node, in whatever
+    /// parts its sessions call for, so it keeps every signature: a node
+    /// that holds only some relays a change only together with a later one
+    /// that vouches for it (`change_cache::vouched`), which a peer's Bloom
+    /// filter or its request for one change can keep out of a message.
+    fn takes_vouched(&mut self, peer: &PeerId) {
+        if !self.is_centre(peer) {
+            self.engine.peer_takes_vouched(peer);
+        }
+    }
+
     fn peer_up(&mut self, peer: PeerId) -> Effects<PeerId> {
         let persisted = self
             .store
@@ -1944,7 +1957,7 @@ impl Actor {
                         self.engine.peer_takes_compressed(&peer);
                     }
                     if vouched {
-                        self.engine.peer_takes_vouched(&peer);
+                        self.takes_vouched(&peer);
                     }
                     let signatures = Signatures {
                         whole: &sigs,
@@ -2045,7 +2058,7 @@ impl Actor {
                             self.engine.peer_takes_compressed(&peer);
                         }
                         if vouched {
-                            self.engine.peer_takes_vouched(&peer);
+                            self.takes_vouched(&peer);
                         }
                         self.engine.delivered(&peer, &doc, epoch, now);
                         self.receive_answer(peer, doc, epoch, &data);

@@ -5,15 +5,16 @@
 //! dependencies, so an author's signature on one change also fixes every
 //! change below it: a receiver takes an author's signed change as vouching
 //! for the author's earlier changes among its ancestors in the same message
-//! (`engine::Engine::receive`), and one signature per author and message
-//! is enough ([`plan`]).
+//! (`engine::Engine::check_authors`), so one signature per author and
+//! message is enough, besides the checkpoints ([`plan`]).
 //!
 //! A node keeps the signatures it was sent, and no more: of a run of an
 //! author's changes it was sent vouched for, it holds the signature of the
 //! run's last change, and of every [`CHECKPOINT`]-th. So what it relays of
 //! the run must reach up to one of those, or the receiver would refuse it.
 //! `change_cache` makes sure of that when it cuts a message ([`plan`] says
-//! which changes nothing vouches for yet).
+//! which changes nothing vouches for yet). The centre, which relays every
+//! change, is sent every signature (`replicator`).
 
 use std::collections::HashMap;
 
@@ -23,7 +24,8 @@ use automerge::{ActorId, ChangeHash};
 /// keeps its own signature on the wire, though a later change vouches for
 /// it: a node that relays part of a long run of changes it was sent
 /// vouched for then needs to carry at most this many more of them to reach
-/// a signature it holds.
+/// a signature it holds (if they fit `change_cache::VOUCHED_CHANGE_BYTES`;
+/// otherwise what lies beyond stays back, see `docs/security.md`).
 pub const CHECKPOINT: u64 = 256;
 
 /// What the authorship check reads of a change: a parsed change, or a
@@ -141,8 +143,10 @@ pub(crate) struct Plan {
     pub signed: Vec<usize>,
     /// Indices of the changes that nothing the node holds vouches for:
     /// neither is their own signature held, nor that of a later change of
-    /// their author in the batch that depends on them. A genesis (a change
-    /// without dependencies) needs no signature and is never among them.
+    /// their author in the batch that depends on them. A change without
+    /// dependencies whose signature is not held is taken for a document's
+    /// genesis, which needs none, and is not among them (any other such
+    /// change is refused by the receiver, as it was before).
     pub unvouched: Vec<usize>,
 }
 
@@ -157,14 +161,18 @@ pub(crate) fn plan<C: Authored>(batch: &[&C], holds: impl Fn(&ChangeHash) -> boo
     for i in vouched_order(batch) {
         let change = batch[i];
         let held = holds(&change.hash());
-        if vouched[i] || change.deps().is_empty() {
-            if vouched[i] && held && change.seq().is_multiple_of(CHECKPOINT) {
+        if vouched[i] {
+            if held && change.seq().is_multiple_of(CHECKPOINT) {
                 plan.signed.push(i);
             }
             continue;
         }
         if !held {
-            plan.unvouched.push(i);
+            // A document's genesis needs no signature; any other change
+            // without dependencies does, and is refused without one.
+            if !change.deps().is_empty() {
+                plan.unvouched.push(i);
+            }
             continue;
         }
         plan.signed.push(i);
@@ -173,4 +181,50 @@ pub(crate) fn plan<C: Authored>(batch: &[&C], holds: impl Fn(&ChangeHash) -> boo
         }
     }
     plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::transaction::Transactable;
+    use automerge::{Automerge, ROOT};
+
+    /// `n` changes by one actor, the first without dependencies.
+    fn changes(n: u64) -> Vec<automerge::Change> {
+        let mut am = Automerge::new();
+        am.set_actor(ActorId::from(vec![7; 16]));
+        for i in 0..n {
+            am.transact(|tx| tx.put(ROOT, format!("k{i}"), i).map(|_| ()))
+                .expect("a put on a fresh map");
+        }
+        am.get_changes(&[])
+    }
+
+    #[test]
+    fn the_latest_change_vouches_for_the_rest_and_checkpoints_keep_their_own() {
+        let all = changes(600);
+        let batch: Vec<&automerge::Change> = all.iter().collect();
+        let signed = plan(&batch, |_| true);
+        assert!(signed.unvouched.is_empty());
+        let seqs: Vec<u64> = signed.signed.iter().map(|&i| batch[i].seq()).collect();
+        assert_eq!(seqs, [600, 512, 256]);
+        // Without the latest change's signature, nothing vouches for it;
+        // the one before it vouches for the rest.
+        let latest = batch[599].hash();
+        let without = plan(&batch, |h| *h != latest);
+        assert_eq!(without.unvouched, [599]);
+        assert_eq!(batch[without.signed[0]].seq(), 599);
+    }
+
+    /// A change without dependencies goes with its signature when it is
+    /// held (only a document's genesis needs none), and without one is
+    /// taken for the genesis.
+    #[test]
+    fn a_change_without_dependencies_is_signed_when_its_signature_is_held() {
+        let all = changes(1);
+        let batch: Vec<&automerge::Change> = all.iter().collect();
+        assert!(batch[0].deps().is_empty());
+        assert_eq!(plan(&batch, |_| true).signed, [0]);
+        assert_eq!(plan(&batch, |_| false), Plan::default());
+    }
 }
