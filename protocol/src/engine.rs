@@ -3886,7 +3886,7 @@ mod tests {
                 let fx = sim.nodes[y].peer_up(x, vec![], 0);
                 sim.enqueue(y, fx);
                 // Quarters send the centre every signature (see
-                // `Replicator::takes_vouched`).
+                // `Replicator::peer_reads`).
                 sim.nodes[x].peer_takes_vouched(&y);
                 if x != 0 {
                     sim.nodes[y].peer_takes_vouched(&x);

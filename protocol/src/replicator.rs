@@ -1492,15 +1492,25 @@ impl Actor {
         self.center.as_ref().is_some_and(|(c, _)| c == peer)
     }
 
-    /// `peer` said `vouched`: it is sent only the signatures it needs
-    /// (`Engine::peer_takes_vouched`), unless it is the centre. The centre
-    /// passes every quarter's changes on to every other node, in whatever
-    /// parts its sessions call for, so it keeps every signature: a node
-    /// that holds only some relays a change only together with a later one
-    /// that vouches for it (`change_cache::vouched`), which a peer's Bloom
-    /// filter or its request for one change can keep out of a message.
-    fn takes_vouched(&mut self, peer: &PeerId) {
-        if !self.is_centre(peer) {
+    /// What `peer` said it reads on its last request or answer, for the
+    /// engine to send it so. A centre that says `vouched` is still sent
+    /// every signature: it passes every quarter's changes on to every
+    /// other node, in whatever parts its sessions call for, so it keeps
+    /// them all. A node that holds only some relays a change only together
+    /// with a later one that vouches for it (`change_cache::vouched`),
+    /// which a peer's Bloom filter or its request for one change can keep
+    /// out of a message.
+    fn peer_reads(&mut self, peer: &PeerId, reads: PeerReads) {
+        if reads.documents {
+            self.engine.peer_takes_documents(peer);
+        }
+        if reads.prefixed {
+            self.engine.peer_reads_prefixed(peer);
+        }
+        if reads.compressed {
+            self.engine.peer_takes_compressed(peer);
+        }
+        if reads.vouched && !self.is_centre(peer) {
             self.engine.peer_takes_vouched(peer);
         }
     }
@@ -1947,18 +1957,15 @@ impl Actor {
                     }
                 } else {
                     let received = Instant::now();
-                    if documents {
-                        self.engine.peer_takes_documents(&peer);
-                    }
-                    if prefixed {
-                        self.engine.peer_reads_prefixed(&peer);
-                    }
-                    if compressed {
-                        self.engine.peer_takes_compressed(&peer);
-                    }
-                    if vouched {
-                        self.takes_vouched(&peer);
-                    }
+                    self.peer_reads(
+                        &peer,
+                        PeerReads {
+                            documents,
+                            prefixed,
+                            compressed,
+                            vouched,
+                        },
+                    );
                     let signatures = Signatures {
                         whole: &sigs,
                         prefixed: &signed,
@@ -2048,18 +2055,15 @@ impl Actor {
                         compressed,
                         vouched,
                     }) => {
-                        if documents {
-                            self.engine.peer_takes_documents(&peer);
-                        }
-                        if prefixed {
-                            self.engine.peer_reads_prefixed(&peer);
-                        }
-                        if compressed {
-                            self.engine.peer_takes_compressed(&peer);
-                        }
-                        if vouched {
-                            self.takes_vouched(&peer);
-                        }
+                        self.peer_reads(
+                            &peer,
+                            PeerReads {
+                                documents,
+                                prefixed,
+                                compressed,
+                                vouched,
+                            },
+                        );
                         self.engine.delivered(&peer, &doc, epoch, now);
                         self.receive_answer(peer, doc, epoch, &data);
                     }
@@ -2161,6 +2165,15 @@ fn take_answer(
             && o.data.len() <= wire::MAX_ANSWER_BYTES
     })?;
     Some(sends.remove(i))
+}
+
+/// What a peer says it reads (`wire::RequestV1::Sync`, `ResponseV1::Answer`).
+#[derive(Debug, Clone, Copy)]
+struct PeerReads {
+    documents: bool,
+    prefixed: bool,
+    compressed: bool,
+    vouched: bool,
 }
 
 /// A message's signatures as they go on the wire: in the short form to a
