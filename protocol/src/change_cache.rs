@@ -18,7 +18,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use automerge::sync::{self, SyncDoc};
-use automerge::{ActorId, Automerge, ChangeHash};
+use automerge::{ActorId, Automerge, ChangeHash, ReadDoc};
 
 use crate::chunks::{MAX_CHANGES_PER_MESSAGE, MAX_DECLARED_VALUES};
 use crate::vouch;
@@ -213,18 +213,29 @@ fn sync_message_within(
             .collect();
         let part = within(weights.iter().copied(), max_bytes);
         let bound = || within(weights.iter().copied(), max_bytes.max(VOUCHED_CHANGE_BYTES));
-        let (kept, signed) = vouched(am, &hashes, part, bound, vouching);
-        if kept.is_empty() && vouching.may_fall_silent && repeats(&msg) {
+        let chosen = vouched(am, &hashes, part, bound, vouching);
+        if chosen.is_empty() && vouching.may_fall_silent && repeats(&msg) {
             return None;
         }
-        hashes = kept.into_iter().map(|i| hashes[i]).collect();
-        let bytes: Vec<Vec<u8>> = hashes
+        hashes = chosen.kept.into_iter().map(|i| hashes[i]).collect();
+        let mut bytes: Vec<Vec<u8>> = hashes
             .iter()
             .filter_map(|h| cache.get(h).map(<[u8]>::to_vec))
             .collect();
         state.sent_hashes.extend(hashes.iter().copied());
+        for hash in chosen.again {
+            if let Some(b) = cache
+                .get(&hash)
+                .map(<[u8]>::to_vec)
+                .or_else(|| rebuilt(am, &hash))
+            {
+                bytes.push(b);
+                hashes.push(hash);
+            }
+        }
         msg.changes = bytes.into();
         cache.hits += 1;
+        let signed = chosen.signed;
         return Some((msg, Carried { hashes, signed }));
     }
     // automerge's own message, its changes rebuilt from the document; they
@@ -255,19 +266,30 @@ fn sync_message_within(
             _ => None,
         })
         .collect();
-    let (kept, signed) = match &single {
+    let chosen = match &single {
         Some(due) => {
             let bound = || within(weights.iter().copied(), max_bytes.max(VOUCHED_CHANGE_BYTES));
             vouched(am, due, part, bound, vouching)
         }
         // automerge builds one change per element; were it ever otherwise,
         // every signature held goes, as before signatures were left out.
-        None => {
-            let hashes: Vec<ChangeHash> = elements[..part].iter().flatten().copied().collect();
-            ((0..part).collect(), hashes)
-        }
+        None => Chosen {
+            kept: (0..part).collect(),
+            again: Vec::new(),
+            signed: elements[..part].iter().flatten().copied().collect(),
+        },
     };
-    if kept.is_empty() && !msg.changes.is_empty() && vouching.may_fall_silent && repeats(&msg) {
+    let Chosen {
+        kept,
+        again,
+        signed,
+    } = chosen;
+    if kept.is_empty()
+        && again.is_empty()
+        && !msg.changes.is_empty()
+        && vouching.may_fall_silent
+        && repeats(&msg)
+    {
         for hash in elements.into_iter().flatten() {
             state.sent_hashes.remove(&hash);
         }
@@ -292,6 +314,12 @@ fn sync_message_within(
         }
         changes.push(element.to_vec());
         hashes.extend(found);
+    }
+    for hash in again {
+        if let Some(b) = rebuilt(am, &hash) {
+            changes.push(b);
+            hashes.push(hash);
+        }
     }
     msg.changes = changes.into();
     if !hashes.is_empty() {
@@ -327,16 +355,20 @@ fn vouched(
     part: usize,
     bound: impl FnOnce() -> usize,
     vouching: Vouching<'_>,
-) -> (Vec<usize>, Vec<ChangeHash>) {
+) -> Chosen {
     let holds = vouching.holds;
     if !vouching.least && due[..part].iter().all(holds) {
-        return ((0..part).collect(), due[..part].to_vec());
+        return Chosen {
+            kept: (0..part).collect(),
+            again: Vec::new(),
+            signed: due[..part].to_vec(),
+        };
     }
     let meta = |h: &ChangeHash| am.get_change_meta_by_hash(h);
-    let mut metas: Vec<(usize, automerge::ChangeMetadata<'_>)> = due[..part]
+    let mut metas: Vec<(Option<usize>, automerge::ChangeMetadata<'_>)> = due[..part]
         .iter()
         .enumerate()
-        .filter_map(|(i, h)| Some((i, meta(h)?)))
+        .filter_map(|(i, h)| Some((Some(i), meta(h)?)))
         .collect();
     let mut plan = plan_of(&metas, holds);
     if !plan.unvouched.is_empty() {
@@ -370,7 +402,7 @@ fn vouched(
             }
             for i in end..reach {
                 if let Some(m) = ahead[i - part].take() {
-                    metas.push((i, m));
+                    metas.push((Some(i), m));
                 }
             }
             end = reach;
@@ -378,6 +410,14 @@ fn vouched(
             if plan.unvouched.is_empty() {
                 break;
             }
+        }
+    }
+    if !plan.unvouched.is_empty() {
+        let carried: HashSet<ChangeHash> = metas.iter().map(|(_, m)| m.hash).collect();
+        let again = sent_again(am, &metas, &plan.unvouched, &carried, holds);
+        if !again.is_empty() {
+            metas.extend(again.into_iter().map(|m| (None, m)));
+            plan = plan_of(&metas, holds);
         }
     }
     // Without what is still not vouched for, and what depends on it.
@@ -402,12 +442,114 @@ fn vouched(
     } else {
         metas.iter().map(|(_, m)| m.hash).filter(holds).collect()
     };
-    (metas.into_iter().map(|(i, _)| i).collect(), signed)
+    let mut chosen = Chosen {
+        signed,
+        ..Chosen::default()
+    };
+    for (i, m) in metas {
+        match i {
+            Some(i) => chosen.kept.push(i),
+            None => chosen.again.push(m.hash),
+        }
+    }
+    chosen
+}
+
+/// What [`vouched`] chose for a message.
+#[derive(Debug, Default)]
+struct Chosen {
+    /// Indices into the changes due.
+    kept: Vec<usize>,
+    /// Changes sent before that go again (see [`sent_again`]).
+    again: Vec<ChangeHash>,
+    /// The changes whose signatures go.
+    signed: Vec<ChangeHash>,
+}
+
+impl Chosen {
+    fn is_empty(&self) -> bool {
+        self.kept.is_empty() && self.again.is_empty()
+    }
+}
+
+/// Most changes sent before that one message carries again (see
+/// [`sent_again`]).
+const MAX_SENT_AGAIN: usize = 4 * vouch::CHECKPOINT as usize;
+
+/// For each author of `unvouched` (indices into `metas`, the changes of a
+/// message), the changes between the latest of them and the author's next
+/// change whose signature is held, that the message does not carry
+/// (`carried`). They were sent before, so they are no longer due: the
+/// peer's Bloom filter wrongly showed the unvouched change as held and the
+/// rest went and wait in the peer's queue, or the peer asks for the change
+/// alone. The peer checks what waits in its queue again, so sent with
+/// them, the later signature vouches for it. At most [`MAX_SENT_AGAIN`]
+/// changes; none for an author whose next signature lies further on.
+fn sent_again<'a>(
+    am: &'a Automerge,
+    metas: &[(Option<usize>, automerge::ChangeMetadata<'a>)],
+    unvouched: &[usize],
+    carried: &HashSet<ChangeHash>,
+    holds: &dyn Fn(&ChangeHash) -> bool,
+) -> Vec<automerge::ChangeMetadata<'a>> {
+    let mut latest: HashMap<&ActorId, &automerge::ChangeMetadata<'a>> = HashMap::new();
+    for &k in unvouched {
+        let m = &metas[k].1;
+        let slot = latest.entry(m.actor.as_ref()).or_insert(m);
+        if m.seq > slot.seq {
+            *slot = m;
+        }
+    }
+    let mut again: Vec<automerge::ChangeMetadata<'a>> = Vec::new();
+    let mut taken: HashSet<ChangeHash> = HashSet::new();
+    for (actor, change) in latest {
+        // Everything after the change, in causal order.
+        let later = am.get_changes_meta(&[change.hash]);
+        let Some(voucher) = later
+            .iter()
+            .position(|m| m.actor.as_ref() == actor && holds(&m.hash))
+        else {
+            continue;
+        };
+        // What the voucher depends on among them, the change included.
+        let index: HashMap<ChangeHash, usize> =
+            later.iter().enumerate().map(|(i, m)| (m.hash, i)).collect();
+        let mut needed = vec![false; voucher + 1];
+        needed[voucher] = true;
+        let mut stack = vec![voucher];
+        while let Some(i) = stack.pop() {
+            for dep in &later[i].deps {
+                if let Some(&j) = index.get(dep)
+                    && !needed[j]
+                {
+                    needed[j] = true;
+                    stack.push(j);
+                }
+            }
+        }
+        let path: Vec<usize> = (0..=voucher)
+            .filter(|&i| needed[i] && !carried.contains(&later[i].hash))
+            .filter(|&i| !taken.contains(&later[i].hash))
+            .collect();
+        if again.len() + path.len() > MAX_SENT_AGAIN {
+            continue;
+        }
+        for i in path {
+            taken.insert(later[i].hash);
+            again.push(later[i].clone());
+        }
+    }
+    again
+}
+
+/// The bytes of a change, rebuilt by automerge.
+fn rebuilt(am: &Automerge, hash: &ChangeHash) -> Option<Vec<u8>> {
+    am.get_change_by_hash(hash).map(|c| c.raw_bytes().to_vec())
 }
 
 /// [`vouch::plan`] of a message's changes.
 fn plan_of(
-    metas: &[(usize, automerge::ChangeMetadata<'_>)],
+    metas: &[(Option<usize>, automerge::ChangeMetadata<'_>)],
     holds: &dyn Fn(&ChangeHash) -> bool,
 ) -> vouch::Plan {
     let batch: Vec<&automerge::ChangeMetadata<'_>> = metas.iter().map(|(_, m)| m).collect();
@@ -989,6 +1131,60 @@ mod tests {
             assert_eq!(peer.get_heads(), a.get_heads(), "warm: {warm}");
             assert_eq!(sent.len(), 1, "warm: {warm}");
             assert_eq!(sent[0].hashes.len(), 51);
+        }
+    }
+
+    /// A peer's Bloom filter wrongly showed a change as held: the changes
+    /// after it went, and wait in the peer's queue; the peer asks for the
+    /// change alone. A node that holds only the latest signature sends it
+    /// again with what lies between, up to that signature.
+    #[test]
+    fn a_change_asked_for_alone_goes_with_the_changes_up_to_its_voucher() {
+        let keys: Vec<String> = (0..10).map(|i| format!("k{i}")).collect();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let a = doc_with(1, &keys);
+        let hashes = by_seq(&a);
+        let mut b = Automerge::new();
+        let (mut sa, mut sb) = (sync::State::new(), sync::State::new());
+        let mut cache = ChangeCache::default();
+        cache_all(&a, &mut cache);
+        let (hello, _) = sync_message(&b, &mut sb, &mut cache, Vouching::ALL).expect("hello");
+        a.clone()
+            .receive_sync_message(&mut sa, as_sent(&hello))
+            .expect("applies");
+        let (mut all, _) = sync_message(&a, &mut sa, &mut cache, Vouching::ALL).expect("changes");
+        // The second change stays out, as if the filter had shown it held.
+        let kept: Vec<Vec<u8>> = all
+            .changes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 1)
+            .map(|(_, c)| c.to_vec())
+            .collect();
+        all.changes = kept.into();
+        sa.sent_hashes.remove(&hashes[1]);
+        b.receive_sync_message(&mut sb, as_sent(&all))
+            .expect("queues");
+        assert_eq!(b.get_heads(), [hashes[0]]);
+        let (asks, _) = sync_message(&b, &mut sb, &mut cache, Vouching::ALL).expect("asks");
+        assert_eq!(asks.need, [hashes[1]]);
+        a.clone()
+            .receive_sync_message(&mut sa, as_sent(&asks))
+            .expect("applies");
+        let held: HashSet<ChangeHash> = [hashes[9]].into();
+        let vouching = Vouching {
+            holds: &|h| held.contains(h),
+            least: true,
+            may_fall_silent: true,
+        };
+        for mut cache in [ChangeCache::default(), cache] {
+            let (mut sa, mut sb, mut b) = (sa.clone(), sb.clone(), b.clone());
+            let (m, carried) = sync_message(&a, &mut sa, &mut cache, vouching).expect("the change");
+            assert_eq!(carried.hashes, hashes[1..]);
+            assert_eq!(carried.signed, [hashes[9]]);
+            b.receive_sync_message(&mut sb, as_sent(&m))
+                .expect("applies");
+            assert_eq!(b.get_heads(), a.get_heads());
         }
     }
 }

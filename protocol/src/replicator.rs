@@ -1498,8 +1498,7 @@ impl Actor {
     /// other node, in whatever parts its sessions call for, so it keeps
     /// them all. A node that holds only some relays a change only together
     /// with a later one that vouches for it (`change_cache::vouched`),
-    /// which a peer's Bloom filter or its request for one change can keep
-    /// out of a message.
+    /// which can lie too far on for one message (see `docs/security.md`).
     fn peer_reads(&mut self, peer: &PeerId, reads: PeerReads) {
         if reads.documents {
             self.engine.peer_takes_documents(peer);
