@@ -514,7 +514,7 @@ fn sent_again<'a>(
         // What the voucher depends on among them, the change included.
         let index: HashMap<ChangeHash, usize> =
             later.iter().enumerate().map(|(i, m)| (m.hash, i)).collect();
-        let mut needed = vec![false; voucher + 1];
+        let mut needed = vec![false; later.len()];
         needed[voucher] = true;
         let mut stack = vec![voucher];
         while let Some(i) = stack.pop() {
@@ -527,7 +527,7 @@ fn sent_again<'a>(
                 }
             }
         }
-        let path: Vec<usize> = (0..=voucher)
+        let path: Vec<usize> = (0..later.len())
             .filter(|&i| needed[i] && !carried.contains(&later[i].hash))
             .filter(|&i| !taken.contains(&later[i].hash))
             .collect();
