@@ -1242,6 +1242,7 @@ impl Actor {
     /// Hands sync messages to the transport.
     fn send_now(&mut self, sends: Vec<Outgoing<PeerId>>) {
         for out in sends {
+            tracing::trace!(peer = %out.peer, doc = %out.doc, bytes = out.data.len(), signatures = out.sigs.len(), "sync message sent");
             let (sigs, signed) = wire_signatures(out.sigs, self.engine.reads_prefixed(&out.peer));
             let request = Request::V1(RequestV1::Sync {
                 doc: out.doc.clone(),
@@ -1884,6 +1885,7 @@ impl Actor {
         let now = self.now();
         match self.engine.receive(&peer, &doc, data, &[], now) {
             Ok(fx) => {
+                tracing::trace!(%peer, %doc, bytes = data.len(), sends = fx.sends.len(), "answer received");
                 let _ = self.apply(fx);
             }
             Err(SyncError::Poisoned(doc)) => {
