@@ -268,6 +268,11 @@ struct Peer {
     /// Persisted sync states handed in at `peer_up`, used when a session for
     /// a document is first opened.
     persisted: BTreeMap<DocId, Vec<u8>>,
+    /// Documents the peer has shown it replicates: it synced them before (a
+    /// sync state persisted for them), or sent a message for them since it
+    /// came up. The centre offers a quarter other documents only once it
+    /// has, see [`Engine::offers`].
+    opened: BTreeSet<DocId>,
     stats: PeerStats,
     /// Has messages with changes outstanding: as counted at the last
     /// [`Engine::tick`], or sent one since.
@@ -505,6 +510,27 @@ impl<P: Ord + Clone> Engine<P> {
         }
     }
 
+    /// Whether this node may open a session for `doc` with `peer` unasked.
+    /// The centre (the writer of the city document) offers a quarter the
+    /// city document and the quarter's own at once, and the other quarters'
+    /// documents only once the quarter has shown it replicates them
+    /// (`Peer::opened`). A quarter that has no roster yet replicates no
+    /// other quarter's document and would refuse each offer; at 64 quarters
+    /// those 63 refusals each, answered at the centre's pace, queued ahead
+    /// of the quarter's own document on its connection and kept it from the
+    /// centre for up to half a minute (`docs/benchmarks.md`, run 73). With
+    /// the roster, a quarter opens every session itself. Other nodes offer
+    /// what they reach ([`Engine::reaches`]).
+    fn offers(&self, peer: &P, doc: &DocId) -> bool {
+        if *doc == DocId::City || !self.writes(&DocId::City) {
+            return true;
+        }
+        self.peers.get(peer).is_some_and(|p| {
+            p.opened.contains(doc)
+                || matches!(&p.documents_from, DocumentsFrom::Writer(actor) if self.writers.may_write(doc, actor))
+        })
+    }
+
     /// Whether this node is a writer of `doc` (its own documents).
     fn writes(&self, doc: &DocId) -> bool {
         self.writers.may_write(doc, &self.actor)
@@ -645,8 +671,9 @@ impl<P: Ord + Clone> Engine<P> {
     }
 
     /// A peer connected. `persisted` holds the sync states saved for it.
-    /// An active peer is offered every document; a passive one hears from
-    /// this node only in answer to its own messages.
+    /// An active peer is offered every document (at the centre, those it
+    /// replicates, see [`Engine::offers`]); a passive one hears from this
+    /// node only in answer to its own messages.
     pub fn peer_up(&mut self, peer: P, persisted: Vec<(DocId, Vec<u8>)>, now: u64) -> Effects<P> {
         let mut fx = Effects::default();
         let entry = self.peers.entry(peer.clone()).or_default();
@@ -659,6 +686,7 @@ impl<P: Ord + Clone> Engine<P> {
         entry.takes_vouched = false;
         entry.documents_from = DocumentsFrom::Nobody;
         entry.persisted = persisted.into_iter().collect();
+        entry.opened = entry.persisted.keys().cloned().collect();
         entry.stats.session_bytes_sent = 0;
         entry.stats.session_bytes_received = 0;
         entry.stats.session_messages_sent = 0;
@@ -860,6 +888,13 @@ impl<P: Ord + Clone> Engine<P> {
         // roster yet does not know it writes its own document: it sends
         // one whole only if every change in it is its own.
         let only_by = (!self.writes(&DocId::City) && !self.writes(doc)).then_some(&self.actor);
+        let open = self
+            .peers
+            .get(peer)
+            .is_some_and(|p| p.sessions.contains_key(doc));
+        if !open && !self.offers(peer, doc) {
+            return;
+        }
         let Some(session) = Self::session(&mut self.peers, &mut self.next_epoch, peer, doc, now)
         else {
             return;
@@ -950,6 +985,9 @@ impl<P: Ord + Clone> Engine<P> {
         }
         if !self.accepts(doc) {
             return Err(SyncError::NotAccepted(doc.clone()));
+        }
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.opened.insert(doc.clone());
         }
         let sigs = SigIndex::new(sigs.into());
         let (msg, new_sigs, incoming) = match self.check_message(peer, doc, data, &sigs) {
@@ -2809,8 +2847,11 @@ mod tests {
         let changes = chain(&doc, &[&writer], 2);
         let mut centre = engine(0, &q, &[1]);
         let _ = centre.peer_up(1, vec![], 0);
-        // Peer 2's opening messages are acknowledged, so nothing is outstanding.
-        for out in centre.peer_up(2, vec![], 0).sends {
+        // Peer 2 synced the document before (a sync state persisted for
+        // it), so the centre offers it; its opening messages are
+        // acknowledged, so nothing is outstanding.
+        let synced_before = vec![(doc.clone(), sync::State::new().encode())];
+        for out in centre.peer_up(2, synced_before, 0).sends {
             centre.delivered(&2, &out.doc, out.epoch, 0);
         }
         for (change, sig) in &changes {
@@ -2826,6 +2867,60 @@ mod tests {
         assert_eq!(to_2.len(), 1, "one message per peer and document");
         assert!(!centre.flush_due());
         assert!(centre.flush(0).sends.is_empty());
+    }
+
+    /// The centre offers a quarter the city document at once, and another
+    /// quarter's document only once the quarter has shown it replicates it:
+    /// a sync state persisted from an earlier connection, or a message of
+    /// its own for it. Until then its changes are not relayed to it.
+    #[test]
+    fn the_centre_offers_other_quarters_documents_only_to_quarters_that_replicate_them() {
+        let q = [slug("a"), slug("b")];
+        let (a, b) = (DocId::quarter(&q[0]), DocId::quarter(&q[1]));
+        let mut centre = engine(0, &q, &[1, 2]);
+        let offered = |fx: &Effects<usize>, peer: usize| -> BTreeSet<DocId> {
+            fx.sends
+                .iter()
+                .filter(|o| o.peer == peer)
+                .map(|o| o.doc.clone())
+                .collect()
+        };
+        let fx = centre.peer_up(1, vec![], 0);
+        assert_eq!(offered(&fx, 1), BTreeSet::from([DocId::City]));
+        // A quarter that synced b's document before is offered it.
+        let fx = centre.peer_up(2, vec![(a.clone(), sync::State::new().encode())], 0);
+        assert_eq!(offered(&fx, 2), BTreeSet::from([DocId::City, a.clone()]));
+        for out in fx.sends {
+            centre.delivered(&2, &out.doc, out.epoch, 0);
+        }
+
+        // b's writer sends changes; the centre relays them to nobody yet,
+        // as no other peer replicates b's document.
+        let writer = signer(2);
+        let changes = chain(&b, &[&writer], 1);
+        let (change, sig) = &changes[0];
+        let msg = message_with(vec![change.hash()], vec![change.raw_bytes().to_vec()]);
+        let fx = centre
+            .receive(&2, &b, &msg, &[(change.hash(), sig.clone())], 0)
+            .expect("receive");
+        let mut fx_all = fx;
+        fx_all.extend(centre.flush(0));
+        assert!(
+            !offered(&fx_all, 1).contains(&b),
+            "offered to a quarter that has not shown it replicates the document"
+        );
+
+        // Once quarter 1 opens b's document itself, the centre answers it.
+        let mut mine = sync::State::new();
+        let opening = schema::genesis(&b)
+            .generate_sync_message(&mut mine)
+            .expect("an opening message")
+            .encode();
+        let fx = centre.receive(&1, &b, &opening, &[], 0).expect("receive");
+        assert!(
+            offered(&fx, 1).contains(&b),
+            "no answer to the quarter's opening"
+        );
     }
 
     #[test]
@@ -3686,9 +3781,11 @@ mod tests {
                 .expect("local write");
         }
         let whole_to_centre = |quarter: &mut Engine<usize>, centre: &mut Engine<usize>| {
-            // The centre's opening message: it holds only the genesis.
+            // The centre's opening message: it holds only the genesis. (It
+            // offers the document as the two synced it before.)
+            let synced_before = vec![(doc.clone(), sync::State::new().encode())];
             let opening = centre
-                .peer_up(1, vec![], 0)
+                .peer_up(1, synced_before, 0)
                 .sends
                 .into_iter()
                 .find(|o| o.doc == doc)
