@@ -512,23 +512,19 @@ impl<P: Ord + Clone> Engine<P> {
 
     /// Whether this node may open a session for `doc` with `peer` unasked.
     /// The centre (the writer of the city document) offers a quarter the
-    /// city document and the quarter's own at once, and the other quarters'
-    /// documents only once the quarter has shown it replicates them
-    /// (`Peer::opened`). A quarter that has no roster yet replicates no
-    /// other quarter's document and would refuse each offer; at 64 quarters
-    /// those 63 refusals each, answered at the centre's pace, queued ahead
-    /// of the quarter's own document on its connection and kept it from the
-    /// centre for up to half a minute (`docs/benchmarks.md`, run 73). With
-    /// the roster, a quarter opens every session itself. Other nodes offer
-    /// what they reach ([`Engine::reaches`]).
+    /// city document, and a quarter's document only once the quarter has
+    /// shown it replicates it (`Peer::opened`). A quarter opens a session
+    /// for its own document as it connects, and for every other quarter's
+    /// once the roster is in its city document. Before, it would refuse
+    /// each as not replicated: at 64 quarters those 63 refusals each,
+    /// answered at the centre's pace, queued ahead of the quarter's own
+    /// document on its connection and kept it from the centre for up to
+    /// half a minute (`docs/benchmarks.md`, run 73). Other nodes offer what
+    /// they reach ([`Engine::reaches`]).
     fn offers(&self, peer: &P, doc: &DocId) -> bool {
-        if *doc == DocId::City || !self.writes(&DocId::City) {
-            return true;
-        }
-        self.peers.get(peer).is_some_and(|p| {
-            p.opened.contains(doc)
-                || matches!(&p.documents_from, DocumentsFrom::Writer(actor) if self.writers.may_write(doc, actor))
-        })
+        *doc == DocId::City
+            || !self.writes(&DocId::City)
+            || self.peers.get(peer).is_some_and(|p| p.opened.contains(doc))
     }
 
     /// Whether this node is a writer of `doc` (its own documents).
@@ -2887,7 +2883,8 @@ mod tests {
         };
         let fx = centre.peer_up(1, vec![], 0);
         assert_eq!(offered(&fx, 1), BTreeSet::from([DocId::City]));
-        // A quarter that synced b's document before is offered it.
+        // A quarter that synced another quarter's document before is
+        // offered it (peer 2, b's writer, synced a's).
         let fx = centre.peer_up(2, vec![(a.clone(), sync::State::new().encode())], 0);
         assert_eq!(offered(&fx, 2), BTreeSet::from([DocId::City, a.clone()]));
         for out in fx.sends {
