@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use automerge::transaction::Transaction;
 use automerge::{ActorId, ChangeHash};
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use libp2p::request_response::{self, InboundRequestId, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm};
@@ -47,6 +47,8 @@ use crate::wire::{self, Request, RequestV1, Response, ResponseV1, SignedHash};
 
 /// Interval of the engine's timer (retries, stalled sessions, redial, compaction).
 const TICK: Duration = Duration::from_millis(250);
+/// A turn of the event loop that takes longer is logged (debug).
+const SLOW_TURN: Duration = Duration::from_millis(50);
 
 /// A quarter node redials the centre this often while disconnected.
 const REDIAL: Duration = Duration::from_secs(1);
@@ -107,6 +109,14 @@ const COMMAND_QUEUE: usize = 256;
 /// `Actor::run`): enough that requests which run at once (status, own
 /// writes) are not stuck behind a burst of others during the load.
 const HELD_JOBS: usize = 4096;
+
+/// Events taken from the network and not yet handled (see `Actor::run`):
+/// at most this many, and at most [`INBOX_BYTES`] of sync messages in
+/// them. Honest peers keep far fewer in flight: each sends at most its
+/// window of messages (`engine::PEER_WINDOW`) and answers what this node
+/// sent.
+const INBOX_EVENTS: usize = 1024;
+const INBOX_BYTES: usize = 64 << 20;
 
 /// Sync requests a peer may send per second on average, and in a burst.
 const REQUESTS_PER_SECOND: f64 = 200.0;
@@ -784,6 +794,10 @@ pub struct Actor {
     /// Requests that wait for every document (`Command::Job`), in order,
     /// while the node loads.
     held_jobs: VecDeque<Job>,
+    /// Network events taken from the swarm, handled one per turn in order
+    /// (see `Actor::run`), with the bytes of sync messages in them.
+    inbox: VecDeque<(SwarmEvent<BehaviourEvent>, usize)>,
+    inbox_bytes: usize,
     /// Ticket of the last store write that must reach the disk.
     written: u64,
     /// Ticket of the last store write known durable.
@@ -964,6 +978,8 @@ impl Actor {
             loading: pending,
             pending_load,
             held_jobs: VecDeque::new(),
+            inbox: VecDeque::new(),
+            inbox_bytes: 0,
             durability: Durability::start(Arc::clone(&store))?,
             store,
             written: 0,
@@ -1158,14 +1174,20 @@ impl Actor {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pending_load = self.pending_load.take();
         loop {
+            let branch: &str;
+            let began: Instant;
             tokio::select! {
                 // One ready branch at random: requests from the API, the
-                // network and the slices of answers and relays (`flush`)
-                // share the actor, none starves the others.
-                done = self.durability.done.recv() => match done {
-                    Some(Ok(ticket)) => self.now_durable(ticket),
-                    Some(Err(e)) => self.fatal = Some(e.into()),
-                    None => self.fatal = Some(ReplicatorError::Crashed("the durability thread stopped".into())),
+                // network's events (`inbox`) and the slices of answers and
+                // relays (`flush`) share the actor, none starves the others.
+                done = self.durability.done.recv() => {
+                    branch = "durable";
+                    began = Instant::now();
+                    match done {
+                        Some(Ok(ticket)) => self.now_durable(ticket),
+                        Some(Err(e)) => self.fatal = Some(e.into()),
+                        None => self.fatal = Some(ReplicatorError::Crashed("the durability thread stopped".into())),
+                    }
                 },
                 loaded = async {
                     match pending_load.as_mut() {
@@ -1173,6 +1195,8 @@ impl Actor {
                         None => std::future::pending().await,
                     }
                 }, if pending_load.is_some() => {
+                    branch = "loaded";
+                    began = Instant::now();
                     pending_load = None;
                     match loaded {
                         Ok(loaded) => self.loaded(loaded),
@@ -1182,14 +1206,55 @@ impl Actor {
                 // While the node loads, requests that wait for it are held
                 // here, up to `HELD_JOBS`; beyond that the queue fills and
                 // every caller waits as it would for a busy actor.
-                cmd = rx.recv(), if self.held_jobs.len() < HELD_JOBS => match cmd {
-                    Some(Command::Job(job)) if self.loading > 0 => self.held_jobs.push_back(job),
-                    Some(Command::Job(job) | Command::Now(job)) => self.run_job(job),
-                    Some(Command::Shutdown) | None => break,
+                cmd = rx.recv(), if self.held_jobs.len() < HELD_JOBS => {
+                    branch = "command";
+                    began = Instant::now();
+                    match cmd {
+                        Some(Command::Job(job)) if self.loading > 0 => self.held_jobs.push_back(job),
+                        Some(Command::Job(job) | Command::Now(job)) => self.run_job(job),
+                        Some(Command::Shutdown) | None => break,
+                    }
                 },
-                event = self.swarm.select_next_some() => self.handle_event(event),
-                _ = tick.tick() => self.handle_tick(),
-                () = std::future::ready(()), if self.engine.flush_due() => self.flush(),
+                // The swarm is read until it has nothing more, and what it
+                // gave is handled a turn at a time (`inbox` below): libp2p
+                // takes in new connections only once its connections have
+                // no events waiting, so a busy node that handled each event
+                // as it came let dialling peers wait for 10 s and more
+                // (their handshakes timed out) while it caught up with the
+                // peers already connected.
+                event = self.swarm.select_next_some(), if self.inbox_has_room() => {
+                    branch = "network";
+                    began = Instant::now();
+                    self.take_in(event);
+                    while self.inbox_has_room() {
+                        match self.swarm.next().now_or_never() {
+                            Some(Some(event)) => self.take_in(event),
+                            _ => break,
+                        }
+                    }
+                },
+                () = std::future::ready(()), if !self.inbox.is_empty() => {
+                    branch = "inbox";
+                    began = Instant::now();
+                    if let Some((event, bytes)) = self.inbox.pop_front() {
+                        self.inbox_bytes -= bytes;
+                        self.handle_event(event);
+                    }
+                },
+                _ = tick.tick() => {
+                    branch = "tick";
+                    began = Instant::now();
+                    self.handle_tick();
+                },
+                () = std::future::ready(()), if self.engine.flush_due() => {
+                    branch = "flush";
+                    began = Instant::now();
+                    self.flush();
+                },
+            }
+            let took = began.elapsed();
+            if took > SLOW_TURN {
+                tracing::debug!(branch, ?took, "slow turn of the node's event loop");
             }
             if let Some(err) = self.fatal.take() {
                 tracing::error!(error = %err, "stopping the node");
@@ -1213,6 +1278,43 @@ impl Actor {
         }
         tracing::info!("replicator stopped");
         Ok(())
+    }
+
+    fn inbox_has_room(&self) -> bool {
+        self.inbox.len() < INBOX_EVENTS && self.inbox_bytes < INBOX_BYTES
+    }
+
+    /// Queues a network event to be handled in its turn.
+    fn take_in(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        use request_response::{Event, Message};
+        let bytes = match &event {
+            SwarmEvent::Behaviour(BehaviourEvent::Sync(Event::Message { message, .. })) => {
+                match message {
+                    Message::Request {
+                        request:
+                            Request::V1(RequestV1::Sync {
+                                data, sigs, signed, ..
+                            }),
+                        ..
+                    } => {
+                        data.len()
+                            + signed.len()
+                            + sigs
+                                .iter()
+                                .map(|s| s.hash.len() + s.sig.len())
+                                .sum::<usize>()
+                    }
+                    Message::Response {
+                        response: Response::V1(ResponseV1::Answer { data, .. }),
+                        ..
+                    } => data.len(),
+                    Message::Response { .. } => 0,
+                }
+            }
+            _ => 0,
+        };
+        self.inbox_bytes += bytes;
+        self.inbox.push_back((event, bytes));
     }
 
     /// The store writes up to `ticket` are durable: what waited for them goes.
@@ -1766,7 +1868,13 @@ impl Actor {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "listening");
             }
-            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                established_in,
+                ..
+            } => {
+                tracing::debug!(peer = %peer_id, dialer = endpoint.is_dialer(), ?established_in, "connection established");
                 self.neighbour_backoff.remove(&peer_id);
                 let first = self.connected.insert(peer_id);
                 if first {
@@ -2236,6 +2344,19 @@ mod tests {
     /// as a snapshot; `damaged` names one stored as bytes that do not load.
     /// Returns the started actor, not yet running.
     fn quarter_actor(dir: &std::path::Path, others: usize, damaged: Option<usize>) -> Actor {
+        let centre = Identity::generate().peer_id();
+        quarter_actor_with(dir, others, damaged, centre, &[])
+    }
+
+    /// [`quarter_actor`] with the centre's PeerId given, and the writers
+    /// of the first other quarters (`q0`, `q1`, …) on the roster.
+    fn quarter_actor_with(
+        dir: &std::path::Path,
+        others: usize,
+        damaged: Option<usize>,
+        centre: PeerId,
+        writers: &[PeerId],
+    ) -> Actor {
         let store = Store::open(dir).expect("store");
         let put = |id: &DocId, n: i64, f: &dyn Fn(&mut Transaction<'_>)| {
             let mut am = schema::genesis(id);
@@ -2249,10 +2370,14 @@ mod tests {
         put(&own, 1, &|_| {});
         let others: Vec<QuarterSlug> = (0..others).map(|i| slug(&format!("q{i}"))).collect();
         put(&DocId::City, 0, &|tx| {
-            for q in others.iter().chain([slug("own")].iter()) {
+            for (i, q) in others.iter().chain([slug("own")].iter()).enumerate() {
+                let writer = match writers.get(i) {
+                    Some(peer) if i < others.len() => *peer,
+                    _ => Identity::generate().peer_id(),
+                };
                 let entry = schema::RosterEntry {
                     name: q.to_string(),
-                    writers: vec![Identity::generate().peer_id().to_string()],
+                    writers: vec![writer.to_string()],
                 };
                 schema::put_roster_entry(tx, q, &entry).expect("roster");
             }
@@ -2273,7 +2398,6 @@ mod tests {
                 ..Batch::default()
             })
             .expect("store");
-        let centre = Identity::generate().peer_id();
         Actor::new(ReplicatorConfig {
             identity: Identity::generate(),
             role: Role::Quarter,
@@ -2393,6 +2517,150 @@ mod tests {
         assert!(h.read(signed).await.expect("read"), "the signatures loaded");
         let heads = h.heads().await.expect("heads");
         assert_eq!((heads.documents.len(), heads.loading), (5, 0));
+        replicator.shutdown().await.expect("shutdown");
+    }
+
+    /// A node with a backlog of messages from the peers already connected
+    /// takes in a new connection at once, not only once it has handled the
+    /// backlog: libp2p takes in new connections only while its connections
+    /// have no events waiting (see `Actor::run`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_busy_node_lets_a_new_peer_in_before_it_has_handled_its_backlog() {
+        use libp2p::request_response::{Event, Message};
+        // Eight peers with 100 requests each: within what a peer may have
+        // in flight on one connection (yamux allows 300 streams) and within
+        // the node's inbox.
+        const PEERS: usize = 8;
+        const EACH: usize = 100;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ids: Vec<Identity> = (0..=PEERS).map(|_| Identity::generate()).collect();
+        let writers: Vec<PeerId> = ids.iter().map(Identity::peer_id).collect();
+        let mut swarms: Vec<Swarm<Behaviour>> = ids
+            .iter()
+            .map(|id| {
+                transport::build_swarm(id, None, Arc::new(WireCounters::default())).expect("swarm")
+            })
+            .collect();
+        let mut late = swarms.pop().expect("the late peer");
+        let actor = quarter_actor_with(
+            dir.path(),
+            PEERS + 1,
+            None,
+            Identity::generate().peer_id(),
+            &writers,
+        );
+        let replicator = Replicator::run_actor(actor).expect("run");
+        let h = replicator.handle();
+        let node = h.peer_id();
+        let addr: Multiaddr = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let status = h.status().await.expect("status");
+                if status.loading == 0
+                    && let Some(addr) = status.listen.first()
+                {
+                    break addr.parse().expect("a listen address");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the node loads and listens within 20 s");
+        late.behaviour_mut().allow.allow_peer(node);
+        for swarm in &mut swarms {
+            swarm.behaviour_mut().allow.allow_peer(node);
+            swarm.dial(addr.clone()).expect("dial");
+        }
+        let mut connected = 0;
+        let mut all = futures::stream::select_all(swarms.iter_mut());
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while connected < PEERS {
+                if let Some(SwarmEvent::ConnectionEstablished { .. }) = all.next().await {
+                    connected += 1;
+                }
+            }
+        })
+        .await
+        .expect("the first peers connect within 20 s");
+        drop(all);
+
+        // The node's event loop is kept busy: requests from its API that
+        // take 5 ms each, always one waiting, between which the node
+        // handles the network; meanwhile every peer sends 100 requests
+        // and the late one dials.
+        let busy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let jobs: Vec<_> = (0..4)
+            .map(|_| {
+                let (h, busy) = (h.clone(), Arc::clone(&busy));
+                tokio::spawn(async move {
+                    while busy.load(std::sync::atomic::Ordering::Relaxed) {
+                        let slow = |_: View<'_>| std::thread::sleep(Duration::from_millis(5));
+                        if h.read_now(slow).await.is_err() {
+                            break;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for swarm in &mut swarms {
+            for _ in 0..EACH {
+                // Not a sync message: refused, as any malformed request.
+                swarm.behaviour_mut().sync.send_request(
+                    &node,
+                    Request::V1(RequestV1::Sync {
+                        doc: DocId::City,
+                        data: vec![0x42; 16],
+                        sigs: Vec::new(),
+                        answer: false,
+                        documents: false,
+                        signed: Vec::new(),
+                        prefixed: false,
+                        compressed: false,
+                        vouched: false,
+                    }),
+                );
+            }
+        }
+        let mut all = futures::stream::select_all(swarms.iter_mut());
+        let mut answered = 0;
+        let mut dialled = None;
+        let answered_before = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                // The late peer dials once the node has answered the first
+                // requests: the rest are on their way or waiting.
+                if answered >= PEERS && dialled.is_none() {
+                    late.dial(addr.clone()).expect("dial");
+                    dialled = Some(answered);
+                }
+                tokio::select! {
+                    event = all.next() => match event {
+                        Some(SwarmEvent::Behaviour(BehaviourEvent::Sync(
+                            Event::Message { message: Message::Response { .. }, .. },
+                        ))) => answered += 1,
+                        Some(SwarmEvent::Behaviour(BehaviourEvent::Sync(
+                            Event::OutboundFailure { error, .. },
+                        ))) => panic!("a request failed: {error}"),
+                        _ => {}
+                    },
+                    event = late.select_next_some(), if dialled.is_some() => {
+                        if let SwarmEvent::ConnectionEstablished { .. } = event {
+                            break answered;
+                        }
+                    }
+                }
+            }
+        })
+        .await
+        .expect("the late peer connects within 60 s");
+        assert!(
+            answered_before < PEERS * EACH / 2,
+            "the late peer got in only after {answered_before} of the {} requests \
+             waiting were answered",
+            PEERS * EACH
+        );
+        busy.store(false, std::sync::atomic::Ordering::Relaxed);
+        for job in jobs {
+            job.await.expect("join");
+        }
         replicator.shutdown().await.expect("shutdown");
     }
 
