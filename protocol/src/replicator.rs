@@ -2622,14 +2622,14 @@ mod tests {
         }
         let mut all = futures::stream::select_all(swarms.iter_mut());
         let mut answered = 0;
-        let mut dialled = None;
+        let mut dialled = false;
         let answered_before = tokio::time::timeout(Duration::from_secs(60), async {
             loop {
                 // The late peer dials once the node has answered the first
                 // requests: the rest are on their way or waiting.
-                if answered >= PEERS && dialled.is_none() {
+                if answered >= PEERS && !dialled {
                     late.dial(addr.clone()).expect("dial");
-                    dialled = Some(answered);
+                    dialled = true;
                 }
                 tokio::select! {
                     event = all.next() => match event {
@@ -2641,7 +2641,7 @@ mod tests {
                         ))) => panic!("a request failed: {error}"),
                         _ => {}
                     },
-                    event = late.select_next_some(), if dialled.is_some() => {
+                    event = late.select_next_some(), if dialled => {
                         if let SwarmEvent::ConnectionEstablished { .. } = event {
                             break answered;
                         }
