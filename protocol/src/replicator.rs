@@ -111,11 +111,15 @@ const COMMAND_QUEUE: usize = 256;
 const HELD_JOBS: usize = 4096;
 
 /// Events taken from the network and not yet handled (see `Actor::run`):
-/// at most this many, and at most [`INBOX_BYTES`] of sync messages in
-/// them. Honest peers keep far fewer in flight: each sends at most its
-/// window of messages (`engine::PEER_WINDOW`) and answers what this node
-/// sent.
-const INBOX_EVENTS: usize = 1024;
+/// at most this many, and at most [`INBOX_BYTES`] in all, counting each
+/// event's own size and the sync messages in it. A quarter that receives
+/// the roster opens a session for every document at once, so a centre
+/// with 64 quarters is sent about 4,000 small messages within seconds
+/// (`docs/benchmarks.md`: with room for 1,024 the inbox filled and new
+/// connections waited 4 s again in run 88; up to 2,558 waited in it at
+/// once in run 89); messages with changes are bounded by each peer's
+/// window (`engine::PEER_WINDOW`).
+const INBOX_EVENTS: usize = 16 * 1024;
 const INBOX_BYTES: usize = 64 << 20;
 
 /// Sync requests a peer may send per second on average, and in a burst.
@@ -1254,7 +1258,12 @@ impl Actor {
             }
             let took = began.elapsed();
             if took > SLOW_TURN {
-                tracing::debug!(branch, ?took, "slow turn of the node's event loop");
+                tracing::debug!(
+                    branch,
+                    ?took,
+                    inbox = self.inbox.len(),
+                    "slow turn of the node's event loop"
+                );
             }
             if let Some(err) = self.fatal.take() {
                 tracing::error!(error = %err, "stopping the node");
@@ -1284,7 +1293,8 @@ impl Actor {
         self.inbox.len() < INBOX_EVENTS && self.inbox_bytes < INBOX_BYTES
     }
 
-    /// Queues a network event to be handled in its turn.
+    /// Queues a network event to be handled in its turn, counting its size
+    /// and that of the sync message it carries.
     fn take_in(&mut self, event: SwarmEvent<BehaviourEvent>) {
         use request_response::{Event, Message};
         let bytes = match &event {
@@ -1312,7 +1322,7 @@ impl Actor {
                 }
             }
             _ => 0,
-        };
+        } + std::mem::size_of::<SwarmEvent<BehaviourEvent>>();
         self.inbox_bytes += bytes;
         self.inbox.push_back((event, bytes));
     }
