@@ -799,7 +799,7 @@ pub struct Actor {
     /// while the node loads.
     held_jobs: VecDeque<Job>,
     /// Network events taken from the swarm, handled one per turn in order
-    /// (see `Actor::run`), with the bytes of sync messages in them.
+    /// (see `Actor::run`), each with the bytes it counts for (`take_in`).
     inbox: VecDeque<(SwarmEvent<BehaviourEvent>, usize)>,
     inbox_bytes: usize,
     /// Ticket of the last store write that must reach the disk.
@@ -1223,9 +1223,8 @@ impl Actor {
                 // gave is handled a turn at a time (`inbox` below): libp2p
                 // takes in new connections only once its connections have
                 // no events waiting, so a busy node that handled each event
-                // as it came let dialling peers wait for 10 s and more
-                // (their handshakes timed out) while it caught up with the
-                // peers already connected.
+                // as it came let dialling peers wait 5 to 10 s while it
+                // caught up with the peers already connected.
                 event = self.swarm.select_next_some(), if self.inbox_has_room() => {
                     branch = "network";
                     began = Instant::now();
