@@ -577,17 +577,7 @@ mod tests {
     async fn a_request_deflating_beyond_the_ratio_goes_plain_and_a_deflated_one_beyond_it_is_refused()
      {
         let mut codec = SyncCodec::new(Arc::default());
-        let zeros = Request::V1(RequestV1::Sync {
-            doc: DocId::City,
-            data: vec![0; 1 << 20],
-            sigs: Vec::new(),
-            answer: false,
-            documents: false,
-            signed: Vec::new(),
-            prefixed: false,
-            compressed: false,
-            vouched: false,
-        });
+        let zeros = Request::plain(DocId::City, vec![0; 1 << 20]);
         let body = written(&mut codec, &v2(), zeros.clone()).await;
         assert_eq!(body[0], PLAIN, "a request deflating 1,000:1 went deflated");
         assert_eq!(read(&mut codec, &v2(), &body).await.expect("reads"), zeros);
@@ -651,9 +641,9 @@ mod tests {
         let mut codec = SyncCodec::new(Arc::default());
         let with = |len: usize| {
             let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-            Request::V1(RequestV1::Sync {
-                doc: DocId::City,
-                data: (0..len)
+            Request::plain(
+                DocId::City,
+                (0..len)
                     .map(|_| {
                         x ^= x << 13;
                         x ^= x >> 7;
@@ -661,14 +651,7 @@ mod tests {
                         (x >> 24) as u8
                     })
                     .collect(),
-                sigs: Vec::new(),
-                answer: false,
-                documents: false,
-                signed: Vec::new(),
-                prefixed: false,
-                compressed: false,
-                vouched: false,
-            })
+            )
         };
         let max = wire::MAX_REQUEST_BYTES as usize;
         // CBOR adds a few bytes around the data: find how many.

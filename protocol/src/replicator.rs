@@ -2613,20 +2613,10 @@ mod tests {
         for swarm in &mut swarms {
             for _ in 0..EACH {
                 // Not a sync message: refused, as any malformed request.
-                swarm.behaviour_mut().sync.send_request(
-                    &node,
-                    Request::V1(RequestV1::Sync {
-                        doc: DocId::City,
-                        data: vec![0x42; 16],
-                        sigs: Vec::new(),
-                        answer: false,
-                        documents: false,
-                        signed: Vec::new(),
-                        prefixed: false,
-                        compressed: false,
-                        vouched: false,
-                    }),
-                );
+                swarm
+                    .behaviour_mut()
+                    .sync
+                    .send_request(&node, Request::plain(DocId::City, vec![0x42; 16]));
             }
         }
         let mut all = futures::stream::select_all(swarms.iter_mut());

@@ -37,6 +37,25 @@ pub enum Request {
     V1(RequestV1),
 }
 
+#[cfg(test)]
+impl Request {
+    /// A sync request for `doc` carrying `data` as it is, without
+    /// signatures and saying none of what a node of this version reads.
+    pub(crate) fn plain(doc: DocId, data: Vec<u8>) -> Self {
+        Request::V1(RequestV1::Sync {
+            doc,
+            data,
+            sigs: Vec::new(),
+            answer: false,
+            documents: false,
+            signed: Vec::new(),
+            prefixed: false,
+            compressed: false,
+            vouched: false,
+        })
+    }
+}
+
 /// Version 1 requests.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RequestV1 {
