@@ -577,7 +577,7 @@ mod tests {
     async fn a_request_deflating_beyond_the_ratio_goes_plain_and_a_deflated_one_beyond_it_is_refused()
      {
         let mut codec = SyncCodec::new(Arc::default());
-        let zeros = Request::plain(DocId::City, vec![0; 1 << 20]);
+        let zeros = Request::first_version(DocId::City, vec![0; 1 << 20], Vec::new());
         let body = written(&mut codec, &v2(), zeros.clone()).await;
         assert_eq!(body[0], PLAIN, "a request deflating 1,000:1 went deflated");
         assert_eq!(read(&mut codec, &v2(), &body).await.expect("reads"), zeros);
@@ -641,7 +641,7 @@ mod tests {
         let mut codec = SyncCodec::new(Arc::default());
         let with = |len: usize| {
             let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-            Request::plain(
+            Request::first_version(
                 DocId::City,
                 (0..len)
                     .map(|_| {
@@ -651,6 +651,7 @@ mod tests {
                         (x >> 24) as u8
                     })
                     .collect(),
+                Vec::new(),
             )
         };
         let max = wire::MAX_REQUEST_BYTES as usize;

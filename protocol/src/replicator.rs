@@ -2613,10 +2613,10 @@ mod tests {
         for swarm in &mut swarms {
             for _ in 0..EACH {
                 // Not a sync message: refused, as any malformed request.
-                swarm
-                    .behaviour_mut()
-                    .sync
-                    .send_request(&node, Request::plain(DocId::City, vec![0x42; 16]));
+                swarm.behaviour_mut().sync.send_request(
+                    &node,
+                    Request::first_version(DocId::City, vec![0x42; 16], Vec::new()),
+                );
             }
         }
         let mut all = futures::stream::select_all(swarms.iter_mut());

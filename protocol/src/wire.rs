@@ -37,15 +37,15 @@ pub enum Request {
     V1(RequestV1),
 }
 
-#[cfg(test)]
 impl Request {
-    /// A sync request for `doc` carrying `data` as it is, without
-    /// signatures and saying none of what a node of this version reads.
-    pub(crate) fn plain(doc: DocId, data: Vec<u8>) -> Self {
+    /// A sync request as a node of the first version sends it: `data` with
+    /// the signatures whole in `sigs`, and none of the flags later versions
+    /// add (no answer asked for, no whole documents, no short signatures).
+    pub fn first_version(doc: DocId, data: Vec<u8>, sigs: Vec<SignedHash>) -> Self {
         Request::V1(RequestV1::Sync {
             doc,
             data,
-            sigs: Vec::new(),
+            sigs,
             answer: false,
             documents: false,
             signed: Vec::new(),

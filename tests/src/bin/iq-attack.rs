@@ -29,7 +29,7 @@ use iq_protocol::codec::WireCounters;
 use iq_protocol::identity::{Identity, actor_id_of_peer};
 use iq_protocol::schema::{self, Concern, RosterEntry};
 use iq_protocol::transport::{self, BehaviourEvent};
-use iq_protocol::wire::{Request, RequestV1, Response, ResponseV1, SignedHash};
+use iq_protocol::wire::{Request, Response, ResponseV1, SignedHash};
 use iq_protocol::{DocId, Multiaddr, PeerId, QuarterSlug};
 use libp2p::request_response::{Event, Message};
 use libp2p::swarm::SwarmEvent;
@@ -294,17 +294,7 @@ fn refill(
     while *pending < window
         && let Some((doc, data, sigs)) = todo.pop()
     {
-        let request = Request::V1(RequestV1::Sync {
-            doc,
-            data,
-            sigs,
-            answer: false,
-            documents: false,
-            signed: Vec::new(),
-            prefixed: false,
-            compressed: false,
-            vouched: false,
-        });
+        let request = Request::first_version(doc, data, sigs);
         swarm.behaviour_mut().sync.send_request(&target, request);
         *pending += 1;
     }
