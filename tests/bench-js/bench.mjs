@@ -80,6 +80,19 @@ async function until(what, t0, done) {
   }
 }
 
+// What `withinBound` gives when the bound passed first.
+const TIMED_OUT = Symbol("timed out")
+
+// `promise`'s value, or TIMED_OUT once TIMEOUT_MS have passed since t0: a
+// find that never settles must not hold the run past its bound.
+function withinBound(promise, t0) {
+  let timer
+  const bound = new Promise((resolve) => {
+    timer = setTimeout(resolve, Math.max(0, TIMEOUT_MS - (performance.now() - t0)), TIMED_OUT)
+  })
+  return Promise.race([promise, bound]).finally(() => clearTimeout(timer))
+}
+
 // A find can report a document unavailable while the hub is still taking
 // it in (or has not answered yet); an application asks again.
 async function findRetrying(repo, url, t0) {
@@ -142,25 +155,54 @@ const centreReceived = traffic.in
 // Logged as it comes: the fetches below may not finish in time.
 log(`P1 the hub holds every quarter document after ${toCentre.toFixed(1)} ms (${centreReceived} B in)`)
 // Then every quarter fetches every other quarter's document from the hub.
-await Promise.all(
-  clients.flatMap((c, q) =>
-    clients
-      .filter((_, p) => p !== q)
-      .map(async (o) => {
-        c.others.set(o.handle.documentId, await findRetrying(c.repo, o.handle.url, t0))
+// Within the bound, or the time to the hub is reported alone.
+let toAll = null
+// What is measured so far, once the run cannot go on: P2 needs every
+// quarter to hold every document.
+function reportUnfinished(reason) {
+  log(reason)
+  const p1 = {
+    quarters: Q,
+    concerns_per_quarter: M,
+    to_centre_ms: toCentre,
+    to_all_ms: toAll,
+    centre_received_bytes: centreReceived,
+    all_bytes: toAll === null ? null : traffic.in + traffic.out,
+  }
+  console.log(JSON.stringify({ p1, p2: null, unfinished: reason, versions: { node: process.version } }))
+  process.exit(0)
+}
+// automerge-repo's WebSocket client leaves some socket errors unhandled
+// (ECONNRESET on a reconnect while the hub is busy, seen at 64 × 1,000),
+// which would end the process without a report.
+process.on("uncaughtException", (e) => reportUnfinished(`an error automerge-repo did not handle: ${e.message}`))
+try {
+  const found = await withinBound(
+    Promise.all(
+      clients.flatMap((c, q) =>
+        clients
+          .filter((_, p) => p !== q)
+          .map(async (o) => {
+            c.others.set(o.handle.documentId, await findRetrying(c.repo, o.handle.url, t0))
+          }),
+      ),
+    ),
+    t0,
+  )
+  if (found === TIMED_OUT) throw new Error(`the quarters' finds had not all settled after ${TIMEOUT_MS / 1000} s`)
+  toAll = await until("every quarter to hold every document", t0, () =>
+    clients.every((c) =>
+      clients.every((o, p) => {
+        if (o === c) return true
+        const h = headsOf(c.others.get(o.handle.documentId))
+        return h !== null && same(h, expected[p])
       }),
-  ),
-)
-const toAll = await until("every quarter to hold every document", t0, () =>
-  clients.every((c) =>
-    clients.every((o, p) => {
-      if (o === c) return true
-      const h = headsOf(c.others.get(o.handle.documentId))
-      return h !== null && same(h, expected[p])
-    }),
-  ),
-)
-await sleep(500) // let the last acknowledgements pass before counting
+    ),
+  )
+  await sleep(500) // let the last acknowledgements pass before counting
+} catch (e) {
+  reportUnfinished(`every quarter holding every document: ${e.message}`)
+}
 const p1 = {
   quarters: Q,
   concerns_per_quarter: M,

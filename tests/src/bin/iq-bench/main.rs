@@ -300,6 +300,11 @@ fn markdown(r: &Value) -> String {
     if let Some(e) = r["peer"]["error"].as_str() {
         out.push_str(&format!("The automerge-repo peer failed: {e}\n\n"));
     }
+    if let Some(u) = r["peer"]["unfinished"].as_str() {
+        out.push_str(&format!(
+            "automerge-repo did not finish ({u}): its time to the centre counts; it ran no P2.\n\n"
+        ));
+    }
     out.push_str("| measure | iq | floor | floor-changes | automerge-repo | iq ÷ floor | iq ÷ floor-changes | iq ÷ automerge-repo |\n");
     out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- |\n");
     // (label, unit, iq path, floor path, peer path)

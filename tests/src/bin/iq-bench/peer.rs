@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -87,7 +87,7 @@ pub fn run(q: usize, m: usize, live: usize, seed: u64, timeout: Duration) -> Res
         .prefix("iq-bench-peer-")
         .tempdir()
         .map_err(|e| e.to_string())?;
-    let out = Command::new("node")
+    let mut child = Command::new("node")
         .arg(dir.join("bench.mjs"))
         .args(["--quarters", &q.to_string()])
         .args(["--concerns", &m.to_string()])
@@ -96,13 +96,42 @@ pub fn run(q: usize, m: usize, live: usize, seed: u64, timeout: Duration) -> Res
         .args(["--timeout-ms", &timeout.as_millis().to_string()])
         .arg("--dir")
         .arg(data.path())
+        .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
-        .output()
+        .spawn()
         .map_err(|e| format!("cannot run node: {e}"))?;
-    if !out.status.success() {
-        return Err(format!("the automerge-repo peer failed ({})", out.status));
+    let mut stdout = child.stdout.take().ok_or("node's stdout was not piped")?;
+    let reader = std::thread::spawn(move || {
+        let mut text = Vec::new();
+        std::io::Read::read_to_end(&mut stdout, &mut text).map(|_| text)
+    });
+    // The script bounds each wait by `timeout` after its offline phase;
+    // this bounds the whole of it (the offline phase, and a wait the script
+    // failed to bound), so the run always ends.
+    let deadline = Instant::now() + timeout * 2 + Duration::from_secs(60);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "the automerge-repo peer was still running after {:?}, and was stopped",
+                    timeout * 2 + Duration::from_secs(60)
+                ));
+            }
+            Err(e) => return Err(format!("cannot wait for node: {e}")),
+        }
+    };
+    let stdout = reader
+        .join()
+        .map_err(|_| "the thread reading node's output panicked")?
+        .map_err(|e| format!("cannot read node's output: {e}"))?;
+    if !status.success() {
+        return Err(format!("the automerge-repo peer failed ({status})"));
     }
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = String::from_utf8_lossy(&stdout);
     let line = text
         .lines()
         .rev()
