@@ -157,18 +157,21 @@ log(`P1 the hub holds every quarter document after ${toCentre.toFixed(1)} ms (${
 // Then every quarter fetches every other quarter's document from the hub.
 // Within the bound, or the time to the hub is reported alone.
 let toAll = null
+// P1 as measured so far (no time to every quarter, nor its bytes, until
+// every quarter holds every document).
+const p1Result = () => ({
+  quarters: Q,
+  concerns_per_quarter: M,
+  to_centre_ms: toCentre,
+  to_all_ms: toAll,
+  centre_received_bytes: centreReceived,
+  all_bytes: toAll === null ? null : traffic.in + traffic.out,
+})
 // What is measured so far, once the run cannot go on: P2 needs every
 // quarter to hold every document.
 function reportUnfinished(reason) {
   log(reason)
-  const p1 = {
-    quarters: Q,
-    concerns_per_quarter: M,
-    to_centre_ms: toCentre,
-    to_all_ms: toAll,
-    centre_received_bytes: centreReceived,
-    all_bytes: toAll === null ? null : traffic.in + traffic.out,
-  }
+  const p1 = p1Result()
   console.log(JSON.stringify({ p1, p2: null, unfinished: reason, versions: { node: process.version } }))
   process.exit(0)
 }
@@ -203,14 +206,7 @@ try {
 } catch (e) {
   reportUnfinished(`every quarter holding every document: ${e.message}`)
 }
-const p1 = {
-  quarters: Q,
-  concerns_per_quarter: M,
-  to_centre_ms: toCentre,
-  to_all_ms: toAll,
-  centre_received_bytes: centreReceived,
-  all_bytes: traffic.in + traffic.out,
-}
+const p1 = p1Result()
 log("P1", JSON.stringify(p1))
 
 // P2: one concern at a time at a random quarter.
