@@ -982,6 +982,10 @@ impl<P: Ord + Clone> Engine<P> {
         if !self.accepts(doc) {
             return Err(SyncError::NotAccepted(doc.clone()));
         }
+        // Marked before the message is checked, on purpose: a peer whose
+        // message is refused (its writer not on this node's roster yet,
+        // say) still replicates the document, and what it is offered then
+        // is what any listed peer may ask for anyway.
         if let Some(p) = self.peers.get_mut(peer) {
             p.opened.insert(doc.clone());
         }
