@@ -1272,6 +1272,13 @@ impl Actor {
                 tracing::error!(error = %err, "stopping the node");
                 return Err(err);
             }
+            // The inbox and flush branches are ready whenever they have
+            // work, so the loop could keep its worker thread for as long as
+            // a backlog lasts; tasks woken on that worker (an API request
+            // this loop just answered) would wait until it ran dry. This
+            // gives the thread back once tokio's budget for the task is
+            // spent (128 turns).
+            tokio::task::coop::consume_budget().await;
         }
         // Whatever was written is made durable before the node goes, so
         // local writes still waiting are acknowledged; the sync states with
@@ -2461,6 +2468,34 @@ mod tests {
             psk: None,
         })
         .expect("actor")
+    }
+
+    /// The event loop gives the thread back to the runtime now and then
+    /// while it has work ready (its inbox, or flushes), so a task sharing
+    /// its worker (an API request woken by its answer, or sending one) is
+    /// not held until the loop runs dry. On a one-thread runtime: the
+    /// request is sent once the loop has begun its inbox of 40,000 events,
+    /// and must be handled before the inbox is empty.
+    #[tokio::test]
+    async fn the_event_loop_yields_while_its_inbox_is_full() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut actor = quarter_actor(dir.path(), 0, None);
+        for i in 0..40_000 {
+            actor.take_in(SwarmEvent::Dialing {
+                peer_id: None,
+                connection_id: libp2p::swarm::ConnectionId::new_unchecked(i),
+            });
+        }
+        let replicator = Replicator::run_actor(actor).expect("run");
+        let h = replicator.handle();
+        // The actor's first turns, until it gives the thread back.
+        tokio::task::yield_now().await;
+        let left = h.run_now(|actor| actor.inbox.len()).await.expect("run_now");
+        assert!(
+            left > 0,
+            "the request waited until the loop had handled its whole inbox"
+        );
+        replicator.shutdown().await.expect("shutdown");
     }
 
     /// Sync states alone wait in memory, the newest of each session, and
