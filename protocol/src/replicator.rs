@@ -1404,10 +1404,10 @@ impl Actor {
         for (peer, doc, state) in fx.sync_states {
             self.unstored_sync.insert((peer.to_string(), doc), state);
         }
-        let durable = !fx.changes.is_empty() || !fx.signatures.is_empty();
+        let must_be_durable = !fx.changes.is_empty() || !fx.signatures.is_empty();
         let batch = Batch {
             changes: fx.changes,
-            sync_states: if durable {
+            sync_states: if must_be_durable {
                 self.take_unstored_sync()
             } else {
                 Vec::new()

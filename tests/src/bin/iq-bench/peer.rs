@@ -108,7 +108,8 @@ pub fn run(q: usize, m: usize, live: usize, seed: u64, timeout: Duration) -> Res
     // The script bounds each wait by `timeout` after its offline phase;
     // this bounds the whole of it (the offline phase, and a wait the script
     // failed to bound), so the run always ends.
-    let deadline = Instant::now() + timeout * 2 + Duration::from_secs(60);
+    let bound = timeout * 2 + Duration::from_secs(60);
+    let deadline = Instant::now() + bound;
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status,
@@ -117,8 +118,7 @@ pub fn run(q: usize, m: usize, live: usize, seed: u64, timeout: Duration) -> Res
                 let _ = child.kill();
                 let _ = child.wait();
                 return Err(format!(
-                    "the automerge-repo peer was still running after {:?}, and was stopped",
-                    timeout * 2 + Duration::from_secs(60)
+                    "the automerge-repo peer was still running after {bound:?}, and was stopped"
                 ));
             }
             Err(e) => return Err(format!("cannot wait for node: {e}")),
