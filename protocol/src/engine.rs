@@ -745,6 +745,12 @@ impl<P: Ord + Clone> Engine<P> {
         }
     }
 
+    /// Whether `actor` may write `doc` by the roster (or, for the city
+    /// document, is the centre's).
+    pub fn may_write(&self, doc: &DocId, actor: &ActorId) -> bool {
+        self.writers.may_write(doc, actor)
+    }
+
     /// Whether `peer` reads signatures in the short form.
     pub fn reads_prefixed(&self, peer: &P) -> bool {
         self.peers.get(peer).is_some_and(|p| p.reads_prefixed)
@@ -3672,9 +3678,6 @@ mod tests {
         message_with(am.get_heads(), vec![bytes])
     }
 
-    /// `changes` as a whole document from peer 1, with only the last
-    /// change's signature (it vouches for the rest): the document sent,
-    /// and what taking it in called for.
     /// The centre of quarter `q`, with peer 1 up, taking whole documents
     /// from it as the document's writer `writer`.
     fn centre_taking_documents_from(q: &[QuarterSlug], writer: &Signer) -> Engine<usize> {
@@ -3684,6 +3687,9 @@ mod tests {
         centre
     }
 
+    /// `changes` as a whole document from peer 1, with only the last
+    /// change's signature (it vouches for the rest): the document sent,
+    /// and what taking it in called for.
     fn receive_whole(
         node: &mut Engine<usize>,
         doc: &DocId,

@@ -122,6 +122,55 @@ const HELD_JOBS: usize = 4096;
 const INBOX_EVENTS: usize = 16 * 1024;
 const INBOX_BYTES: usize = 64 << 20;
 
+/// The network events a node has taken from the swarm and not handled
+/// yet, at most [`INBOX_EVENTS`] and [`INBOX_BYTES`]: those that go first
+/// (`Actor::take_in` says which), in order, then the rest, in order.
+#[derive(Debug)]
+struct Inbox<E> {
+    first: VecDeque<(E, usize)>,
+    rest: VecDeque<(E, usize)>,
+    bytes: usize,
+}
+
+impl<E> Default for Inbox<E> {
+    fn default() -> Self {
+        Self {
+            first: VecDeque::new(),
+            rest: VecDeque::new(),
+            bytes: 0,
+        }
+    }
+}
+
+impl<E> Inbox<E> {
+    fn has_room(&self) -> bool {
+        self.len() < INBOX_EVENTS && self.bytes < INBOX_BYTES
+    }
+
+    fn len(&self) -> usize {
+        self.first.len() + self.rest.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Queues `event`, counted as `bytes`, ahead of the rest if `first`.
+    fn push(&mut self, event: E, bytes: usize, first: bool) {
+        self.bytes += bytes;
+        match first {
+            true => self.first.push_back((event, bytes)),
+            false => self.rest.push_back((event, bytes)),
+        }
+    }
+
+    fn pop(&mut self) -> Option<E> {
+        let (event, bytes) = self.first.pop_front().or_else(|| self.rest.pop_front())?;
+        self.bytes -= bytes;
+        Some(event)
+    }
+}
+
 /// Sync requests a peer may send per second on average, and in a burst.
 const REQUESTS_PER_SECOND: f64 = 200.0;
 const REQUEST_BURST: f64 = 400.0;
@@ -798,10 +847,12 @@ pub struct Actor {
     /// Requests that wait for every document (`Command::Job`), in order,
     /// while the node loads.
     held_jobs: VecDeque<Job>,
-    /// Network events taken from the swarm, handled one per turn in order
-    /// (see `Actor::run`), each with the bytes it counts for (`take_in`).
-    inbox: VecDeque<(SwarmEvent<BehaviourEvent>, usize)>,
-    inbox_bytes: usize,
+    /// Network events taken from the swarm, handled one per turn (see
+    /// `Actor::run` and `take_in`).
+    inbox: Inbox<SwarmEvent<BehaviourEvent>>,
+    /// The actor (key) of each sync partner that sent a message, read off
+    /// its peer id (`Actor::writes`); at most one per peer ever allowed.
+    actors: HashMap<PeerId, Option<ActorId>>,
     /// Ticket of the last store write that must reach the disk.
     written: u64,
     /// Ticket of the last store write known durable.
@@ -985,8 +1036,8 @@ impl Actor {
             loading: pending,
             pending_load,
             held_jobs: VecDeque::new(),
-            inbox: VecDeque::new(),
-            inbox_bytes: 0,
+            inbox: Inbox::default(),
+            actors: HashMap::new(),
             durability: Durability::start(Arc::clone(&store))?,
             store,
             written: 0,
@@ -1229,11 +1280,11 @@ impl Actor {
                 // no events waiting, so a busy node that handled each event
                 // as it came let dialling peers wait 5 to 10 s while it
                 // caught up with the peers already connected.
-                event = self.swarm.select_next_some(), if self.inbox_has_room() => {
+                event = self.swarm.select_next_some(), if self.inbox.has_room() => {
                     branch = "network";
                     began = Instant::now();
                     self.take_in(event);
-                    while self.inbox_has_room() {
+                    while self.inbox.has_room() {
                         match self.swarm.next().now_or_never() {
                             Some(Some(event)) => self.take_in(event),
                             _ => break,
@@ -1243,8 +1294,7 @@ impl Actor {
                 () = std::future::ready(()), if !self.inbox.is_empty() => {
                     branch = "inbox";
                     began = Instant::now();
-                    if let Some((event, bytes)) = self.inbox.pop_front() {
-                        self.inbox_bytes -= bytes;
+                    if let Some(event) = self.inbox.pop() {
                         self.handle_event(event);
                     }
                 },
@@ -1303,42 +1353,78 @@ impl Actor {
         Ok(())
     }
 
-    fn inbox_has_room(&self) -> bool {
-        self.inbox.len() < INBOX_EVENTS && self.inbox_bytes < INBOX_BYTES
-    }
-
     /// Queues a network event to be handled in its turn, counting its size
     /// and that of the sync message it carries.
+    ///
+    /// A sync message from a writer of its document (a quarter about its
+    /// own document, the centre about the city's) goes ahead of the rest:
+    /// a quarter that connects with its week's records is otherwise queued
+    /// behind the other quarters' openings of sessions for every document
+    /// (up to 2,900 events waited at a centre restarted under 64 quarters,
+    /// `docs/benchmarks.md`, runs 105 and 106). So do the peers'
+    /// connections coming up and going down, which the engine must have
+    /// seen before it takes a peer's messages; a peer's connection events
+    /// thus keep their order, as do a session's messages. A message of a
+    /// connection that closed meanwhile may be handled after the peer went
+    /// down (refused, its answer going nowhere) or came up again on another
+    /// connection (taken as any message of the session).
     fn take_in(&mut self, event: SwarmEvent<BehaviourEvent>) {
         use request_response::{Event, Message};
-        let bytes = match &event {
-            SwarmEvent::Behaviour(BehaviourEvent::Sync(Event::Message { message, .. })) => {
-                match message {
-                    Message::Request {
-                        request:
-                            Request::V1(RequestV1::Sync {
-                                data, sigs, signed, ..
-                            }),
-                        ..
-                    } => {
-                        data.len()
-                            + signed.len()
-                            + sigs
-                                .iter()
-                                .map(|s| s.hash.len() + s.sig.len())
-                                .sum::<usize>()
-                    }
-                    Message::Response {
-                        response: Response::V1(ResponseV1::Answer { data, .. }),
-                        ..
-                    } => data.len(),
-                    Message::Response { .. } => 0,
-                }
+        let (bytes, first) = match &event {
+            SwarmEvent::Behaviour(BehaviourEvent::Sync(Event::Message {
+                peer, message, ..
+            })) => match message {
+                Message::Request {
+                    request:
+                        Request::V1(RequestV1::Sync {
+                            doc,
+                            data,
+                            sigs,
+                            signed,
+                            ..
+                        }),
+                    ..
+                } => (
+                    data.len()
+                        + signed.len()
+                        + sigs
+                            .iter()
+                            .map(|s| s.hash.len() + s.sig.len())
+                            .sum::<usize>(),
+                    self.writes(peer, doc),
+                ),
+                Message::Response {
+                    response: Response::V1(ResponseV1::Answer { data, .. }),
+                    ..
+                } => (data.len(), false),
+                Message::Response { .. } => (0, false),
+            },
+            SwarmEvent::ConnectionEstablished { .. } | SwarmEvent::ConnectionClosed { .. } => {
+                (0, true)
             }
-            _ => 0,
-        } + std::mem::size_of::<SwarmEvent<BehaviourEvent>>();
-        self.inbox_bytes += bytes;
-        self.inbox.push_back((event, bytes));
+            _ => (0, false),
+        };
+        let bytes = bytes + std::mem::size_of::<SwarmEvent<BehaviourEvent>>();
+        self.inbox.push(event, bytes, first);
+    }
+
+    /// Whether `peer` writes `doc`: the centre the city document, a sync
+    /// partner the documents its key writes by the roster.
+    fn writes(&mut self, peer: &PeerId, doc: &DocId) -> bool {
+        if self.is_centre(peer) {
+            return *doc == DocId::City;
+        }
+        if !self.allowed.contains(peer) {
+            return false;
+        }
+        // Read off the key once per peer, not once per message.
+        let actor = self
+            .actors
+            .entry(*peer)
+            .or_insert_with(|| actor_id_of_peer(peer));
+        actor
+            .as_ref()
+            .is_some_and(|actor| self.engine.may_write(doc, actor))
     }
 
     /// The store writes up to `ticket` are durable: what waited for them goes.
@@ -1855,7 +1941,10 @@ impl Actor {
             && !self.connected.contains(&peer)
             && Instant::now() >= self.next_dial
         {
-            self.next_dial = Instant::now() + REDIAL;
+            // Due on the tick about `REDIAL` after this one: a deadline of a
+            // whole `REDIAL` would just miss that tick and wait for the next,
+            // redialling every 1.25 s (runs 105 and 106, in their logs).
+            self.next_dial = Instant::now() + REDIAL - TICK / 2;
             let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
                 .addresses(vec![addr])
                 .build();
@@ -2658,6 +2747,135 @@ mod tests {
         replicator.shutdown().await.expect("shutdown");
     }
 
+    /// The inbox hands out the events marked first in their order, then
+    /// the others in theirs, and counts their bytes while they wait.
+    #[test]
+    fn the_inbox_hands_out_what_goes_first_first() {
+        let mut inbox = Inbox::default();
+        inbox.push("a", 1, false);
+        inbox.push("b", 2, false);
+        inbox.push("x", 10, true);
+        inbox.push("c", 3, false);
+        inbox.push("y", 20, true);
+        assert_eq!((inbox.len(), inbox.bytes), (5, 36));
+        let order: Vec<&str> = std::iter::from_fn(|| inbox.pop()).collect();
+        assert_eq!(order, ["x", "y", "a", "b", "c"]);
+        assert!(inbox.is_empty());
+        assert_eq!(inbox.bytes, 0);
+    }
+
+    /// A running node (a quarter whose roster lists `peers` quarters, each
+    /// written by one of the returned swarms, connected to it) whose event
+    /// loop is kept busy: requests from its API that take 5 ms each, always
+    /// one waiting, between which the node handles the network, until
+    /// `stop`.
+    struct BusyNode {
+        replicator: Replicator,
+        node: PeerId,
+        addr: Multiaddr,
+        /// The peers' swarms, each a writer of quarter `q{i}`, then one
+        /// more allowed to dial the node but not connected yet.
+        swarms: Vec<Swarm<Behaviour>>,
+        busy: Arc<std::sync::atomic::AtomicBool>,
+        jobs: Vec<tokio::task::JoinHandle<()>>,
+    }
+
+    impl BusyNode {
+        async fn start(dir: &std::path::Path, peers: usize) -> Self {
+            let ids: Vec<Identity> = (0..=peers).map(|_| Identity::generate()).collect();
+            let writers: Vec<PeerId> = ids.iter().map(Identity::peer_id).collect();
+            let mut swarms: Vec<Swarm<Behaviour>> = ids
+                .iter()
+                .map(|id| {
+                    transport::build_swarm(id, None, Arc::new(WireCounters::default()))
+                        .expect("swarm")
+                })
+                .collect();
+            let actor = quarter_actor_with(
+                dir,
+                peers + 1,
+                None,
+                Identity::generate().peer_id(),
+                &writers,
+            );
+            let replicator = Replicator::run_actor(actor).expect("run");
+            let h = replicator.handle();
+            let node = h.peer_id();
+            let addr: Multiaddr = tokio::time::timeout(Duration::from_secs(20), async {
+                loop {
+                    let status = h.status().await.expect("status");
+                    if status.loading == 0
+                        && let Some(addr) = status.listen.first()
+                    {
+                        break addr.parse().expect("a listen address");
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await
+            .expect("the node loads and listens within 20 s");
+            for swarm in &mut swarms {
+                swarm.behaviour_mut().allow.allow_peer(node);
+            }
+            for swarm in &mut swarms[..peers] {
+                swarm.dial(addr.clone()).expect("dial");
+            }
+            let mut connected = 0;
+            let mut all = futures::stream::select_all(swarms[..peers].iter_mut());
+            tokio::time::timeout(Duration::from_secs(20), async {
+                while connected < peers {
+                    if let Some(SwarmEvent::ConnectionEstablished { .. }) = all.next().await {
+                        connected += 1;
+                    }
+                }
+            })
+            .await
+            .expect("the peers connect within 20 s");
+            drop(all);
+            let busy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+            let jobs = (0..4)
+                .map(|_| {
+                    let (h, busy) = (h.clone(), Arc::clone(&busy));
+                    tokio::spawn(async move {
+                        while busy.load(std::sync::atomic::Ordering::Relaxed) {
+                            let slow = |_: View<'_>| std::thread::sleep(Duration::from_millis(5));
+                            if h.read_now(slow).await.is_err() {
+                                break;
+                            }
+                        }
+                    })
+                })
+                .collect();
+            Self {
+                replicator,
+                node,
+                addr,
+                swarms,
+                busy,
+                jobs,
+            }
+        }
+
+        /// `n` requests from the swarm `from` about `doc` that are not sync
+        /// messages: each is refused, as any malformed request, and answered.
+        fn send_malformed(&mut self, from: usize, doc: &DocId, n: usize) {
+            for _ in 0..n {
+                self.swarms[from].behaviour_mut().sync.send_request(
+                    &self.node,
+                    Request::first_version(doc.clone(), vec![0x42; 16], Vec::new()),
+                );
+            }
+        }
+
+        async fn stop(self) {
+            self.busy.store(false, std::sync::atomic::Ordering::Relaxed);
+            for job in self.jobs {
+                job.await.expect("join");
+            }
+            self.replicator.shutdown().await.expect("shutdown");
+        }
+    }
+
     /// A node with a backlog of messages from the peers already connected
     /// takes in a new connection at once, not only once it has handled the
     /// backlog: libp2p takes in new connections only while its connections
@@ -2671,84 +2889,14 @@ mod tests {
         const PEERS: usize = 8;
         const EACH: usize = 100;
         let dir = tempfile::tempdir().expect("tempdir");
-        let ids: Vec<Identity> = (0..=PEERS).map(|_| Identity::generate()).collect();
-        let writers: Vec<PeerId> = ids.iter().map(Identity::peer_id).collect();
-        let mut swarms: Vec<Swarm<Behaviour>> = ids
-            .iter()
-            .map(|id| {
-                transport::build_swarm(id, None, Arc::new(WireCounters::default())).expect("swarm")
-            })
-            .collect();
-        let mut late = swarms.pop().expect("the late peer");
-        let actor = quarter_actor_with(
-            dir.path(),
-            PEERS + 1,
-            None,
-            Identity::generate().peer_id(),
-            &writers,
-        );
-        let replicator = Replicator::run_actor(actor).expect("run");
-        let h = replicator.handle();
-        let node = h.peer_id();
-        let addr: Multiaddr = tokio::time::timeout(Duration::from_secs(20), async {
-            loop {
-                let status = h.status().await.expect("status");
-                if status.loading == 0
-                    && let Some(addr) = status.listen.first()
-                {
-                    break addr.parse().expect("a listen address");
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-        .expect("the node loads and listens within 20 s");
-        late.behaviour_mut().allow.allow_peer(node);
-        for swarm in &mut swarms {
-            swarm.behaviour_mut().allow.allow_peer(node);
-            swarm.dial(addr.clone()).expect("dial");
+        let mut n = BusyNode::start(dir.path(), PEERS).await;
+        let mut late = n.swarms.pop().expect("the late peer");
+        // Every peer sends 100 requests and the late one dials.
+        for i in 0..PEERS {
+            n.send_malformed(i, &DocId::City, EACH);
         }
-        let mut connected = 0;
-        let mut all = futures::stream::select_all(swarms.iter_mut());
-        tokio::time::timeout(Duration::from_secs(20), async {
-            while connected < PEERS {
-                if let Some(SwarmEvent::ConnectionEstablished { .. }) = all.next().await {
-                    connected += 1;
-                }
-            }
-        })
-        .await
-        .expect("the first peers connect within 20 s");
-        drop(all);
-
-        // The node's event loop is kept busy: requests from its API that
-        // take 5 ms each, always one waiting, between which the node
-        // handles the network; meanwhile every peer sends 100 requests
-        // and the late one dials.
-        let busy = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let jobs: Vec<_> = (0..4)
-            .map(|_| {
-                let (h, busy) = (h.clone(), Arc::clone(&busy));
-                tokio::spawn(async move {
-                    while busy.load(std::sync::atomic::Ordering::Relaxed) {
-                        let slow = |_: View<'_>| std::thread::sleep(Duration::from_millis(5));
-                        if h.read_now(slow).await.is_err() {
-                            break;
-                        }
-                    }
-                })
-            })
-            .collect();
-        for swarm in &mut swarms {
-            for _ in 0..EACH {
-                // Not a sync message: refused, as any malformed request.
-                swarm.behaviour_mut().sync.send_request(
-                    &node,
-                    Request::first_version(DocId::City, vec![0x42; 16], Vec::new()),
-                );
-            }
-        }
-        let mut all = futures::stream::select_all(swarms.iter_mut());
+        let addr = n.addr.clone();
+        let mut all = futures::stream::select_all(n.swarms.iter_mut());
         let mut answered = 0;
         let mut dialled = false;
         let answered_before = tokio::time::timeout(Duration::from_secs(60), async {
@@ -2785,11 +2933,82 @@ mod tests {
              waiting were answered",
             PEERS * EACH
         );
-        busy.store(false, std::sync::atomic::Ordering::Relaxed);
-        for job in jobs {
-            job.await.expect("join");
+        drop(all);
+        n.stop().await;
+    }
+
+    /// A message from a writer of its document goes ahead of the messages
+    /// already waiting: a quarter's own document is not queued behind the
+    /// other quarters' openings of sessions (`Actor::take_in`). Seven peers
+    /// send 100 messages each about the city document, which they do not
+    /// write; once at least 200 of them wait in the node's inbox, the
+    /// eighth sends one about its own document, and its answer must come
+    /// before half of those waiting are answered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_writers_message_about_its_document_goes_ahead_of_the_backlog() {
+        use libp2p::request_response::{Event, Message};
+        const PEERS: usize = 8;
+        const EACH: usize = 100;
+        const WAITING: usize = 200;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut n = BusyNode::start(dir.path(), PEERS).await;
+        n.swarms.pop();
+        let writer = PEERS - 1;
+        for i in 0..writer {
+            n.send_malformed(i, &DocId::City, EACH);
         }
-        replicator.shutdown().await.expect("shutdown");
+        let own = DocId::quarter(&slug(&format!("q{writer}")));
+        let h = n.replicator.handle();
+        let mut answered = 0;
+        // (answered, waiting in the inbox) when the writer sent its message.
+        let mut sent: Option<(usize, usize)> = None;
+        let (at_send, waiting, answered_before) =
+            tokio::time::timeout(Duration::from_secs(60), async {
+                loop {
+                    if sent.is_none() {
+                        let waiting = h.run_now(|a| a.inbox.len()).await.expect("run_now");
+                        if waiting >= WAITING {
+                            n.send_malformed(writer, &own, 1);
+                            sent = Some((answered, waiting));
+                        }
+                    }
+                    let mut all = futures::stream::select_all(
+                        n.swarms
+                            .iter_mut()
+                            .enumerate()
+                            .map(|(i, s)| s.map(move |e| (i, e))),
+                    );
+                    let next = tokio::time::timeout(Duration::from_millis(10), all.next()).await;
+                    drop(all);
+                    let Ok(Some((from, event))) = next else {
+                        continue;
+                    };
+                    match event {
+                        SwarmEvent::Behaviour(BehaviourEvent::Sync(Event::Message {
+                            message: Message::Response { .. },
+                            ..
+                        })) => match (from == writer, sent) {
+                            (true, Some((at, waiting))) => break (at, waiting, answered),
+                            (true, None) => panic!("the writer was answered before it sent"),
+                            (false, _) => answered += 1,
+                        },
+                        SwarmEvent::Behaviour(BehaviourEvent::Sync(Event::OutboundFailure {
+                            error,
+                            ..
+                        })) => panic!("a request failed: {error}"),
+                        _ => {}
+                    }
+                }
+            })
+            .await
+            .expect("the writer sends and is answered within 60 s");
+        let overtaken_by = answered_before - at_send;
+        assert!(
+            overtaken_by < waiting / 2,
+            "the writer's message about its own document was answered only after \
+             {overtaken_by} of the {waiting} messages waiting before it"
+        );
+        n.stop().await;
     }
 
     /// A document that does not load stops the node, after the API
