@@ -7,7 +7,7 @@ use axum::{Json, Router};
 use iq_node::api::{ApiError, common_routes};
 use iq_protocol::replicator::Handle;
 use iq_protocol::schema::{self, RosterEntry};
-use iq_protocol::{DocId, PeerId, QuarterSlug};
+use iq_protocol::{DocId, Multiaddr, PeerId, QuarterSlug};
 use serde::{Deserialize, Serialize};
 
 /// A roster entry with the centre's view of its sync state (the same
@@ -21,6 +21,10 @@ pub struct AddQuarter {
     pub name: String,
     /// A writer node's PeerId (printed by `iq-node init` / `iq-node id`).
     pub peer: String,
+    /// Where the centre dials that node (a libp2p multiaddr); optional, and
+    /// when absent an address registered before is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<String>,
 }
 
 pub fn router(handle: Handle) -> Router {
@@ -89,6 +93,9 @@ async fn remove_writer(
                         "{peer_id} is not a writer of '{slug}'"
                     ))));
                 }
+                if let Some(addrs) = &mut entry.addrs {
+                    addrs.remove(&peer_id.to_string());
+                }
                 schema::put_roster_entry(tx, &slug, &entry)?;
                 let retired = schema::RetiredKey {
                     quarter: slug.to_string(),
@@ -123,26 +130,44 @@ async fn add_quarter(
             body.peer
         ))
     })?;
-    let entry = add_to_roster(&handle, slug, name, peer).await?;
+    let addr = body
+        .addr
+        .as_deref()
+        .map(|a| iq_protocol::transport::roster_addr(&peer, a))
+        .transpose()
+        .map_err(ApiError::bad_request)?;
+    let entry = add_to_roster(&handle, slug, name, peer, addr).await?;
     Ok((StatusCode::CREATED, Json(entry)))
 }
 
 /// Adds `peer` as a writer of quarter `slug` (creating the entry, or
-/// renaming it) in the city document; returns the entry as written.
+/// renaming it) in the city document, with the address the centre dials it
+/// at when `addr` is given; returns the entry as written.
 pub async fn add_to_roster(
     handle: &Handle,
     slug: QuarterSlug,
     name: String,
     peer: PeerId,
+    addr: Option<Multiaddr>,
 ) -> Result<RosterEntry, iq_protocol::replicator::WriteError> {
     handle
         .write(DocId::City, move |tx| {
             let existing = schema::roster_entry(tx, &slug)?;
-            let mut writers = existing.map(|e| e.writers).unwrap_or_default();
+            let (mut writers, mut addrs) =
+                existing.map(|e| (e.writers, e.addrs)).unwrap_or_default();
             if !writers.contains(&peer.to_string()) {
                 writers.push(peer.to_string());
             }
-            let entry = RosterEntry { name, writers };
+            if let Some(addr) = addr {
+                addrs
+                    .get_or_insert_default()
+                    .insert(peer.to_string(), addr.to_string());
+            }
+            let entry = RosterEntry {
+                name,
+                writers,
+                addrs,
+            };
             schema::put_roster_entry(tx, &slug, &entry)?;
             Ok(entry)
         })

@@ -164,6 +164,12 @@ pub enum QuarterCommand {
         /// The quarter node's PeerId (printed by `iq-node init` / `iq-node id`).
         #[arg(long)]
         peer: String,
+        /// Where the centre can dial that node, e.g. /ip4/10.0.0.5/tcp/4001
+        /// (its `listen:` line). Optional: quarter nodes dial the centre
+        /// anyway; with it a new or rebuilt centre reaches them at once.
+        /// Given again, it replaces the one registered before.
+        #[arg(long)]
+        addr: Option<String>,
         #[command(flatten)]
         data: DataArg,
     },
@@ -301,14 +307,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             slug,
             name,
             peer,
+            addr,
             data,
         }) => {
             // Check locally first so the message names the flag.
             QuarterSlug::new(&slug).map_err(|e| anyhow::anyhow!("{e}"))?;
-            if peer.trim().parse::<PeerId>().is_err() {
+            let Ok(peer_id) = peer.trim().parse::<PeerId>() else {
                 bail!(
                     "--peer {peer:?} is not a PeerId; use the id printed by `iq-node init` or `iq-node id`"
                 );
+            };
+            if let Some(a) = &addr {
+                iq_protocol::transport::roster_addr(&peer_id, a)
+                    .map_err(|e| anyhow::anyhow!("--addr {e}"))?;
             }
             let client = Client::new(&DataDir::new(&data.data), ROLE)?;
             let entry: iq_protocol::schema::RosterEntry = client
@@ -318,6 +329,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         slug: slug.clone(),
                         name,
                         peer,
+                        addr,
                     },
                 )
                 .await?;

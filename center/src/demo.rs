@@ -148,7 +148,14 @@ pub async fn run(dir: Option<PathBuf>, once: bool) -> anyhow::Result<()> {
             },
         )?;
         let peer = peer.parse().context("fresh PeerId")?;
-        api::add_to_roster(&center.handle(), QuarterSlug::new(slug)?, name.into(), peer).await?;
+        api::add_to_roster(
+            &center.handle(),
+            QuarterSlug::new(slug)?,
+            name.into(),
+            peer,
+            None,
+        )
+        .await?;
         let daemon = Daemon::start(dir, Role::Quarter, node_api::quarter_router).await?;
         println!(
             "{slug:<14}{}  api http://{}",

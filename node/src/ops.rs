@@ -349,6 +349,10 @@ pub struct QuarterState {
     /// nodes that advertise an address.
     #[serde(default)]
     pub versions: std::collections::BTreeMap<String, String>,
+    /// Where the centre dials writer nodes (peer → multiaddr), as given on
+    /// the roster with `iq-center quarter add --addr`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub addrs: std::collections::BTreeMap<String, String>,
 }
 
 /// The sync state of every quarter on the roster.
@@ -380,6 +384,7 @@ pub fn quarter_states(view: &View<'_>) -> Vec<QuarterState> {
                 slug: slug.to_string(),
                 name: entry.name,
                 writers: entry.writers,
+                addrs: entry.addrs.unwrap_or_default(),
                 connected: writers.iter().any(|p| view.is_connected(p)),
                 heads: doc
                     .map(|am| am.get_heads().iter().map(|h| h.to_string()).collect())

@@ -3258,6 +3258,7 @@ mod tests {
                 let entry = schema::RosterEntry {
                     name: id.into(),
                     writers: vec![],
+                    addrs: None,
                 };
                 schema::put_roster_entry(tx, &slug("evil"), &entry)
             } else {

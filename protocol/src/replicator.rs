@@ -898,8 +898,9 @@ pub struct Actor {
     /// Quarter nodes: when a ping to the centre last succeeded.
     centre_pong: Option<Instant>,
     /// Quarters' writer nodes (other than this one) and where they listen
-    /// (from their documents), dialled directly: see `refresh_neighbours`.
-    neighbours: HashMap<PeerId, Multiaddr>,
+    /// (from their documents; at the centre also from the roster), dialled
+    /// directly: see `refresh_neighbours`.
+    neighbours: HashMap<PeerId, Vec<Multiaddr>>,
     /// The same per quarter, and the roster they were read with.
     neighbours_of: BTreeMap<QuarterSlug, Vec<(PeerId, Multiaddr)>>,
     /// Documents changed since the neighbours were last read from them
@@ -1829,7 +1830,11 @@ impl Actor {
     /// city (the roster), else only the changed quarters'. Quarter nodes
     /// dial them to keep syncing while the centre is down; the centre dials
     /// them so that, back from an outage, it does not wait for every
-    /// quarter's next redial.
+    /// quarter's next redial. The centre also dials the addresses the
+    /// roster gives (`RosterEntry::addrs`), which it has before it holds
+    /// the quarter's document; quarter nodes take only what the quarters'
+    /// own documents say, so they do not open a connection to every other
+    /// quarter before they hold anything to sync with it.
     fn refresh_neighbours(&mut self, changed: Option<&BTreeSet<DocId>>) {
         if self.loading > 0 {
             return;
@@ -1864,14 +1869,25 @@ impl Actor {
                     }
                 }
             }
+            if let Role::Center = self.role {
+                for (peer, addr) in entry.addrs.iter().flatten() {
+                    if let (Ok(peer), Ok(addr)) =
+                        (peer.parse::<PeerId>(), addr.parse::<Multiaddr>())
+                        && entry.writers.contains(&peer.to_string())
+                        && self.allowed.contains(&peer)
+                        && !found.contains(&(peer, addr.clone()))
+                    {
+                        found.push((peer, addr));
+                    }
+                }
+            }
             self.neighbours_of.insert(slug, found);
         }
-        self.neighbours = self
-            .neighbours_of
-            .values()
-            .flatten()
-            .map(|(p, a)| (*p, a.clone()))
-            .collect();
+        let mut neighbours: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
+        for (peer, addr) in self.neighbours_of.values().flatten() {
+            neighbours.entry(*peer).or_default().push(addr.clone());
+        }
+        self.neighbours = neighbours;
     }
 
     /// A quarter node writes where it listens into its own document, once
@@ -1953,21 +1969,21 @@ impl Actor {
             }
         }
         let now = Instant::now();
-        let due: Vec<(PeerId, Multiaddr)> = self
+        let due: Vec<(PeerId, Vec<Multiaddr>)> = self
             .neighbours
             .iter()
             .filter(|(p, _)| !self.connected.contains(p))
             .filter(|(p, _)| self.next_neighbour_dial.get(p).is_none_or(|t| now >= *t))
             .map(|(p, a)| (*p, a.clone()))
             .collect();
-        for (peer, addr) in due {
+        for (peer, addrs) in due {
             // Back off exponentially, up to a minute, while a neighbour is unreachable.
             let backoff = self.neighbour_backoff.get(&peer).copied().unwrap_or(REDIAL);
             self.neighbour_backoff
                 .insert(peer, (backoff * 2).min(MAX_NEIGHBOUR_BACKOFF));
             self.next_neighbour_dial.insert(peer, now + backoff);
             let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
-                .addresses(vec![addr])
+                .addresses(addrs)
                 .build();
             if let Err(e) = self.swarm.dial(opts) {
                 tracing::debug!(%peer, error = %e, "dial to neighbour failed");
@@ -2526,6 +2542,7 @@ mod tests {
                 let entry = schema::RosterEntry {
                     name: q.to_string(),
                     writers: vec![writer.to_string()],
+                    addrs: None,
                 };
                 schema::put_roster_entry(tx, q, &entry).expect("roster");
             }

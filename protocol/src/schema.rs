@@ -370,6 +370,14 @@ pub struct RosterEntry {
     pub name: String,
     /// PeerIds (base58) of the nodes that may write this quarter's document.
     pub writers: Vec<String>,
+    /// Where the centre dials writer nodes, by PeerId (libp2p multiaddr
+    /// without `/p2p/`), as the city's operators registered them: a centre
+    /// that has not held the quarter's document yet (a new or rebuilt one)
+    /// reaches the office at once instead of waiting for its redial.
+    /// Absent in entries of older versions and where none was given.
+    #[autosurgeon(missing = "Default::default")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addrs: Option<BTreeMap<String, String>>,
 }
 
 /// The actor of the genesis change: the same on every node, never a real key.
@@ -899,12 +907,53 @@ mod tests {
     #[test]
     fn roster_round_trips() {
         let mut city = genesis(&DocId::City).with_actor(ActorId::random());
-        let entry = RosterEntry {
+        let mut entry = RosterEntry {
             name: "Prohlis".into(),
             writers: vec!["12D3Koo".into()],
+            addrs: None,
         };
         city.transact::<_, _, SchemaError>(|tx| put_roster_entry(tx, &slug("prohlis"), &entry))
             .expect("write");
+        assert_eq!(
+            roster(&city).expect("read"),
+            vec![(slug("prohlis"), entry.clone())]
+        );
+        entry.addrs = Some(BTreeMap::from([(
+            "12D3Koo".to_string(),
+            "/ip4/10.1.2.3/tcp/4001".to_string(),
+        )]));
+        city.transact::<_, _, SchemaError>(|tx| put_roster_entry(tx, &slug("prohlis"), &entry))
+            .expect("write");
         assert_eq!(roster(&city).expect("read"), vec![(slug("prohlis"), entry)]);
+    }
+
+    #[test]
+    fn a_roster_entry_of_an_older_version_reads_without_addresses() {
+        // As versions before `addrs` wrote it: a map of `name` and `writers`.
+        let mut city = genesis(&DocId::City).with_actor(ActorId::random());
+        city.transact::<_, _, AutomergeError>(|tx| {
+            let roster = match tx.get(ROOT, "roster")? {
+                Some((_, id)) => id,
+                None => panic!("genesis has a roster"),
+            };
+            let entry = tx.put_object(&roster, "prohlis", ObjType::Map)?;
+            tx.put(&entry, "name", "Prohlis")?;
+            let writers = tx.put_object(&entry, "writers", ObjType::List)?;
+            tx.insert(&writers, 0, "12D3Koo")?;
+            Ok(())
+        })
+        .expect("write");
+        let read = roster(&city).expect("read");
+        assert_eq!(
+            read,
+            vec![(
+                slug("prohlis"),
+                RosterEntry {
+                    name: "Prohlis".into(),
+                    writers: vec!["12D3Koo".into()],
+                    addrs: None,
+                }
+            )]
+        );
     }
 }

@@ -84,6 +84,49 @@ pub struct Behaviour {
     pub ping: ping::Behaviour,
 }
 
+/// The address the centre dials writer node `peer` at, as an operator gave
+/// it on the roster (`iq-center quarter add --addr`): a libp2p multiaddr
+/// with a transport, and with `/p2p/` only if it names `peer` (it is left
+/// out of what is stored). Errors say what was wrong and what to give.
+pub fn roster_addr(peer: &libp2p::PeerId, given: &str) -> Result<libp2p::Multiaddr, String> {
+    use libp2p::multiaddr::Protocol;
+    let mut addr: libp2p::Multiaddr = given.trim().parse().map_err(|e| {
+        format!("{given:?} is not a multiaddr ({e}); give where the quarter node listens, e.g. /ip4/10.0.0.5/tcp/4001 or /dns4/quarter.example.org/tcp/4001")
+    })?;
+    if let Some(Protocol::P2p(named)) = addr.iter().last() {
+        if named != *peer {
+            return Err(format!(
+                "{given:?} names node {named}, not {peer}; give the address of {peer}, or leave out /p2p/"
+            ));
+        }
+        addr.pop();
+    }
+    if addr.iter().any(|p| matches!(p, Protocol::P2p(_))) {
+        return Err(format!(
+            "{given:?} has /p2p/ inside it; give the node's own address, e.g. /ip4/10.0.0.5/tcp/4001"
+        ));
+    }
+    let unspecified = addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_unspecified(),
+        Protocol::Ip6(ip) => ip.is_unspecified(),
+        _ => false,
+    });
+    if unspecified {
+        return Err(format!(
+            "{given:?} is a wildcard, not an address to dial; give the quarter node's own IP address or DNS name"
+        ));
+    }
+    let dialable = addr
+        .iter()
+        .any(|p| matches!(p, Protocol::Tcp(port) if port != 0));
+    if !dialable {
+        return Err(format!(
+            "{given:?} has no TCP port to dial; give where the quarter node listens, e.g. /ip4/10.0.0.5/tcp/4001"
+        ));
+    }
+    Ok(addr)
+}
+
 fn swarm_config(c: libp2p::swarm::Config) -> libp2p::swarm::Config {
     c.with_idle_connection_timeout(IDLE_TIMEOUT)
         .with_per_connection_event_buffer_size(CONNECTION_EVENT_BUFFER)
@@ -305,5 +348,35 @@ mod tests {
             from_earlier > 64 * 1024,
             "{from_earlier} B from a node of an earlier version"
         );
+    }
+
+    #[test]
+    fn a_roster_address_is_checked_and_stored_without_p2p() {
+        let peer = libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id();
+        let other = libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id();
+        let plain = "/ip4/10.0.0.5/tcp/4001";
+        assert_eq!(roster_addr(&peer, plain).expect("plain").to_string(), plain);
+        let named = format!("{plain}/p2p/{peer}");
+        assert_eq!(
+            roster_addr(&peer, &named).expect("named").to_string(),
+            plain
+        );
+        let dns = "/dns4/quarter.example.org/tcp/4001";
+        assert_eq!(roster_addr(&peer, dns).expect("dns").to_string(), dns);
+        for (bad, says) in [
+            ("10.0.0.5:4001".to_string(), "is not a multiaddr"),
+            (format!("{plain}/p2p/{other}"), "not"),
+            (format!("/p2p/{peer}{plain}"), "has /p2p/ inside"),
+            ("/ip4/0.0.0.0/tcp/4001".to_string(), "wildcard"),
+            ("/ip4/10.0.0.5/tcp/0".to_string(), "no TCP port"),
+            ("/ip4/10.0.0.5".to_string(), "no TCP port"),
+        ] {
+            let err = roster_addr(&peer, &bad).expect_err(&bad);
+            assert!(err.contains(says), "{bad}: {err}");
+        }
     }
 }

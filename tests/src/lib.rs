@@ -107,6 +107,8 @@ pub struct Node {
     log: PathBuf,
     /// The network namespace the node runs in, if it is a test host.
     pub netns: Option<String>,
+    /// Its libp2p address with `/p2p/<PeerId>`, as `init` printed it.
+    pub listen: String,
 }
 
 impl Node {
@@ -606,6 +608,7 @@ impl Cluster {
             child: None,
             netns: net.as_ref().map(|n| n.host(0).to_owned()),
             log: root.path().join("center.log"),
+            listen: String::new(),
         };
         let mut init = vec!["init".to_owned()];
         if private {
@@ -615,6 +618,7 @@ impl Cluster {
         let init: Vec<&str> = init.iter().map(String::as_str).collect();
         let out = center.cli_ok(&init)?;
         let center_addr = listen_line(&out)?;
+        center.listen = center_addr.clone();
         center.start()?;
         let mut cluster = Self {
             center,
@@ -651,13 +655,14 @@ impl Cluster {
     pub fn init_node(&self, slug: &str, name: &str, with_psk: bool) -> Result<(Node, String)> {
         let host = self.quarters.len() + 1;
         let net = self.net.as_ref();
-        let node = Node {
+        let mut node = Node {
             name: name.into(),
             kind: Kind::Quarter,
             dir: self.root.path().join(name),
             child: None,
             netns: net.map(|n| n.host(host).to_owned()),
             log: self.root.path().join(format!("{name}.log")),
+            listen: String::new(),
         };
         let name = slug.to_uppercase();
         let psk = self.center.dir.join("swarm.key");
@@ -678,6 +683,7 @@ impl Cluster {
         args.extend(addr_args.iter().map(String::as_str));
         let out = node.cli_ok(&args)?;
         let peer = peer_id_line(&out)?;
+        node.listen = listen_line(&out)?;
         Ok((node, peer))
     }
 
@@ -686,6 +692,24 @@ impl Cluster {
         let name = slug.to_uppercase();
         self.center
             .cli_ok(&["quarter", "add", slug, "--name", &name, "--peer", peer])?;
+        Ok(())
+    }
+
+    /// Like [`Cluster::add_to_roster`], with the address the centre dials
+    /// the node at (`--addr`, here the `listen:` line `init` printed).
+    pub fn add_to_roster_at(&self, slug: &str, node: &Node, peer: &str) -> Result<()> {
+        let name = slug.to_uppercase();
+        self.center.cli_ok(&[
+            "quarter",
+            "add",
+            slug,
+            "--name",
+            &name,
+            "--peer",
+            peer,
+            "--addr",
+            &node.listen,
+        ])?;
         Ok(())
     }
 

@@ -176,6 +176,47 @@ fn running_cluster_errors_are_clear() -> Result<()> {
         &run(Kind::Center, &["status", "--data", &dir]),
         "belongs to a quarter node",
     );
+    // A roster address that is not one is refused, by the CLI and by the
+    // API, before anything is written; a good one is registered and listed.
+    let peer = c.quarters[0].cli_ok(&["id"])?.trim().to_owned();
+    let addrs = |c: &Cluster| -> Result<serde_json::Value> {
+        let list = c.center.api_get("/api/v1/quarters")?;
+        Ok(list[0]["addrs"].clone())
+    };
+    let add = |addr: &str| {
+        c.center.cli(&[
+            "quarter", "add", "prohlis", "--name", "Prohlis", "--peer", &peer, "--addr", addr,
+        ])
+    };
+    assert_clean_error(
+        &add("10.0.0.5:4001"),
+        "--addr \"10.0.0.5:4001\" is not a multiaddr",
+    );
+    let (status, body) = c.center.api_post(
+        "/api/v1/quarters",
+        &serde_json::json!({
+            "slug": "prohlis", "name": "Prohlis", "peer": peer,
+            "addr": "/ip4/0.0.0.0/tcp/4001",
+        }),
+    )?;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("is a wildcard"), "{body}");
+    assert_eq!(
+        addrs(&c)?,
+        serde_json::Value::Null,
+        "nothing was registered"
+    );
+    let listen = c.quarters[0].listen.clone();
+    let out = add(&listen);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plain = listen
+        .rsplit_once("/p2p/")
+        .map_or(listen.as_str(), |(a, _)| a);
+    assert_eq!(addrs(&c)?, serde_json::json!({ peer.as_str(): plain }));
     // A daemon that is not running.
     c.quarters[0].stop()?;
     let out = c.quarters[0].cli(&["concern", "list"]);

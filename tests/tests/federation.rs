@@ -389,3 +389,70 @@ fn quarters_keep_syncing_with_each_other_while_the_centre_is_down() -> Result<()
     );
     Ok(())
 }
+
+/// A centre that has never held a quarter's document (a new one, or one
+/// rebuilt elsewhere) reaches the quarter at the address the roster gives
+/// for it (`iq-center quarter add --addr`), here even though the quarter's
+/// own address for the centre is stale; a quarter registered without one
+/// waits for its own dial, which goes nowhere.
+#[test]
+fn the_centre_dials_a_quarter_at_its_roster_address() -> Result<()> {
+    let mut c = Cluster::start(&[])?;
+    let centre_peer = c
+        .center_addr
+        .rsplit_once("/p2p/")
+        .map(|(_, p)| p.to_owned())
+        .ok_or("the centre's address has no /p2p/")?;
+    // Nothing listens there: the port was free and is not used again.
+    let port = iq_protocol::datadir::free_port(std::net::Ipv4Addr::LOCALHOST.into())
+        .map_err(|e| format!("no free loopback port: {e}"))?;
+    let stale = format!("/ip4/127.0.0.1/tcp/{port}/p2p/{centre_peer}");
+    let (reached, reached_peer) = c.init_quarter("johannstadt")?;
+    c.add_to_roster_at("johannstadt", &reached, &reached_peer)?;
+    let (unreached, unreached_peer) = c.init_quarter("prohlis")?;
+    c.add_to_roster("prohlis", &unreached_peer)?;
+    for q in [&reached, &unreached] {
+        let path = q.dir.join("config.toml");
+        let config = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
+        if !config.contains(&c.center_addr) {
+            return Err(format!(
+                "{} does not name the centre: {config}",
+                path.display()
+            ));
+        }
+        std::fs::write(&path, config.replace(&c.center_addr, &stale)).map_err(|e| e.to_string())?;
+    }
+    c.quarters.push(reached);
+    c.quarters.push(unreached);
+    for q in &mut c.quarters {
+        q.start()?;
+    }
+    let arrives = c.quarters[0].add_concern("Pothole at the roster address")?;
+    let stays = c.quarters[1].add_concern("Pothole behind a stale address")?;
+    wait_until(
+        "the centre to hold johannstadt's concern",
+        Duration::from_secs(30),
+        || {
+            let held = c.center.concern_ids(Some("johannstadt"))?;
+            Ok(held.contains(&arrives).then_some(()))
+        },
+    )?;
+    let status = c.center.api_get("/api/v1/status")?;
+    let connected = |peer: &str| {
+        status["peers"].as_array().is_some_and(|peers| {
+            peers
+                .iter()
+                .any(|p| p["peer_id"] == peer && p["connected"] == true)
+        })
+    };
+    assert!(connected(&reached_peer), "johannstadt connected: {status}");
+    assert!(
+        !connected(&unreached_peer),
+        "prohlis not connected: {status}"
+    );
+    assert!(
+        !c.center.concern_ids(Some("prohlis"))?.contains(&stays),
+        "prohlis's concern cannot have reached the centre"
+    );
+    Ok(())
+}

@@ -94,6 +94,7 @@ fn forged_change(
             &RosterEntry {
                 name: "Evil".into(),
                 writers: vec![],
+                addrs: None,
             },
         ),
         DocId::Quarter(_) => schema::put_concern(tx, &concern("x")),
