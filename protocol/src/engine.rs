@@ -2432,6 +2432,60 @@ mod tests {
         assert_eq!(changes_resent_after(Engine::busy), 20);
     }
 
+    /// A message of a connection that closed may be handled after its peer
+    /// went down, or after it came up again on a new connection: the
+    /// replicator's inbox puts connection events ahead of the messages
+    /// waiting. Down, the message is refused as from an unknown peer. Up
+    /// again, it is taken as a message of the new session; its answer would
+    /// travel in the acknowledgement on the old connection's stream, which
+    /// is gone, so the session retries as after a lost message
+    /// (`Actor::answer_failed`). Nothing is refused, and the two converge.
+    #[test]
+    fn a_message_of_a_closed_connection_handled_after_a_reconnect_does_no_harm() {
+        let q = [slug("a"), slug("b")];
+        let doc = DocId::quarter(&q[1]);
+        let mut sim = Sim::new(2, vec![(0, 1)], &q, &[0, 1], 13, 0);
+        for i in 0..20 {
+            sim.write(1, &doc, format!("b{i}"));
+        }
+        sim.write(0, &DocId::quarter(&q[0]), "a0".into());
+        let k = sim
+            .wire
+            .iter()
+            .position(|(from, out)| *from == 1 && out.doc == doc)
+            .expect("node 1 sends its document");
+        let (_, stale) = sim.wire.swap_remove(k);
+        // The connection closes; what else was in flight is lost with it.
+        sim.wire.clear();
+        sim.nodes[0].peer_down(&1);
+        sim.nodes[1].peer_down(&0);
+        let down = sim.nodes[0].receive(&1, &stale.doc, &stale.data, &stale.sigs, sim.now);
+        assert_eq!(down.err(), Some(SyncError::UnknownPeer));
+        // A new connection comes up before the message is handled.
+        let fx = sim.nodes[0].peer_up(1, vec![], sim.now);
+        sim.enqueue(0, fx);
+        let fx = sim.nodes[1].peer_up(0, vec![], sim.now);
+        sim.enqueue(1, fx);
+        let mut fx = sim.nodes[0]
+            .receive(&1, &stale.doc, &stale.data, &stale.sigs, sim.now)
+            .expect("a message of the closed connection is still a valid message");
+        fx.extend(sim.nodes[0].flush(sim.now));
+        let i = fx
+            .sends
+            .iter()
+            .position(|o| o.peer == 1 && o.doc == doc && !o.carries_changes)
+            .expect("node 0 answers the message");
+        let lost = fx.sends.remove(i);
+        sim.nodes[0].send_failed(&1, &doc, lost.epoch, sim.now);
+        sim.enqueue(0, fx);
+        sim.run(100_000);
+        sim.assert_converged();
+        let am = sim.nodes[0].doc(&doc).expect("node 1's document");
+        assert_eq!(schema::concern_count(am), 20);
+        assert_eq!(sim.nodes[0].refused, (0, 0), "node 0 refused nothing");
+        assert_eq!(sim.nodes[1].refused, (0, 0), "node 1 refused nothing");
+    }
+
     /// Node 0, in a star with `peers`, first writes one document that
     /// reaches them all, then 3 × PEER_WINDOW documents that it pushes only
     /// to the first `busy` of them (it is passive towards the others
