@@ -248,14 +248,59 @@ fn deflated(plain: &[u8], level: flate2::Compression) -> io::Result<Option<Vec<u
     if plain.len() <= DEFLATE_ABOVE {
         return Ok(None);
     }
-    let mut out = Vec::with_capacity(plain.len() / 2);
-    out.push(DEFLATED);
-    let mut enc = flate2::write::DeflateEncoder::new(out, level);
-    enc.write_all(plain)?;
-    let body = enc.finish()?;
+    let mut body = Vec::with_capacity(plain.len() / 2 + 64);
+    body.push(DEFLATED);
+    deflate_into(plain, level, &mut body)?;
     let deflated = body.len() - 1;
     let worth_it = body.len() < plain.len() && deflated * MAX_INFLATE_RATIO >= plain.len();
     Ok(worth_it.then_some(body))
+}
+
+/// Appends `plain`, raw-deflated at `level`, to `out`, with a compressor
+/// kept per thread and level and reset for each use. A fresh one costs as
+/// much as deflating a small message, and its ~300 KB of state were 8 % of
+/// the centre's CPU time while it relayed live writes (run 119,
+/// `docs/benchmarks.md`).
+fn deflate_into(plain: &[u8], level: flate2::Compression, out: &mut Vec<u8>) -> io::Result<()> {
+    use flate2::{Compress, FlushCompress, Status};
+    thread_local! {
+        static KEPT: std::cell::RefCell<Vec<(u32, Compress)>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+    KEPT.with(|kept| {
+        let mut kept = kept.borrow_mut();
+        let i = match kept.iter().position(|(l, _)| *l == level.level()) {
+            Some(i) => {
+                kept[i].1.reset();
+                i
+            }
+            None => {
+                kept.push((level.level(), Compress::new(level, false)));
+                kept.len() - 1
+            }
+        };
+        let c = &mut kept[i].1;
+        loop {
+            if out.capacity() - out.len() < 1024 {
+                out.reserve(out.len().max(4096));
+            }
+            let (read, written) = (c.total_in(), c.total_out());
+            let rest = usize::try_from(read)
+                .ok()
+                .and_then(|n| plain.get(n..))
+                .unwrap_or_default();
+            match c.compress_vec(rest, out, FlushCompress::Finish) {
+                Ok(Status::StreamEnd) => return Ok(()),
+                Ok(Status::Ok | Status::BufError) => {
+                    if c.total_in() == read && c.total_out() == written {
+                        // Room for output and no progress: not to be retried.
+                        return Err(io::Error::other("deflate made no progress"));
+                    }
+                }
+                Err(e) => return Err(io::Error::other(e)),
+            }
+        }
+    })
 }
 
 /// The CBOR request in a `/iq/sync/2` request body, inflated to at most
@@ -417,6 +462,46 @@ mod tests {
     use crate::wire::{RequestV1, ResponseV1, SignedHash};
     use serde::Serialize;
     use serde::de::DeserializeOwned;
+
+    /// The compressor kept per thread is reset between uses: the same
+    /// input gives the same body again, also after other inputs at another
+    /// level, and every body inflates back to its input.
+    #[test]
+    fn a_kept_compressor_deflates_each_body_as_a_fresh_one() {
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut noisy = |n: usize, every: usize| -> Vec<u8> {
+            (0..n)
+                .map(|i| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    if i % every == 0 {
+                        x as u8
+                    } else {
+                        b'a' + (i % 7) as u8
+                    }
+                })
+                .collect()
+        };
+        let inputs = [noisy(600, 9), noisy(5_000, 4), noisy(300_000, 3)];
+        let levels = [flate2::Compression::fast(), flate2::Compression::default()];
+        let mut first = Vec::new();
+        for round in 0..2 {
+            for (i, plain) in inputs.iter().enumerate() {
+                for (l, level) in levels.iter().enumerate() {
+                    let body = deflated(plain, *level)
+                        .expect("deflates")
+                        .expect("worth it");
+                    assert_eq!(unframe(&body).expect("inflates").as_ref(), &plain[..]);
+                    if round == 0 {
+                        first.push(body);
+                    } else {
+                        assert_eq!(body, first[i * levels.len() + l], "input {i}, level {l}");
+                    }
+                }
+            }
+        }
+    }
 
     fn v1() -> StreamProtocol {
         StreamProtocol::new(wire::SYNC_PROTOCOL)
@@ -833,7 +918,7 @@ mod tests {
     #[tokio::test]
     async fn large_requests_are_deflated_at_the_default_level() {
         let mut codec = SyncCodec::new(Arc::default());
-        for (n, large) in [(1000, true), (3, false)] {
+        for (n, large) in [(1000, true), (200, false)] {
             let plain = written(&mut codec, &v1(), request(n)).await;
             assert_eq!(plain.len() >= REUSE_ABOVE, large, "{} bytes", plain.len());
             let body = written(&mut codec, &v2(), request(n)).await;
@@ -847,7 +932,7 @@ mod tests {
                 at(flate2::Compression::default()),
             );
             assert!(
-                default.len() < fast.len(),
+                default.len() <= fast.len() && default != fast,
                 "{} {}",
                 default.len(),
                 fast.len()
