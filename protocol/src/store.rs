@@ -69,6 +69,9 @@ impl Batch {
 pub struct StoredDoc {
     pub id: DocId,
     pub chunks: Vec<Vec<u8>>,
+    /// Whether the first of `chunks` is the document's snapshot (the rest
+    /// are its loose entries).
+    pub snapshot: bool,
 }
 
 /// Every tree of a store with its entries (key, value), for backups.
@@ -203,12 +206,14 @@ impl Store {
     /// Every stored document with its chunks in the order to load them.
     pub fn load_docs(&self) -> Result<Vec<StoredDoc>, StoreError> {
         let mut docs: std::collections::BTreeMap<DocId, Vec<Vec<u8>>> = Default::default();
+        let mut snapshots = std::collections::BTreeSet::new();
         for item in self.snapshots.iter() {
             let (k, v) = item?;
             let id = std::str::from_utf8(&k)
                 .ok()
                 .and_then(|s| s.parse::<DocId>().ok())
                 .ok_or(StoreError::BadKey { tree: "snapshots" })?;
+            snapshots.insert(id.clone());
             docs.entry(id).or_default().push(v.to_vec());
         }
         for item in self.changes.iter() {
@@ -223,7 +228,11 @@ impl Store {
         }
         Ok(docs
             .into_iter()
-            .map(|(id, chunks)| StoredDoc { id, chunks })
+            .map(|(id, chunks)| StoredDoc {
+                snapshot: snapshots.contains(&id),
+                id,
+                chunks,
+            })
             .collect())
     }
 
@@ -486,6 +495,7 @@ mod tests {
         assert_eq!(docs.len(), 1);
         // One entry per commit and document, its changes concatenated.
         assert_eq!(docs[0].chunks, vec![b"onetwo".to_vec()]);
+        assert!(!docs[0].snapshot, "no snapshot yet");
         assert_eq!(
             store.sync_states("peer").expect("states"),
             vec![(doc(), b"state".to_vec())]
@@ -597,5 +607,6 @@ mod tests {
         store.commit(&batch).expect("commit");
         let docs = store.load_docs().expect("load");
         assert_eq!(docs[0].chunks, vec![b"snap".to_vec(), b"c".to_vec()]);
+        assert!(docs[0].snapshot, "the first chunk is the snapshot");
     }
 }
