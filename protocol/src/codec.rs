@@ -20,7 +20,7 @@
 //! a node hold much more than a large one could.
 
 use std::borrow::Cow;
-use std::io::{self, Read as _, Write as _};
+use std::io::{self, Read as _};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -462,6 +462,7 @@ mod tests {
     use crate::wire::{RequestV1, ResponseV1, SignedHash};
     use serde::Serialize;
     use serde::de::DeserializeOwned;
+    use std::io::Write as _;
 
     /// The compressor kept per thread is reset between uses: the same
     /// input gives the same body again, also after other inputs at another

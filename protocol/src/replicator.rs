@@ -104,10 +104,10 @@ const COMPACT_ANYWAY_CHANGES: usize = 16 * COMPACT_AFTER_CHANGES;
 /// it came (`chunks::is_document`) the threshold itself, so the node
 /// compacts it into the document's snapshot once quiet. Left loose in the
 /// store's tree of changes, next to the small entries later writes add,
-/// the whole documents made those writes dearer: with every document
-/// compacted, the quarters spent 12 % less CPU per live write at 64 × 1,000,
-/// and `perf` showed sled splitting and rewriting pages on the writes
-/// (`docs/benchmarks.md`, runs 119 to 125).
+/// the whole documents made those writes dearer (`perf` showed sled
+/// splitting and rewriting pages inside `Store::write`): with them
+/// compacted, the quarters spent 6 % less CPU per live write at
+/// 64 × 1,000 (`docs/benchmarks.md`, runs 124 to 129).
 fn loose_weight(chunk: &[u8]) -> usize {
     if crate::chunks::is_document(chunk) {
         COMPACT_AFTER_CHANGES
