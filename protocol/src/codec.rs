@@ -257,10 +257,10 @@ fn deflated(plain: &[u8], level: flate2::Compression) -> io::Result<Option<Vec<u
 }
 
 /// Appends `plain`, raw-deflated at `level`, to `out`, with a compressor
-/// kept per thread and level and reset for each use. A fresh one costs as
-/// much as deflating a small message, and its ~300 KB of state were 8 % of
-/// the centre's CPU time while it relayed live writes (run 119,
-/// `docs/benchmarks.md`).
+/// kept per thread and level and reset for each use. A fresh one, with
+/// about 300 KB of state, costs about as much as deflating a small
+/// message: making them took 8 % of the centre's CPU time while it
+/// relayed live writes (run 119, `docs/benchmarks.md`).
 fn deflate_into(plain: &[u8], level: flate2::Compression, out: &mut Vec<u8>) -> io::Result<()> {
     use flate2::{Compress, FlushCompress, Status};
     thread_local! {
