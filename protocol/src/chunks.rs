@@ -581,6 +581,23 @@ fn document_header(element: &[u8]) -> Result<(Vec<ChangeHash>, &[u8]), ChunkErro
     Ok((heads, rest))
 }
 
+/// Whether `element` is one whole-document chunk with at least one
+/// compressed column, as `Automerge::save` writes a document whose
+/// columns are long enough to deflate; false for anything else, including
+/// what does not parse.
+pub fn compressed_document(element: &[u8]) -> bool {
+    let Ok((_, mut rest)) = document_header(element) else {
+        return false;
+    };
+    let (Ok(changes), Ok(ops)) = (column_list(&mut rest), column_list(&mut rest)) else {
+        return false;
+    };
+    changes
+        .iter()
+        .chain(&ops)
+        .any(|(spec, _)| spec & COLUMN_DEFLATE != 0)
+}
+
 /// Whether `bytes` start with a whole-document chunk (what
 /// `Automerge::save` writes), as a compacted document's snapshot does.
 pub fn is_document(bytes: &[u8]) -> bool {
@@ -855,6 +872,23 @@ mod tests {
             document_heads(doc.get_changes(&[])[0].raw_bytes()),
             Err(ChunkError::UnexpectedType(1))
         );
+    }
+
+    #[test]
+    fn a_document_saved_with_compressed_columns_is_told_apart() {
+        // Long enough for automerge to deflate some columns.
+        let doc = doc_with_changes(300);
+        let compressed = doc.save();
+        let plain = doc.save_nocompress();
+        assert!(compressed.len() < plain.len());
+        assert!(compressed_document(&compressed));
+        assert!(!compressed_document(&plain));
+        // Too short to deflate anything: saved the same either way.
+        let small = doc_with_changes(1);
+        assert!(!compressed_document(&small.save()));
+        assert!(!compressed_document(small.get_changes(&[])[0].raw_bytes()));
+        assert!(!compressed_document(&compressed[..compressed.len() / 2]));
+        assert!(!compressed_document(b"not a chunk at all"));
     }
 
     #[test]
