@@ -971,6 +971,17 @@ impl<P: Ord + Clone> Engine<P> {
         }
     }
 
+    /// Whether `peer` may send `doc` whole, as set when it came up
+    /// ([`Engine::take_documents_from`]): the centre any document, a writer
+    /// node the documents it writes (checked on receipt, see [`read_ahead`]).
+    pub fn takes_documents(&self, peer: &P, doc: &DocId) -> bool {
+        match self.peers.get(peer).map(|p| &p.documents_from) {
+            Some(DocumentsFrom::Centre) => true,
+            Some(DocumentsFrom::Writer(actor)) => self.writers.may_write(doc, actor),
+            Some(DocumentsFrom::Nobody) | None => false,
+        }
+    }
+
     /// A sync message from `peer` for `doc` arrived with the signatures of
     /// the changes it carries. Every change not yet held must be signed by a
     /// writer of `doc`; otherwise the whole message is refused and counted.
@@ -981,6 +992,21 @@ impl<P: Ord + Clone> Engine<P> {
         data: &[u8],
         sigs: impl Into<Signatures<'s>>,
         now: u64,
+    ) -> Result<Effects<P>, SyncError> {
+        self.receive_read(peer, doc, data, sigs, now, None)
+    }
+
+    /// [`Engine::receive`] with `data` already read by [`read_ahead`]
+    /// (used only if it was read for what [`Engine::takes_documents`]
+    /// says now; otherwise `data` is read again here).
+    pub fn receive_read<'s>(
+        &mut self,
+        peer: &P,
+        doc: &DocId,
+        data: &[u8],
+        sigs: impl Into<Signatures<'s>>,
+        now: u64,
+        read: Option<ReadAhead>,
     ) -> Result<Effects<P>, SyncError> {
         if !self.is_up(peer) {
             return Err(SyncError::UnknownPeer);
@@ -996,7 +1022,7 @@ impl<P: Ord + Clone> Engine<P> {
             p.opened.insert(doc.clone());
         }
         let sigs = SigIndex::new(sigs.into());
-        let (msg, new_sigs, incoming) = match self.check_message(peer, doc, data, &sigs) {
+        let (msg, new_sigs, incoming) = match self.check_message(peer, doc, data, &sigs, read) {
             Ok(ok) => ok,
             Err((err, bad_changes)) => {
                 if matches!(err, SyncError::Unauthorised(AuthorError::NotAWriter { .. })) {
@@ -1170,60 +1196,14 @@ impl<P: Ord + Clone> Engine<P> {
         doc: &DocId,
         data: &[u8],
         sig_of: &SigIndex<'_>,
+        read: Option<ReadAhead>,
     ) -> Result<(sync::Message, Vec<(ChangeHash, Vec<u8>)>, Incoming), (SyncError, u64)> {
-        let documents_taken = match self.peers.get(peer).map(|p| &p.documents_from) {
-            Some(DocumentsFrom::Centre) => true,
-            Some(DocumentsFrom::Writer(actor)) => self.writers.may_write(doc, actor),
-            Some(DocumentsFrom::Nobody) | None => false,
+        let documents_taken = self.takes_documents(peer, doc);
+        let read = match read.filter(|r| r.documents_taken == documents_taken) {
+            Some(read) => read,
+            None => read_ahead(data, documents_taken),
         };
-        // automerge's parsers trust their input more than a network service
-        // can: keep a panic in them to this one message.
-        let parsed = std::panic::catch_unwind(|| -> Result<_, SyncError> {
-            let msg = sync::Message::decode(data).map_err(|e| SyncError::Decode(e.to_string()))?;
-            if msg.have.len() > 1 {
-                return Err(ChunkError::TooManyHaves(msg.have.len()).into());
-            }
-            for have in &msg.have {
-                chunks::check_bloom(&have.bloom.to_bytes())?;
-            }
-            let document = msg.changes.iter().find(|e| chunks::is_document(e));
-            let carried = if let Some(document) = document {
-                // A whole document (see `change_cache::document_message`):
-                // from a peer this node takes it from, alone in its
-                // message, checked before automerge reads it.
-                if !documents_taken {
-                    return Err(ChunkError::Document(
-                        "not taken from this peer (only from the centre or the document's writers)",
-                    )
-                    .into());
-                }
-                if msg.changes.len() != 1 {
-                    return Err(ChunkError::Document("not alone in its message").into());
-                }
-                chunks::check_document(document)?;
-                let loaded = Automerge::load_with_options(
-                    document,
-                    LoadOptions::new()
-                        .on_partial_load(OnPartialLoad::Error)
-                        .verification_mode(VerificationMode::Check),
-                )
-                .map_err(|e| SyncError::Decode(format!("whole document does not load: {e}")))?;
-                Incoming::Document(Box::new(loaded))
-            } else {
-                let mut carried = Vec::new();
-                let mut values_left = chunks::MAX_DECLARED_VALUES;
-                for element in msg.changes.iter() {
-                    chunks::changes_in(element, &mut carried, &mut values_left)?;
-                }
-                Incoming::Changes(carried)
-            };
-            Ok((msg, carried))
-        });
-        let (msg, carried) = match parsed {
-            Ok(Ok(ok)) => ok,
-            Ok(Err(e)) => return Err((e, 0)),
-            Err(_) => return Err((SyncError::Decode("the parser panicked".into()), 0)),
-        };
+        let (msg, carried) = read.result.map_err(|e| (e, 0))?;
         self.ensure_doc(doc);
         let held = |hash: &ChangeHash| {
             self.docs
@@ -1787,9 +1767,89 @@ fn saved_document(
     Some(bytes)
 }
 
+/// A sync message read: decoded, with the changes it carries parsed or,
+/// for a whole document, the document checked and loaded; or why it
+/// cannot be read. See [`read_ahead`].
+pub struct ReadAhead {
+    documents_taken: bool,
+    pub(crate) result: Result<(sync::Message, Incoming), SyncError>,
+}
+
+impl std::fmt::Debug for ReadAhead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadAhead")
+            .field("documents_taken", &self.documents_taken)
+            .field("refused", &self.result.as_ref().err())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads the sync message `data` as [`Engine::receive`] does before it
+/// checks who wrote what: decoding it, parsing its changes, checking and
+/// loading a whole document (refused unless `documents_taken`, see
+/// [`Engine::takes_documents`]). It needs nothing else of the engine, so
+/// a node may do it on another core ahead of the message's turn
+/// ([`Engine::receive_read`]): automerge's load of a whole document is
+/// most of what taking one in costs.
+pub fn read_ahead(data: &[u8], documents_taken: bool) -> ReadAhead {
+    // automerge's parsers trust their input more than a network service
+    // can: keep a panic in them to this one message.
+    let result = std::panic::catch_unwind(|| read_message(data, documents_taken))
+        .unwrap_or_else(|_| Err(SyncError::Decode("the parser panicked".into())));
+    ReadAhead {
+        documents_taken,
+        result,
+    }
+}
+
+fn read_message(
+    data: &[u8],
+    documents_taken: bool,
+) -> Result<(sync::Message, Incoming), SyncError> {
+    let msg = sync::Message::decode(data).map_err(|e| SyncError::Decode(e.to_string()))?;
+    if msg.have.len() > 1 {
+        return Err(ChunkError::TooManyHaves(msg.have.len()).into());
+    }
+    for have in &msg.have {
+        chunks::check_bloom(&have.bloom.to_bytes())?;
+    }
+    let document = msg.changes.iter().find(|e| chunks::is_document(e));
+    let carried = if let Some(document) = document {
+        // A whole document (see `change_cache::document_message`): from a
+        // peer this node takes it from, alone in its message, checked
+        // before automerge reads it.
+        if !documents_taken {
+            return Err(ChunkError::Document(
+                "not taken from this peer (only from the centre or the document's writers)",
+            )
+            .into());
+        }
+        if msg.changes.len() != 1 {
+            return Err(ChunkError::Document("not alone in its message").into());
+        }
+        chunks::check_document(document)?;
+        let loaded = Automerge::load_with_options(
+            document,
+            LoadOptions::new()
+                .on_partial_load(OnPartialLoad::Error)
+                .verification_mode(VerificationMode::Check),
+        )
+        .map_err(|e| SyncError::Decode(format!("whole document does not load: {e}")))?;
+        Incoming::Document(Box::new(loaded))
+    } else {
+        let mut carried = Vec::new();
+        let mut values_left = chunks::MAX_DECLARED_VALUES;
+        for element in msg.changes.iter() {
+            chunks::changes_in(element, &mut carried, &mut values_left)?;
+        }
+        Incoming::Changes(carried)
+    };
+    Ok((msg, carried))
+}
+
 /// What a message brings in: changes, parsed (once checked, those this
 /// node lacks), or a whole document, loaded.
-enum Incoming {
+pub(crate) enum Incoming {
     Changes(Vec<automerge::Change>),
     Document(Box<Automerge>),
 }
@@ -3960,6 +4020,54 @@ mod tests {
             .expect("the stored entries load");
         assert_eq!(loaded.get_heads(), am.get_heads());
         assert_eq!(schema::concern_count(&loaded), 40);
+    }
+
+    /// A message read ahead is taken in as if read in its turn; one read
+    /// for another answer of `takes_documents` than the engine's now is
+    /// read again, so a whole document is taken or refused by who may
+    /// send it when its turn comes.
+    #[test]
+    fn a_message_read_ahead_is_taken_in_as_one_read_in_its_turn() {
+        let q = [slug("a")];
+        let doc = DocId::quarter(&q[0]);
+        let writer = signer(1);
+        let changes = chain(&doc, &[&writer], 40);
+        let am = document_of(&doc, &changes);
+        let data = whole(&am, am.save());
+        let (last, sig) = changes.last().expect("changes");
+        let sigs = [(last.hash(), sig.clone())];
+        let stored = |fx: Effects<usize>| -> Vec<Vec<u8>> {
+            fx.changes.into_iter().flat_map(|(_, c)| c).collect()
+        };
+        let mut inline = centre_taking_documents_from(&q, &writer);
+        let expected = stored(
+            inline
+                .receive(&1, &doc, &data, &sigs, 0)
+                .expect("in its turn"),
+        );
+        for read_for in [true, false] {
+            let mut centre = centre_taking_documents_from(&q, &writer);
+            assert!(centre.takes_documents(&1, &doc));
+            let read = read_ahead(&data, read_for);
+            assert_eq!(read.result.is_ok(), read_for);
+            let fx = centre
+                .receive_read(&1, &doc, &data, &sigs, 0, Some(read))
+                .expect("read ahead");
+            assert_eq!(stored(fx), expected);
+            assert_eq!(centre.doc(&doc).expect("doc").get_heads(), am.get_heads());
+        }
+        // Read ahead as if taken, but the peer may not send it whole.
+        let mut other = engine(0, &q, &[1]);
+        let _ = other.peer_up(1, vec![], 0);
+        assert!(!other.takes_documents(&1, &doc));
+        let err = other
+            .receive_read(&1, &doc, &data, &sigs, 0, Some(read_ahead(&data, true)))
+            .expect_err("not taken from this peer");
+        assert!(
+            matches!(err, SyncError::Chunks(ChunkError::Document(_))),
+            "{err}"
+        );
+        assert_ne!(other.doc(&doc).map(|d| d.get_heads()), Some(am.get_heads()));
     }
 
     /// A quarter that has no roster yet does not know it writes its own

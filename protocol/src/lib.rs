@@ -23,6 +23,7 @@ pub mod datadir;
 pub mod engine;
 pub mod identity;
 pub mod ids;
+pub mod read_ahead;
 pub mod replicator;
 pub mod schema;
 pub mod store;

@@ -40,6 +40,7 @@ use crate::engine::{
 };
 use crate::identity::{Identity, actor_id_of_peer};
 use crate::ids::{DocId, QuarterSlug};
+use crate::read_ahead::Readers;
 use crate::schema::{self, SchemaError};
 use crate::store::{Batch, Store, StoreError};
 use crate::transport::{self, Behaviour, BehaviourEvent, TransportError};
@@ -867,6 +868,9 @@ pub struct Actor {
     /// Network events taken from the swarm, handled one per turn (see
     /// `Actor::run` and `take_in`).
     inbox: Inbox<SwarmEvent<BehaviourEvent>>,
+    /// Large sync messages in the inbox, read on other cores before their
+    /// turn (see `take_in`).
+    readers: Readers<InboundRequestId>,
     /// The actor (key) of each sync partner that sent a message, read off
     /// its peer id (`Actor::writes`); at most one per peer ever allowed.
     actors: HashMap<PeerId, Option<ActorId>>,
@@ -1057,6 +1061,7 @@ impl Actor {
             pending_load,
             held_jobs: VecDeque::new(),
             inbox: Inbox::default(),
+            readers: Readers::for_this_machine(),
             actors: HashMap::new(),
             durability: Durability::start(Arc::clone(&store))?,
             store,
@@ -1395,6 +1400,7 @@ impl Actor {
                 peer, message, ..
             })) => match message {
                 Message::Request {
+                    request_id,
                     request:
                         Request::V1(RequestV1::Sync {
                             doc,
@@ -1404,15 +1410,21 @@ impl Actor {
                             ..
                         }),
                     ..
-                } => (
-                    data.len()
-                        + signed.len()
-                        + sigs
-                            .iter()
-                            .map(|s| s.hash.len() + s.sig.len())
-                            .sum::<usize>(),
-                    self.writes(peer, doc),
-                ),
+                } => {
+                    if self.allowed.contains(peer) {
+                        let documents_taken = self.engine.takes_documents(peer, doc);
+                        self.readers.offer(*request_id, data, documents_taken);
+                    }
+                    (
+                        data.len()
+                            + signed.len()
+                            + sigs
+                                .iter()
+                                .map(|s| s.hash.len() + s.sig.len())
+                                .sum::<usize>(),
+                        self.writes(peer, doc),
+                    )
+                }
                 Message::Response {
                     response: Response::V1(ResponseV1::Answer { data, .. }),
                     ..
@@ -2224,6 +2236,8 @@ impl Actor {
                     compressed,
                     vouched,
                 }) = request;
+                // Dropped unread if the message is refused before it is read.
+                let turn = self.readers.turn(&request_id);
                 let sigs =
                     parse_sigs(sigs).filter(|_| signed.len() % wire::PREFIXED_SIGNATURE_LEN == 0);
                 let Some(sigs) = sigs else {
@@ -2263,7 +2277,11 @@ impl Actor {
                         whole: &sigs,
                         prefixed: &signed,
                     };
-                    match self.engine.receive(&peer, &doc, &data, signatures, now) {
+                    let read = turn.take();
+                    match self
+                        .engine
+                        .receive_read(&peer, &doc, &data, signatures, now, read)
+                    {
                         Ok(mut fx) => {
                             let reply = if answer {
                                 take_answer(&mut fx.sends, &peer, &doc)
