@@ -879,10 +879,12 @@ pub struct Actor {
     /// Ticket of the last store write known durable.
     durable: u64,
     durable_tx: watch::Sender<u64>,
+    /// Which write each document's messages and acknowledgements wait for.
+    tickets: Tickets,
     /// Messages and acknowledgements waiting for a write to be durable,
     /// with its ticket, in the order they were made.
     held_sends: VecDeque<(u64, Vec<Outgoing<PeerId>>)>,
-    held_acks: VecDeque<(u64, InboundRequestId, ResponseChannel<Response>, ResponseV1)>,
+    held_acks: VecDeque<(u64, HeldAck)>,
     /// Sync states not yet stored, the newest of each (peer, document)
     /// session (see `Actor::apply`).
     unstored_sync: BTreeMap<(String, DocId), Vec<u8>>,
@@ -1068,6 +1070,7 @@ impl Actor {
             written: 0,
             durable: 0,
             durable_tx: watch::Sender::new(0),
+            tickets: Tickets::default(),
             held_sends: VecDeque::new(),
             held_acks: VecDeque::new(),
             unstored_sync: BTreeMap::new(),
@@ -1463,23 +1466,12 @@ impl Actor {
     fn now_durable(&mut self, ticket: u64) {
         self.durable = self.durable.max(ticket);
         self.durable_tx.send_replace(self.durable);
-        while self
-            .held_sends
-            .front()
-            .is_some_and(|(t, _)| *t <= self.durable)
-        {
-            if let Some((_, sends)) = self.held_sends.pop_front() {
-                self.send_now(sends);
-            }
+        self.tickets.durable(self.durable);
+        for sends in take_durable(&mut self.held_sends, self.durable) {
+            self.send_now(sends);
         }
-        while self
-            .held_acks
-            .front()
-            .is_some_and(|(t, ..)| *t <= self.durable)
-        {
-            if let Some((_, id, channel, response)) = self.held_acks.pop_front() {
-                self.respond(id, channel, response);
-            }
+        for (id, channel, response) in take_durable(&mut self.held_acks, self.durable) {
+            self.respond(id, channel, response);
         }
     }
 
@@ -1536,6 +1528,11 @@ impl Actor {
             Ok(false) => {}
             Ok(true) => {
                 self.written += 1;
+                self.tickets.wrote(
+                    self.written,
+                    batch.changes.iter().map(|(doc, _)| doc),
+                    batch.changes.is_empty(),
+                );
                 if !self.durability.request(self.written) {
                     self.fatal = Some(ReplicatorError::Crashed(
                         "the durability thread stopped".into(),
@@ -1553,11 +1550,16 @@ impl Actor {
             *self.chunks.entry(doc.clone()).or_default() += weight;
         }
         if !fx.sends.is_empty() {
-            if self.durable >= self.written {
-                self.send_now(fx.sends);
-            } else {
-                self.held_sends.push_back((self.written, fx.sends));
+            let mut now = Vec::new();
+            let mut held: BTreeMap<u64, Vec<Outgoing<PeerId>>> = BTreeMap::new();
+            for out in fx.sends {
+                match self.tickets.of(&out.doc) {
+                    t if t <= self.durable => now.push(out),
+                    t => held.entry(t).or_default().push(out),
+                }
             }
+            self.send_now(now);
+            self.held_sends.extend(held);
         }
         if !fx.changed.is_empty() {
             self.changed.send_modify(|n| *n += 1);
@@ -2332,12 +2334,13 @@ impl Actor {
                         }
                     }
                 };
+                let ticket = self.tickets.of(&doc);
                 if matches!(response, ResponseV1::Ack | ResponseV1::Answer { .. })
-                    && self.durable < self.written
+                    && self.durable < ticket
                 {
                     // Acknowledged once durable (see `now_durable`).
                     self.held_acks
-                        .push_back((self.written, request_id, channel, response));
+                        .push_back((ticket, (request_id, channel, response)));
                 } else {
                     self.respond(request_id, channel, response);
                 }
@@ -2417,6 +2420,69 @@ impl Actor {
             }
         }
     }
+}
+
+/// An acknowledgement waiting for a write to be durable: the request it
+/// answers, where it goes, and what it says.
+type HeldAck = (InboundRequestId, ResponseChannel<Response>, ResponseV1);
+
+/// Which store write the messages and acknowledgements about each
+/// document wait for (see `docs/architecture.md`, "Storage and
+/// durability"): the last one that holds changes of it. A message carrying
+/// a document's changes goes only once they are durable, and a message
+/// is acknowledged only once what it brought is; neither waits for writes
+/// of other documents, which it does not depend on. Before, every message
+/// and acknowledgement waited for the node's last write, so a centre
+/// taking in 64 quarters' documents held its answers about one document
+/// behind the fsyncs of the others.
+#[derive(Debug, Default)]
+struct Tickets {
+    /// Ticket of the last write holding changes of each document, while
+    /// not yet durable.
+    of_doc: HashMap<DocId, u64>,
+    /// Ticket of the last write holding no document's changes (signatures
+    /// alone): everything waits for it.
+    of_all: u64,
+}
+
+impl Tickets {
+    /// Write `ticket` holds changes of `docs`; or of none (`alone`).
+    fn wrote<'a>(&mut self, ticket: u64, docs: impl Iterator<Item = &'a DocId>, alone: bool) {
+        for doc in docs {
+            self.of_doc.insert(doc.clone(), ticket);
+        }
+        if alone {
+            self.of_all = ticket;
+        }
+    }
+
+    /// The write a message or acknowledgement about `doc` waits for (0:
+    /// none).
+    fn of(&self, doc: &DocId) -> u64 {
+        self.of_doc.get(doc).copied().unwrap_or(0).max(self.of_all)
+    }
+
+    /// Every write up to `ticket` is durable.
+    fn durable(&mut self, ticket: u64) {
+        self.of_doc.retain(|_, t| *t > ticket);
+    }
+}
+
+/// Takes out of `held`, in their order, the items waiting for a write up
+/// to `durable` (tickets are not in order: each waits for its document's).
+fn take_durable<T>(held: &mut VecDeque<(u64, T)>, durable: u64) -> Vec<T> {
+    let mut out = Vec::new();
+    if held.iter().all(|(t, _)| *t > durable) {
+        return out;
+    }
+    for (ticket, item) in std::mem::take(held) {
+        if ticket <= durable {
+            out.push(item);
+        } else {
+            held.push_back((ticket, item));
+        }
+    }
+    out
 }
 
 /// The thread that makes store writes durable: the actor hands it the
@@ -2823,6 +2889,36 @@ mod tests {
         assert_eq!(loose_weight(&changes), 4, "the genesis and three changes");
         assert_eq!(loose_weight(&am.save()), COMPACT_AFTER_CHANGES);
         assert_eq!(loose_weight(&am.save_nocompress()), COMPACT_AFTER_CHANGES);
+    }
+
+    /// A message or acknowledgement about a document waits for the last
+    /// write holding that document's changes, not for other documents'
+    /// writes; a write of signatures alone holds back everything.
+    #[test]
+    fn each_document_waits_for_its_own_writes_only() {
+        let (a, b, c) = (
+            DocId::quarter(&slug("a")),
+            DocId::quarter(&slug("b")),
+            DocId::City,
+        );
+        let mut tickets = Tickets::default();
+        tickets.wrote(1, [&a].into_iter(), false);
+        tickets.wrote(2, [&b, &a].into_iter(), false);
+        tickets.wrote(3, [&b].into_iter(), false);
+        assert_eq!((tickets.of(&a), tickets.of(&b), tickets.of(&c)), (2, 3, 0));
+        tickets.durable(2);
+        assert_eq!((tickets.of(&a), tickets.of(&b)), (0, 3));
+        tickets.wrote(4, std::iter::empty(), true);
+        assert_eq!((tickets.of(&a), tickets.of(&b), tickets.of(&c)), (4, 4, 4));
+        tickets.durable(4);
+        assert_eq!((tickets.of(&a), tickets.of(&b), tickets.of(&c)), (4, 4, 4));
+        // Held items come out once their own ticket is durable, in order.
+        let mut held: VecDeque<(u64, &str)> = [(3, "b1"), (1, "a1"), (3, "b2"), (2, "a2")].into();
+        assert!(take_durable(&mut held, 0).is_empty());
+        assert_eq!(take_durable(&mut held, 2), ["a1", "a2"]);
+        assert_eq!(held, [(3, "b1"), (3, "b2")]);
+        assert_eq!(take_durable(&mut held, 3), ["b1", "b2"]);
+        assert!(held.is_empty());
     }
 
     #[test]
