@@ -142,6 +142,17 @@ struct Queue {
 }
 
 impl Shared {
+    fn new() -> Self {
+        Self {
+            queue: Mutex::new(Queue {
+                jobs: VecDeque::new(),
+                begun: 0,
+                stop: false,
+            }),
+            work: Condvar::new(),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -206,14 +217,7 @@ impl<K: Hash + Eq> Readers<K> {
     /// Starts `threads` readers (with none, every message is read in its
     /// turn). They stop once this is dropped.
     pub fn start(threads: usize) -> Self {
-        let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue {
-                jobs: VecDeque::new(),
-                begun: 0,
-                stop: false,
-            }),
-            work: Condvar::new(),
-        });
+        let shared = Arc::new(Shared::new());
         let mut started = 0;
         for _ in 0..threads {
             let shared = Arc::clone(&shared);
@@ -387,14 +391,7 @@ mod tests {
     /// afterwards.
     #[test]
     fn readers_leave_the_oldest_message_to_the_actor() {
-        let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue {
-                jobs: VecDeque::new(),
-                begun: 0,
-                stop: false,
-            }),
-            work: Condvar::new(),
-        });
+        let shared = Arc::new(Shared::new());
         let mut readers = Readers {
             shared: Some(Arc::clone(&shared)),
             ahead: HashMap::new(),
