@@ -931,7 +931,10 @@ pub struct Actor {
     /// Documents changed since the neighbours were last read from them
     /// (read again at the next tick, not after every message).
     neighbours_due: BTreeSet<DocId>,
+    /// The roster as last read from the city document, and the city
+    /// document's heads it was read at (see [`Actor::roster`]).
     roster: Vec<(QuarterSlug, schema::RosterEntry)>,
+    roster_heads: Option<Vec<ChangeHash>>,
     next_neighbour_dial: HashMap<PeerId, Instant>,
     neighbour_backoff: HashMap<PeerId, Duration>,
     fatal: Option<ReplicatorError>,
@@ -1097,6 +1100,7 @@ impl Actor {
             neighbours_of: BTreeMap::new(),
             neighbours_due: BTreeSet::new(),
             roster: Vec::new(),
+            roster_heads: None,
             next_neighbour_dial: HashMap::new(),
             neighbour_backoff: HashMap::new(),
             fatal: None,
@@ -1603,14 +1607,7 @@ impl Actor {
             // the partners in.
             return Ok(());
         }
-        let roster = self
-            .engine
-            .doc(&DocId::City)
-            .map(schema::roster)
-            .transpose()
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+        let roster = self.roster().to_vec();
         let mut quarters: BTreeSet<QuarterSlug> = roster.iter().map(|(s, _)| s.clone()).collect();
         if let Some(own) = self.own_doc.quarter_slug() {
             quarters.insert(own.clone());
@@ -1688,6 +1685,22 @@ impl Actor {
         } else {
             self.apply(fx)
         }
+    }
+
+    /// The roster (empty while the city document holds none or it does
+    /// not read), read again only once the city document has changed:
+    /// after a change both `refresh_roster` and `refresh_neighbours` need
+    /// it, and reading it hydrates every entry.
+    fn roster(&mut self) -> &[(QuarterSlug, schema::RosterEntry)] {
+        let city = self.engine.doc(&DocId::City);
+        let heads = city.map(|c| c.get_heads());
+        if heads != self.roster_heads {
+            self.roster = city
+                .and_then(|c| schema::roster(c).ok())
+                .unwrap_or_default();
+            self.roster_heads = heads;
+        }
+        &self.roster
     }
 
     /// Quarter nodes: the other quarters are passive partners while the
@@ -1875,11 +1888,7 @@ impl Actor {
         }
         let all = changed.is_none_or(|c| c.contains(&DocId::City));
         if all {
-            self.roster = self
-                .engine
-                .doc(&DocId::City)
-                .and_then(|c| schema::roster(c).ok())
-                .unwrap_or_default();
+            self.roster();
             self.neighbours_of.clear();
         }
         let quarters: Vec<(QuarterSlug, schema::RosterEntry)> = self
@@ -2757,6 +2766,35 @@ mod tests {
         let _ = actor.peer_up(b);
         assert_eq!(stored(&actor, &b), vec![(own.clone(), b"b3".to_vec())]);
         assert!(actor.fatal.is_none());
+    }
+
+    /// The roster is read from the city document once per change of it:
+    /// `refresh_roster` and `refresh_neighbours` both need it after one.
+    #[tokio::test]
+    async fn the_roster_is_read_again_only_once_the_city_document_changed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut actor = quarter_actor(dir.path(), 2, None);
+        let slugs = |actor: &mut Actor| -> Vec<String> {
+            actor.roster().iter().map(|(s, _)| s.to_string()).collect()
+        };
+        assert_eq!(slugs(&mut actor), ["own", "q0", "q1"]);
+        // Unchanged city document: what was read stands (emptied here to
+        // tell a read from the cache).
+        actor.roster.clear();
+        assert!(slugs(&mut actor).is_empty(), "read again without a change");
+        let now = actor.now();
+        let (_, _fx) = actor
+            .engine
+            .change(&DocId::City, now, |tx| {
+                let entry = schema::RosterEntry {
+                    name: "Neu".into(),
+                    writers: vec![Identity::generate().peer_id().to_string()],
+                    addrs: None,
+                };
+                schema::put_roster_entry(tx, &slug("neu"), &entry)
+            })
+            .expect("change the city document");
+        assert_eq!(slugs(&mut actor), ["neu", "own", "q0", "q1"]);
     }
 
     /// The node's API answers once its own and the city document are
