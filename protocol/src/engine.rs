@@ -619,6 +619,17 @@ impl<P: Ord + Clone> Engine<P> {
         self.docs.get(doc)
     }
 
+    /// `doc` saved whole with compressed columns, as the store keeps a
+    /// compacted document, and kept to send whole to the next peer that
+    /// holds nothing of it while the document stays at these heads (see
+    /// [`change_cache::document_message`]): a quarter that compacted its
+    /// document while offline does not save it again when the centre
+    /// connects, when every quarter does so at once.
+    pub fn snapshot(&mut self, doc: &DocId) -> Option<Vec<u8>> {
+        let am = self.docs.get(doc)?;
+        Some(save_kept(&mut self.saved, doc, true, am).0)
+    }
+
     pub fn docs(&self) -> impl Iterator<Item = (&DocId, &Automerge)> {
         self.docs.iter()
     }
@@ -1737,12 +1748,24 @@ fn saved_document(
     compressed: bool,
     am: &Automerge,
 ) -> Option<Vec<u8>> {
+    let (bytes, sendable) = save_kept(saved, doc, compressed, am);
+    sendable.then_some(bytes)
+}
+
+/// `am` saved whole (see [`saved_document`]), from `saved` or saved now and
+/// kept there if the receiver's check passes; says whether it does.
+fn save_kept(
+    saved: &mut VecDeque<SavedDocument>,
+    doc: &DocId,
+    compressed: bool,
+    am: &Automerge,
+) -> (Vec<u8>, bool) {
     let heads = am.get_heads();
     let kept = saved
         .iter()
         .find(|(d, c, h, _)| d == doc && *c == compressed && *h == heads);
     if let Some((_, _, _, bytes)) = kept {
-        return Some(bytes.clone());
+        return (bytes.clone(), true);
     }
     let bytes = if compressed {
         am.save()
@@ -1752,7 +1775,9 @@ fn saved_document(
     // What the receiver checks before it loads the document: its columns
     // may declare more values than a message may (a long history of
     // values that run-length encode to nothing). Checked once per save.
-    chunks::check_document(&bytes).ok()?;
+    if chunks::check_document(&bytes).is_err() {
+        return (bytes, false);
+    }
     saved.retain(|(d, c, _, _)| !(d == doc && *c == compressed));
     let mut held: usize = saved.iter().map(|(_, _, _, b)| b.len()).sum();
     while held + bytes.len() > SAVED_BYTES {
@@ -1764,7 +1789,7 @@ fn saved_document(
     if bytes.len() <= SAVED_BYTES {
         saved.push_back((doc.clone(), compressed, heads, bytes.clone()));
     }
-    Some(bytes)
+    (bytes, true)
 }
 
 /// A sync message read: decoded, with the changes it carries parsed or,
@@ -4125,6 +4150,48 @@ mod tests {
             .expect("apply");
         let mut centre = engine(0, &q, &[1]);
         assert_eq!(whole_to_centre(&mut quarter, &mut centre), vec![false]);
+    }
+
+    /// A compaction's save is kept to send whole, as a save to send is,
+    /// until the document changes.
+    #[test]
+    fn a_snapshot_is_kept_to_send_whole() {
+        let q = [slug("a")];
+        let doc = DocId::quarter(&q[0]);
+        let mut quarter = Engine::new(signer(1), Writers::new([signer(0).actor()]), q.clone());
+        let write = |quarter: &mut Engine<usize>, i: usize| {
+            quarter
+                .change(&doc, 0, |tx| {
+                    schema::put_concern(tx, &concern(format!("c{i}")))
+                })
+                .expect("local write");
+        };
+        for i in 0..40 {
+            write(&mut quarter, i);
+        }
+        let kept = |quarter: &Engine<usize>| -> Vec<(Vec<ChangeHash>, Vec<u8>)> {
+            quarter
+                .saved
+                .iter()
+                .filter(|(d, compressed, _, _)| *d == doc && *compressed)
+                .map(|(_, _, heads, bytes)| (heads.clone(), bytes.clone()))
+                .collect()
+        };
+        let snapshot = quarter.snapshot(&doc).expect("snapshot");
+        let am = quarter.doc(&doc).expect("doc");
+        assert_eq!(snapshot, am.save());
+        assert_eq!(kept(&quarter), vec![(am.get_heads(), snapshot.clone())]);
+        // The same heads: the same bytes, from what was kept.
+        assert_eq!(quarter.snapshot(&doc), Some(snapshot.clone()));
+        write(&mut quarter, 40);
+        let again = quarter.snapshot(&doc).expect("snapshot");
+        assert_ne!(again, snapshot);
+        let heads = quarter.doc(&doc).expect("doc").get_heads();
+        assert_eq!(
+            kept(&quarter),
+            vec![(heads, again)],
+            "the older save is dropped"
+        );
     }
 
     /// A whole document lacking a change this node holds is merged in.

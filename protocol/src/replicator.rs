@@ -2059,7 +2059,7 @@ impl Actor {
             .collect();
         let mut done = 0;
         for doc in due {
-            let Some(snapshot) = self.engine.doc(&doc).map(|am| am.save()) else {
+            let Some(snapshot) = self.engine.snapshot(&doc) else {
                 continue;
             };
             self.store.compact(&doc, &snapshot)?;
