@@ -203,6 +203,7 @@ fn run(mut args: Args) -> Result<(), String> {
         eprintln!("iq: P2 {} writes", args.live);
         let p2 = iq::live(&run, &cfg)?;
         report["iq"] = json!({"p1": p1, "p2": p2, "p3": p3, "p4": p4, "rejoin": rejoin});
+        report["binaries"] = binaries();
     }
 
     let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
@@ -221,6 +222,20 @@ fn now_utc() -> String {
 
 fn commit() -> String {
     command_line("git", &["rev-parse", "--short", "HEAD"])
+}
+
+/// The node binaries iq ran on: where they are and the start of each one's
+/// SHA-256. `commit` is the checkout's, which need not be what they were
+/// built from (`IQ_BIN_DIR` may point at an older build).
+fn binaries() -> Value {
+    let dir = iq_tests::bin_dir();
+    let mut out = json!({ "dir": dir.display().to_string() });
+    for name in ["iq-node", "iq-center"] {
+        let path = dir.join(name);
+        let sum = command_line("sha256sum", &[&path.to_string_lossy()]);
+        out[name] = sum.get(..12).unwrap_or(&sum).into();
+    }
+    out
 }
 
 fn command_line(cmd: &str, args: &[&str]) -> String {
@@ -297,6 +312,14 @@ fn markdown(r: &Value) -> String {
         r["machine"]["cpu"].as_str().unwrap_or("?"),
         r["machine"]["load_at_start"].as_str().unwrap_or("?"),
     );
+    if let Some(b) = r["binaries"].as_object() {
+        out.push_str(&format!(
+            "iq's binaries: {} (SHA-256 iq-node {}…, iq-center {}…)\n\n",
+            b["dir"].as_str().unwrap_or("?"),
+            b["iq-node"].as_str().unwrap_or("?"),
+            b["iq-center"].as_str().unwrap_or("?"),
+        ));
+    }
     if let Some(e) = r["peer"]["error"].as_str() {
         out.push_str(&format!("The automerge-repo peer failed: {e}\n\n"));
     }
