@@ -250,6 +250,54 @@ pub fn live(
     Ok(out)
 }
 
+/// P3's cold start on the floor: automerge loading saved documents from
+/// memory (no process start, no disk, no signatures), once each.
+#[derive(Debug, Clone)]
+pub struct ColdStart {
+    /// One quarter's own document of M concerns, as a quarter's API waits
+    /// for it.
+    pub own_document: Duration,
+    /// Every quarter's document, one after another on one thread, as a
+    /// node holds them all.
+    pub every_document: Duration,
+    /// The saved bytes of the quarter's document.
+    pub own_document_bytes: u64,
+}
+
+pub fn cold_start(q: usize, m: usize, seed: u64) -> Result<ColdStart, String> {
+    let mut rng = Rng::new(seed);
+    let saved: Vec<Vec<u8>> = (0..q)
+        .map(|i| quarter_doc(i, m, &mut rng).0.save())
+        .collect();
+    let load = |bytes: &[u8]| -> Result<Automerge, String> {
+        Automerge::load(bytes).map_err(|e| format!("floor: a saved document does not load: {e}"))
+    };
+    let first = saved.first().ok_or("floor: no quarter to load")?;
+    let start = Instant::now();
+    let own = load(first)?;
+    let own_document = start.elapsed();
+    let start = Instant::now();
+    let mut loaded = Vec::with_capacity(saved.len());
+    for bytes in &saved {
+        loaded.push(load(bytes)?);
+    }
+    let every_document = start.elapsed();
+    // Loaded whole (the concerns map's change and one per concern), or the
+    // time measured the wrong thing.
+    let changes = own.get_changes(&[]).len();
+    if changes != m + 1 {
+        return Err(format!(
+            "floor: the loaded document holds {changes} changes, not {}",
+            m + 1
+        ));
+    }
+    Ok(ColdStart {
+        own_document,
+        every_document,
+        own_document_bytes: first.len() as u64,
+    })
+}
+
 /// Mean bytes of one concern's change: the floor's six-field map, and the
 /// concern iq's API writes (`schema::Concern`, as `POST /api/v1/concerns`
 /// makes it), each without the signature iq adds on the wire.
