@@ -15,7 +15,7 @@ use iq_node::daemon::Daemon;
 use iq_node::output;
 use iq_protocol::PeerId;
 use iq_protocol::QuarterSlug;
-use iq_protocol::datadir::{Config, DataDir, Role};
+use iq_protocol::datadir::{Config, DataDir, Replicate, Role};
 
 use crate::api::{self, AddQuarter, QuarterView};
 use crate::demo;
@@ -201,6 +201,7 @@ pub fn init_center(
         center: None,
         private_network,
         advertise: None,
+        replicate: Replicate::All,
     };
     let psk = private_network.then(DataDir::new_psk_file);
     let identity = data.init(&config, psk.as_deref())?;

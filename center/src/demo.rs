@@ -13,7 +13,7 @@ use iq_node::client::Client;
 use iq_node::daemon::{Daemon, shutdown_signal};
 use iq_node::output;
 use iq_protocol::QuarterSlug;
-use iq_protocol::datadir::{DataDir, Role};
+use iq_protocol::datadir::{DataDir, Replicate, Role};
 
 use crate::api::{self, QuarterView};
 use crate::cli::{init_center, print_quarters};
@@ -145,6 +145,7 @@ pub async fn run(dir: Option<PathBuf>, once: bool) -> anyhow::Result<()> {
                 api: None,
                 psk: None,
                 advertise: None,
+                replicate: Replicate::All,
             },
         )?;
         let peer = peer.parse().context("fresh PeerId")?;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use iq_protocol::datadir::{self, Config, DataDir, QuarterConfig, Role};
+use iq_protocol::datadir::{self, Config, DataDir, QuarterConfig, Replicate, Role};
 use iq_protocol::replicator::Status;
 use iq_protocol::{Multiaddr, QuarterSlug};
 
@@ -75,6 +75,10 @@ pub enum Command {
         /// unless it is a wildcard such as 0.0.0.0].
         #[arg(long, value_name = "MULTIADDR")]
         advertise: Option<String>,
+        /// Which quarter documents this node replicates: "all" (every quarter's
+        /// on the roster) or "own" (its own quarter's and the city's only).
+        #[arg(long, value_name = "SCOPE", default_value = "all", value_parser = clap::builder::ValueParser::new(str::parse::<Replicate>))]
+        replicate: Replicate,
     },
     /// Run the node until ctrl-c.
     Run {
@@ -403,6 +407,8 @@ pub struct QuarterInit {
     pub psk: Option<std::path::PathBuf>,
     /// The address other quarters dial for direct sync.
     pub advertise: Option<String>,
+    /// Which quarter documents the node replicates.
+    pub replicate: Replicate,
 }
 
 /// Default libp2p listen address: loopback with a port chosen now, so the
@@ -477,6 +483,7 @@ pub fn init_quarter(data: &DataDir, init: QuarterInit) -> anyhow::Result<(Config
         center: Some(init.center),
         private_network: psk.is_some(),
         advertise: init.advertise,
+        replicate: init.replicate,
     };
     let identity = data.init(&config, psk.as_deref())?;
     Ok((config, identity.peer_id().to_string()))
@@ -501,6 +508,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             addr: AddrArgs { listen, api },
             psk,
             advertise,
+            replicate,
         } => {
             let dir = DataDir::new(&data.data);
             let (config, peer_id) = init_quarter(
@@ -513,6 +521,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     api,
                     psk,
                     advertise,
+                    replicate,
                 },
             )?;
             println!("initialised quarter node in {}", data.data.display());

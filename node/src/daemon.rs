@@ -133,6 +133,7 @@ impl Daemon {
             center,
             store,
             psk,
+            replicate: config.replicate,
         })
         .await?;
         let listener = tokio::net::TcpListener::bind(config.api)

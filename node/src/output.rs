@@ -1,5 +1,6 @@
 //! Human-readable output of the CLIs (the `--json` forms print the API's JSON).
 
+use iq_protocol::datadir::{Replicate, Role};
 use iq_protocol::replicator::Status;
 
 use crate::api::ConcernView;
@@ -106,6 +107,15 @@ pub fn print_concern(c: &ConcernView) {
 pub fn print_status(s: &Status) {
     println!("peer id:   {}", s.peer_id);
     println!("writes:    {}", s.own_doc);
+    if s.role == Role::Quarter {
+        println!(
+            "replicates: {}",
+            match s.replicate {
+                Replicate::All => "every quarter on the roster, and the city",
+                Replicate::Own => "its own quarter and the city only",
+            }
+        );
+    }
     for l in &s.listen {
         println!("listening: {l}");
     }

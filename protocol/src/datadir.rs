@@ -93,6 +93,55 @@ pub struct QuarterConfig {
     pub name: String,
 }
 
+/// Which quarter documents a quarter node keeps a replica of.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Replicate {
+    /// Every quarter's document on the roster (the default): the office
+    /// reads the whole city, and while the centre is down the quarters
+    /// sync with each other directly.
+    #[default]
+    All,
+    /// Its own quarter's document and the city's only: a node's memory and
+    /// disk grow with its own quarter, not with the city. While the centre
+    /// is down it still pushes its own document to the other quarters, but
+    /// it holds none of theirs.
+    Own,
+}
+
+impl Replicate {
+    pub fn is_all(&self) -> bool {
+        *self == Replicate::All
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Replicate::All => "all",
+            Replicate::Own => "own",
+        }
+    }
+}
+
+impl std::fmt::Display for Replicate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Replicate {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "all" => Ok(Replicate::All),
+            "own" => Ok(Replicate::Own),
+            other => Err(format!(
+                "{other:?} is not a replication scope; use \"all\" (every quarter's document) or \"own\" (its own quarter's and the city's only)"
+            )),
+        }
+    }
+}
+
 /// What a node runs with; written by `init`, read by `run`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Config {
@@ -116,6 +165,10 @@ pub struct Config {
     /// `listen` is a wildcard (0.0.0.0) or not reachable as is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub advertise: Option<String>,
+    /// Quarter nodes: which quarter documents it replicates (`all` when
+    /// absent). The centre always replicates every quarter's.
+    #[serde(default, skip_serializing_if = "Replicate::is_all")]
+    pub replicate: Replicate,
 }
 
 /// A node's data directory.
@@ -198,6 +251,15 @@ impl DataDir {
             return Err(DataDirError::WrongRole {
                 expected: role,
                 found: config.role,
+            });
+        }
+        if config.role == Role::Center && !config.replicate.is_all() {
+            return Err(DataDirError::BadConfig {
+                path: path.display().to_string(),
+                reason: format!(
+                    "replicate = \"{}\" is for quarter nodes: the centre replicates every quarter's document; remove the line",
+                    config.replicate
+                ),
             });
         }
         Ok(config)
@@ -379,6 +441,7 @@ mod tests {
             center: None,
             private_network: false,
             advertise: None,
+            replicate: Replicate::All,
         }
     }
 
@@ -403,6 +466,55 @@ mod tests {
             toml::from_str(include_str!("../../docs/config.example.toml")).expect("example config");
         assert_eq!(example.role, Role::Quarter);
         assert!(example.quarter.is_some() && example.center.is_some());
+        assert_eq!(example.replicate, Replicate::All);
+    }
+
+    #[test]
+    fn the_replication_scope_is_read_and_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dd = DataDir::new(dir.path());
+        let mut own = config();
+        own.role = Role::Quarter;
+        own.replicate = Replicate::Own;
+        dd.init(&own, None).expect("init");
+        let text = fs::read_to_string(dir.path().join(CONFIG)).expect("config");
+        assert!(text.contains("replicate = \"own\""), "{text}");
+        assert_eq!(
+            dd.config(Role::Quarter).expect("config").replicate,
+            Replicate::Own
+        );
+        // `all` is the default and is not written.
+        assert!(
+            !toml::to_string(&config())
+                .expect("toml")
+                .contains("replicate")
+        );
+
+        // A centre is refused the scope, with what to do.
+        let centre = tempfile::tempdir().expect("tempdir");
+        let mut bad = config();
+        bad.replicate = Replicate::Own;
+        let dd = DataDir::new(centre.path());
+        dd.init(&bad, None).expect("init");
+        let err = dd.config(Role::Center).expect_err("refused").to_string();
+        assert!(err.contains("remove the line"), "{err}");
+
+        // An unknown value names the ones there are.
+        let typo = tempfile::tempdir().expect("tempdir");
+        let dd = DataDir::new(typo.path());
+        dd.init(&own, None).expect("init");
+        let path = typo.path().join(CONFIG);
+        let text = fs::read_to_string(&path).expect("config");
+        fs::write(&path, text.replace("\"own\"", "\"mine\"")).expect("write");
+        let err = dd.config(Role::Quarter).expect_err("refused").to_string();
+        assert!(err.contains("mine") && err.contains("own"), "{err}");
+        assert_eq!("own".parse::<Replicate>(), Ok(Replicate::Own));
+        assert!(
+            "mine"
+                .parse::<Replicate>()
+                .expect_err("refused")
+                .contains("\"own\"")
+        );
     }
 
     #[test]

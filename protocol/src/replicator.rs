@@ -33,7 +33,7 @@ use tokio::task::JoinHandle;
 
 use crate::authorship::{SIGNATURE_LEN, Signer, Writers};
 use crate::codec::WireCounters;
-use crate::datadir::Role;
+use crate::datadir::{Replicate, Role};
 use crate::engine::{
     Activity, ChangeError, DocumentsFrom, Effects, Engine, Outgoing, PeerStats, Signatures,
     SyncError,
@@ -239,6 +239,9 @@ pub struct ReplicatorConfig {
     pub store: Store,
     /// The federation's pre-shared key, if it runs as a private network.
     pub psk: Option<transport::PreSharedKey>,
+    /// Quarter nodes: which quarter documents it replicates (the centre
+    /// replicates every quarter's whatever this says).
+    pub replicate: Replicate,
 }
 
 /// Why the replicator could not start or stopped.
@@ -576,6 +579,8 @@ pub struct View<'a> {
     pub role: Role,
     pub peer_id: PeerId,
     pub own_doc: &'a DocId,
+    /// Which quarter documents the node replicates.
+    pub replicate: Replicate,
     connected: &'a BTreeSet<PeerId>,
     refusals: Refusals,
     listen: Vec<String>,
@@ -604,6 +609,10 @@ pub struct Status {
     pub peer_id: String,
     pub role: Role,
     pub own_doc: String,
+    /// Which quarter documents the node replicates: `all` (the roster's)
+    /// or `own` (its own quarter's and the city's).
+    #[serde(default)]
+    pub replicate: Replicate,
     pub listen: Vec<String>,
     pub store_bytes: u64,
     /// What this node refused since it started.
@@ -776,6 +785,7 @@ impl View<'_> {
             peer_id: self.peer_id.to_string(),
             role: self.role,
             own_doc: self.own_doc.to_string(),
+            replicate: self.replicate,
             listen: self.listen.clone(),
             store_bytes: self.store_bytes,
             refusals: self.refusals,
@@ -894,6 +904,9 @@ pub struct Actor {
     role: Role,
     peer_id: PeerId,
     own_doc: DocId,
+    /// Whether the roster's other quarters are replicated (the centre, and
+    /// quarter nodes set to `replicate = "all"`).
+    replicate_others: bool,
     listen: Multiaddr,
     advertise: Option<Multiaddr>,
     center: Option<(PeerId, Multiaddr)>,
@@ -998,11 +1011,19 @@ impl Actor {
         );
         let loading = Instant::now();
         let mut chunks = HashMap::new();
-        let (first, rest): (Vec<_>, Vec<_>) = config
-            .store
-            .load_docs()?
-            .into_iter()
-            .partition(|d| d.id == config.own_doc || d.id == DocId::City);
+        let replicate_others = config.role == Role::Center || config.replicate.is_all();
+        let (mut first, mut rest): (Vec<_>, Vec<_>) = (Vec::new(), Vec::new());
+        for stored in config.store.load_docs()? {
+            if stored.id == config.own_doc || stored.id == DocId::City {
+                first.push(stored);
+            } else if replicate_others {
+                rest.push(stored);
+            } else {
+                // Stored before the node was set to replicate its own
+                // quarter only: kept on disk, neither loaded nor synced.
+                tracing::info!(doc = %stored.id, "not loaded: this node replicates its own quarter only");
+            }
+        }
         tracing::debug!(elapsed = ?loading.elapsed(), "documents read from the store");
         for stored in first.iter().chain(&rest) {
             // Loose entries, the snapshot not counted (see `compact`).
@@ -1082,6 +1103,7 @@ impl Actor {
             role: config.role,
             peer_id: config.identity.peer_id(),
             own_doc: config.own_doc,
+            replicate_others,
             listen: config.listen,
             advertise: config.advertise,
             center: config.center,
@@ -1232,6 +1254,11 @@ impl Actor {
             role: self.role,
             peer_id: self.peer_id,
             own_doc: &self.own_doc,
+            replicate: if self.replicate_others {
+                Replicate::All
+            } else {
+                Replicate::Own
+            },
             connected: &self.connected,
             refusals: Refusals {
                 connections: self.refused_connections,
@@ -1608,7 +1635,11 @@ impl Actor {
             return Ok(());
         }
         let roster = self.roster().to_vec();
-        let mut quarters: BTreeSet<QuarterSlug> = roster.iter().map(|(s, _)| s.clone()).collect();
+        let mut quarters: BTreeSet<QuarterSlug> = if self.replicate_others {
+            roster.iter().map(|(s, _)| s.clone()).collect()
+        } else {
+            BTreeSet::new()
+        };
         if let Some(own) = self.own_doc.quarter_slug() {
             quarters.insert(own.clone());
         }
@@ -2625,6 +2656,12 @@ mod tests {
         quarter_actor_with(dir, others, damaged, centre, &[])
     }
 
+    /// [`quarter_actor_with`] for a node that replicates its own quarter only.
+    fn own_only_quarter_actor(dir: &std::path::Path, others: usize) -> Actor {
+        let centre = Identity::generate().peer_id();
+        quarter_actor_scoped(dir, others, None, centre, &[], Replicate::Own)
+    }
+
     /// [`quarter_actor`] with the centre's PeerId given, and the writers
     /// of the first other quarters (`q0`, `q1`, …) on the roster.
     fn quarter_actor_with(
@@ -2633,6 +2670,17 @@ mod tests {
         damaged: Option<usize>,
         centre: PeerId,
         writers: &[PeerId],
+    ) -> Actor {
+        quarter_actor_scoped(dir, others, damaged, centre, writers, Replicate::All)
+    }
+
+    fn quarter_actor_scoped(
+        dir: &std::path::Path,
+        others: usize,
+        damaged: Option<usize>,
+        centre: PeerId,
+        writers: &[PeerId],
+        replicate: Replicate,
     ) -> Actor {
         let store = Store::open(dir).expect("store");
         let put = |id: &DocId, n: i64, f: &dyn Fn(&mut Transaction<'_>)| {
@@ -2685,6 +2733,7 @@ mod tests {
             center: Some((centre, "/ip4/127.0.0.1/tcp/9".parse().expect("addr"))),
             store,
             psk: None,
+            replicate,
         })
         .expect("actor")
     }
@@ -2795,6 +2844,56 @@ mod tests {
             })
             .expect("change the city document");
         assert_eq!(slugs(&mut actor), ["neu", "own", "q0", "q1"]);
+    }
+
+    /// A quarter node set to replicate its own quarter only loads its own
+    /// document and the city's, takes up none of the roster's other
+    /// quarters, and leaves the other quarters' documents it stored before
+    /// on disk. A node replicating all loads them (see the test after).
+    #[tokio::test]
+    async fn a_node_replicating_its_own_quarter_only_holds_no_other_quarter() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let actor = own_only_quarter_actor(dir.path(), 2);
+        assert_eq!(actor.loading, 0, "other quarters' documents were loaded");
+        let replicator = Replicator::run_actor(actor).expect("run");
+        let h = replicator.handle();
+        let status = h.status().await.expect("status");
+        assert_eq!(status.replicate, Replicate::Own);
+        let listed: Vec<&str> = status.documents.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(listed, ["city", "quarter/own"]);
+        let (roster, accepted, quarters) = h
+            .read(|v| {
+                let roster = v.roster_slugs().len();
+                let accepted: Vec<String> = ["own", "q0", "q1"]
+                    .into_iter()
+                    .filter(|q| v.engine.accepts(&DocId::quarter(&slug(q))))
+                    .map(str::to_owned)
+                    .collect();
+                (roster, accepted, v.quarter_docs().len())
+            })
+            .await
+            .expect("read");
+        assert_eq!(roster, 3, "the roster was read");
+        assert_eq!(accepted, ["own"]);
+        assert_eq!(quarters, 1);
+        let heads = h.heads().await.expect("heads");
+        assert_eq!(
+            heads.documents.keys().collect::<Vec<_>>(),
+            ["city", "quarter/own"]
+        );
+        let stored: Vec<String> = h
+            .run_now(|actor| {
+                let docs = actor.store.load_docs().expect("stored documents");
+                docs.iter().map(|d| d.id.to_string()).collect()
+            })
+            .await
+            .expect("run_now");
+        assert_eq!(
+            stored,
+            ["city", "quarter/own", "quarter/q0", "quarter/q1"],
+            "the other quarters' documents stay stored"
+        );
+        replicator.shutdown().await.expect("shutdown");
     }
 
     /// The node's API answers once its own and the city document are

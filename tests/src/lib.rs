@@ -653,6 +653,22 @@ impl Cluster {
     /// Initialises quarter node `name` of `slug`, with the federation's
     /// pre-shared key or (`with_psk == false`) without it.
     pub fn init_node(&self, slug: &str, name: &str, with_psk: bool) -> Result<(Node, String)> {
+        self.init_node_with(slug, name, with_psk, &[])
+    }
+
+    /// [`Cluster::init_quarter`] with further `init` arguments (such as
+    /// `--replicate own`).
+    pub fn init_quarter_with(&self, slug: &str, extra: &[&str]) -> Result<(Node, String)> {
+        self.init_node_with(slug, slug, self.private, extra)
+    }
+
+    fn init_node_with(
+        &self,
+        slug: &str,
+        name: &str,
+        with_psk: bool,
+        extra: &[&str],
+    ) -> Result<(Node, String)> {
         let host = self.quarters.len() + 1;
         let net = self.net.as_ref();
         let mut node = Node {
@@ -681,6 +697,7 @@ impl Cluster {
         }
         let addr_args = host_addr_args(net, host)?;
         args.extend(addr_args.iter().map(String::as_str));
+        args.extend(extra);
         let out = node.cli_ok(&args)?;
         let peer = peer_id_line(&out)?;
         node.listen = listen_line(&out)?;

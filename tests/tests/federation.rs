@@ -390,6 +390,99 @@ fn quarters_keep_syncing_with_each_other_while_the_centre_is_down() -> Result<()
     Ok(())
 }
 
+/// A quarter node initialised with `--replicate own` holds its own
+/// document and the city's, never another quarter's: its concerns reach the
+/// centre and the other quarters, theirs do not reach it. While the centre
+/// is down its own document still goes to the other quarters directly.
+#[test]
+fn a_quarter_replicating_its_own_only_holds_no_other_quarter() -> Result<()> {
+    let mut c = Cluster::start(&["johannstadt"])?;
+    let (node, peer) = c.init_quarter_with("prohlis", &["--replicate", "own"])?;
+    c.add_to_roster("prohlis", &peer)?;
+    c.quarters.push(node);
+    c.quarters[1].start()?;
+    let (j, p) = (&c.quarters[0], &c.quarters[1]);
+    let status = p.api_get("/api/v1/status")?;
+    assert_eq!(status["replicate"], "own", "{status}");
+    assert_eq!(j.api_get("/api/v1/status")?["replicate"], "all");
+    let from_j = j.add_concern("bench broken in the park")?;
+    let from_p = p.add_concern("streetlight out")?;
+    let timeout = Duration::from_secs(15);
+    for node in [&c.center, j] {
+        wait_until(
+            &format!("{} to hold prohlis' concern", node.name),
+            timeout,
+            || {
+                Ok(node
+                    .concern_ids(Some("prohlis"))?
+                    .contains(&from_p)
+                    .then_some(()))
+            },
+        )?;
+    }
+    wait_until("the centre to hold johannstadt's concern", timeout, || {
+        Ok(c.center
+            .concern_ids(Some("johannstadt"))?
+            .contains(&from_j)
+            .then_some(()))
+    })?;
+    // Give johannstadt's document every chance to travel on, then look.
+    std::thread::sleep(Duration::from_secs(2));
+    let docs: Vec<String> = p.api_get("/api/v1/heads")?["documents"]
+        .as_object()
+        .ok_or("heads without documents")?
+        .keys()
+        .cloned()
+        .collect();
+    assert_eq!(docs, ["city", "quarter/prohlis"]);
+    let everything = ids(p.concern_ids(None)?);
+    assert_eq!(
+        everything,
+        ids(vec![from_p.clone()]),
+        "prohlis holds another quarter's concern"
+    );
+
+    // The centre gone, prohlis' new concern reaches johannstadt directly.
+    c.center.kill();
+    let (j, p) = (&c.quarters[0], &c.quarters[1]);
+    let later = p.add_concern("written while the centre is down")?;
+    wait_until(
+        "johannstadt to get prohlis' concern without the centre",
+        Duration::from_secs(20),
+        || {
+            Ok(j.concern_ids(Some("prohlis"))?
+                .contains(&later)
+                .then_some(()))
+        },
+    )?;
+    assert!(!ids(p.concern_ids(None)?).contains(&from_j));
+
+    // Set back to `all` while stopped, it takes up the other quarters.
+    c.center.restart()?;
+    let p = &mut c.quarters[1];
+    p.stop()?;
+    let config = p.dir.join("config.toml");
+    let text = std::fs::read_to_string(&config).map_err(|e| e.to_string())?;
+    assert!(text.contains("replicate = \"own\""), "{text}");
+    std::fs::write(
+        &config,
+        text.replace("replicate = \"own\"", "replicate = \"all\""),
+    )
+    .map_err(|e| e.to_string())?;
+    p.start()?;
+    wait_until(
+        "prohlis, set to replicate all, to hold johannstadt's concern",
+        Duration::from_secs(20),
+        || {
+            Ok(p.concern_ids(Some("johannstadt"))?
+                .contains(&from_j)
+                .then_some(()))
+        },
+    )?;
+    assert_eq!(p.api_get("/api/v1/status")?["replicate"], "all");
+    Ok(())
+}
+
 /// A centre that has never held a quarter's document (a new one, or one
 /// rebuilt elsewhere) reaches the quarter at the address the roster gives
 /// for it (`iq-center quarter add --addr`), here even though the quarter's

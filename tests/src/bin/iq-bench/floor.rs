@@ -117,16 +117,23 @@ fn one_message(
 }
 
 /// P1 on the floor: Q quarter documents with M concerns each are synced
-/// into one centre's document set, then from it to every quarter.
+/// into one centre's document set, then (unless the quarters hold their
+/// own document only) from it to every quarter.
 #[derive(Debug, Clone)]
 pub struct CatchUp {
     pub to_centre: Duration,
     pub to_centre_bytes: u64,
-    pub to_all: Duration,
+    pub to_all: Option<Duration>,
     pub to_all_bytes: u64,
 }
 
-pub fn catch_up(q: usize, m: usize, mode: Mode, seed: u64) -> Result<CatchUp, String> {
+pub fn catch_up(
+    q: usize,
+    m: usize,
+    mode: Mode,
+    seed: u64,
+    every_node: bool,
+) -> Result<CatchUp, String> {
     let mut rng = Rng::new(seed);
     let quarters: Vec<Automerge> = (0..q).map(|i| quarter_doc(i, m, &mut rng).0).collect();
     // Every quarter's replica set: its own document plus empty ones it will fill.
@@ -154,6 +161,14 @@ pub fn catch_up(q: usize, m: usize, mode: Mode, seed: u64) -> Result<CatchUp, St
     }
     let to_centre = start.elapsed();
     let mut to_all_bytes = to_centre_bytes;
+    if !every_node {
+        return Ok(CatchUp {
+            to_centre,
+            to_centre_bytes,
+            to_all: None,
+            to_all_bytes,
+        });
+    }
     for (i, replica) in replicas.iter_mut().enumerate() {
         for (j, doc) in replica.iter_mut().enumerate() {
             if i == j {
@@ -174,7 +189,7 @@ pub fn catch_up(q: usize, m: usize, mode: Mode, seed: u64) -> Result<CatchUp, St
     Ok(CatchUp {
         to_centre,
         to_centre_bytes,
-        to_all,
+        to_all: Some(to_all),
         to_all_bytes,
     })
 }

@@ -38,6 +38,10 @@ pub struct Config {
     pub rejoin: usize,
     /// Bound on every wait.
     pub timeout: Duration,
+    /// Quarter nodes replicate their own document and the city's only
+    /// (`iq-node init --replicate own`): nothing is measured that needs a
+    /// quarter to hold the others' documents.
+    pub own_only: bool,
 }
 
 fn agent() -> ureq::Agent {
@@ -207,8 +211,13 @@ pub struct Run {
 pub fn catch_up(cfg: &Config) -> Result<(Run, Value)> {
     let slugs: Vec<String> = (0..cfg.quarters).map(|i| format!("q{i:03}")).collect();
     let mut c = Cluster::start(&[])?;
+    let scope: &[&str] = if cfg.own_only {
+        &["--replicate", "own"]
+    } else {
+        &[]
+    };
     for slug in &slugs {
-        let (node, peer) = c.init_quarter(slug)?;
+        let (node, peer) = c.init_quarter_with(slug, scope)?;
         // As the city's operators register an office: its key and where
         // it listens, so the centre dials it as soon as it starts.
         c.add_to_roster_at(slug, &node, &peer)?;
@@ -265,22 +274,11 @@ pub fn catch_up(cfg: &Config) -> Result<(Run, Value)> {
         .cloned()
         .ok_or("the centre has no city document")?;
     everything.insert("city".into(), city);
-    let to_all = std::thread::scope(|s| {
-        let waits: Vec<_> = c
-            .quarters
-            .iter()
-            .map(|q| {
-                let ep = q.endpoint();
-                let everything = &everything;
-                s.spawn(move || wait_heads(&ep, t0, cfg.timeout, |held| holds(held, everything)))
-            })
-            .collect();
-        waits
-            .into_iter()
-            .map(|w| w.join().unwrap_or_else(|_| Err("a waiter panicked".into())))
-            .collect::<Result<Vec<Duration>>>()
-    })?;
-    let to_all = to_all.into_iter().max().unwrap_or_default();
+    let to_all = if cfg.own_only {
+        None
+    } else {
+        Some(every_quarter_holds(&c, &everything, t0, cfg.timeout)?)
+    };
     let nodes: Vec<&Node> = c.nodes().collect();
     let statuses = settled(&nodes, "total_bytes_sent", cfg.timeout)?;
     let all_bytes: u64 = statuses
@@ -304,7 +302,7 @@ pub fn catch_up(cfg: &Config) -> Result<(Run, Value)> {
         "documents_at_centre_ms": Stats::of(&arrivals).json(),
         "last_document_at_centre": last_doc,
         "to_centre_ms": ms(to_centre),
-        "to_all_ms": ms(to_all),
+        "to_all_ms": to_all.map(ms),
         "centre_received_bytes": centre_received,
         "centre_sent_bytes": centre_sent,
         "all_bytes": all_bytes,
@@ -312,6 +310,30 @@ pub fn catch_up(cfg: &Config) -> Result<(Run, Value)> {
         "all_wire_bytes": all_wire,
     });
     Ok((Run { cluster: c, slugs }, result))
+}
+
+/// When every quarter holds `everything` (since `t0`): the last one's time.
+fn every_quarter_holds(
+    c: &Cluster,
+    everything: &DocHeads,
+    t0: Instant,
+    timeout: Duration,
+) -> Result<Duration> {
+    let times = std::thread::scope(|s| {
+        let waits: Vec<_> = c
+            .quarters
+            .iter()
+            .map(|q| {
+                let ep = q.endpoint();
+                s.spawn(move || wait_heads(&ep, t0, timeout, |held| holds(held, everything)))
+            })
+            .collect();
+        waits
+            .into_iter()
+            .map(|w| w.join().unwrap_or_else(|_| Err("a waiter panicked".into())))
+            .collect::<Result<Vec<Duration>>>()
+    })?;
+    Ok(times.into_iter().max().unwrap_or_default())
 }
 
 /// P3 and P4 on the converged cluster: memory and disk, then the cold start
@@ -333,7 +355,10 @@ pub fn scale_and_reconnect(run: &mut Run, cfg: &Config) -> Result<(Value, Value)
     let centre_cold = t.elapsed();
     loaded(&c.center, cfg.timeout)?;
     let centre_loaded = t.elapsed();
-    let centre_reconnect = reconnect(&c.center, q, docs, cfg.timeout)?;
+    // Sessions per quarter with the centre: every document, or (own only)
+    // the city's and its own.
+    let per_quarter = if cfg.own_only { 2 } else { docs };
+    let centre_reconnect = reconnect(&c.center, q, q * per_quarter, docs, cfg.timeout)?;
 
     let quarter = &mut c.quarters[0];
     quarter.stop()?;
@@ -344,8 +369,14 @@ pub fn scale_and_reconnect(run: &mut Run, cfg: &Config) -> Result<(Value, Value)
     let quarter_loaded = t.elapsed();
     // A quarter connects to the centre and every other quarter, but syncs
     // with the others only while the centre is gone (they stay passive).
-    let quarter_reconnect = reconnect(&c.quarters[0], q, docs, cfg.timeout)?;
-    converged(c, cfg.timeout)?;
+    // One that replicates its own document only learns no other quarter's
+    // address (they are in the documents it does not hold): the centre alone.
+    let quarter_reconnect = if cfg.own_only {
+        reconnect(&c.quarters[0], 1, 2, 2, cfg.timeout)?
+    } else {
+        reconnect(&c.quarters[0], q, q * docs, docs, cfg.timeout)?
+    };
+    converged(c, cfg.own_only, cfg.timeout)?;
 
     let p3 = json!({
         "centre_peak_rss_mib": centre_peak.map(|k| k as f64 / 1024.0),
@@ -369,7 +400,9 @@ pub fn scale_and_reconnect(run: &mut Run, cfg: &Config) -> Result<(Value, Value)
 /// with the bytes it received; the cluster is left converged.
 pub fn rejoin(run: &mut Run, cfg: &Config) -> Result<Value> {
     let c = &mut run.cluster;
-    if cfg.rejoin == 0 || c.quarters.len() < 2 {
+    // A quarter replicating its own document only has no other quarter's
+    // to catch up on.
+    if cfg.rejoin == 0 || c.quarters.len() < 2 || cfg.own_only {
         return Ok(Value::Null);
     }
     c.quarters[0].stop()?;
@@ -409,7 +442,7 @@ pub fn rejoin(run: &mut Run, cfg: &Config) -> Result<Value> {
         .first()
         .map_or(0, |s| peer_sum(s, "total_bytes_received"));
     eprintln!("iq: rejoin after {back:.2?} ({received} B received)");
-    converged(c, cfg.timeout)?;
+    converged(c, cfg.own_only, cfg.timeout)?;
     Ok(json!({
         "quarters_recording": c.quarters.len() - 1,
         "concerns_each": cfg.rejoin,
@@ -436,8 +469,15 @@ fn loaded(node: &Node, timeout: Duration) -> Result<()> {
 }
 
 /// Bytes `node` exchanged after it came back, once `peers` are connected
-/// and its traffic has settled.
-fn reconnect(node: &Node, peers: usize, docs: usize, timeout: Duration) -> Result<Value> {
+/// and its traffic has settled; `sessions` (peer, document) pairs, `docs`
+/// documents.
+fn reconnect(
+    node: &Node,
+    peers: usize,
+    sessions: usize,
+    docs: usize,
+    timeout: Duration,
+) -> Result<Value> {
     wait_until(
         &format!("{} to reconnect to {peers} peers", node.name),
         timeout,
@@ -450,7 +490,7 @@ fn reconnect(node: &Node, peers: usize, docs: usize, timeout: Duration) -> Resul
     let status = status.first().ok_or("no status")?;
     let sent = peer_sum(status, "session_bytes_sent");
     let received = peer_sum(status, "session_bytes_received");
-    let sessions = (peers * docs) as f64;
+    let sessions = sessions as f64;
     Ok(json!({
         "peers": connected_peers(status),
         "documents": docs,
@@ -462,21 +502,21 @@ fn reconnect(node: &Node, peers: usize, docs: usize, timeout: Duration) -> Resul
     }))
 }
 
-/// Waits until every node holds the same heads for all documents.
-fn converged(c: &Cluster, timeout: Duration) -> Result<()> {
+/// Waits until every node holds the centre's heads for every document it
+/// replicates: all of them, or (`own_only`) the city's and its own.
+fn converged(c: &Cluster, own_only: bool, timeout: Duration) -> Result<()> {
     let agent = agent();
-    let expected = c.quarters.len() + 1;
-    wait_until("every node to hold identical heads", timeout, || {
-        let mut first: Option<DocHeads> = None;
-        for n in c.nodes() {
-            let h = heads_now(&n.endpoint(), &agent)?.docs;
-            if h.len() != expected {
+    let all = c.quarters.len() + 1;
+    let per_quarter = if own_only { 2 } else { all };
+    wait_until("every node to hold the centre's heads", timeout, || {
+        let centre = heads_now(&c.center.endpoint(), &agent)?.docs;
+        if centre.len() != all {
+            return Ok(None);
+        }
+        for q in &c.quarters {
+            let h = heads_now(&q.endpoint(), &agent)?.docs;
+            if h.len() != per_quarter || !holds(&centre, &h) {
                 return Ok(None);
-            }
-            match &first {
-                None => first = Some(h),
-                Some(f) if *f == h => {}
-                Some(_) => return Ok(None),
             }
         }
         std::thread::sleep(Duration::from_millis(150));
@@ -548,10 +588,12 @@ pub fn live(run: &Run, cfg: &Config) -> Result<Value> {
                 // the write began (the heads it waits for did not exist
                 // before), and not again once it holds them, so the watching
                 // costs the shared cores little.
+                // Quarters replicating their own document only never
+                // hold the write: the centre alone is watched.
                 let mut found: Vec<(usize, usize, Option<Instant>)> = starts
                     .iter()
                     .enumerate()
-                    .filter(|(i, _)| *i != w + 1)
+                    .filter(|(i, _)| *i != w + 1 && (*i == 0 || !cfg.own_only))
                     .map(|(i, start)| (i, *start, None))
                     .collect();
                 let seen = loop {
@@ -581,8 +623,9 @@ pub fn live(run: &Run, cfg: &Config) -> Result<Value> {
                 };
                 drop(guard);
                 centre.push(seen[0].saturating_duration_since(t0));
-                let last = seen[1..].iter().max().copied().unwrap_or(seen[0]);
-                every.push(last.saturating_duration_since(t0));
+                if let Some(last) = seen[1..].iter().max() {
+                    every.push(last.saturating_duration_since(t0));
+                }
             }
             Ok(())
         })();
@@ -598,6 +641,6 @@ pub fn live(run: &Run, cfg: &Config) -> Result<Value> {
         "writes": cfg.live_writes,
         "ack_ms": Stats::of(&acks).json(),
         "to_centre_ms": Stats::of(&centre).json(),
-        "to_every_quarter_ms": Stats::of(&every).json(),
+        "to_every_quarter_ms": if every.is_empty() { Value::Null } else { Stats::of(&every).json() },
     }))
 }
