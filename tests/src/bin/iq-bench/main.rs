@@ -178,7 +178,7 @@ fn run(mut args: Args) -> Result<(), String> {
         report["floor"]["p3"] = json!({
             "own_document_load_ms": cold.own_document.as_secs_f64() * 1000.0,
             // A quarter replicating its own document only loads no other.
-            "every_document_load_ms": (!own_only).then(|| cold.every_document.as_secs_f64() * 1000.0),
+            "every_document_load_ms": (!own_only).then_some(cold.every_document.as_secs_f64() * 1000.0),
             "own_document_bytes": cold.own_document_bytes,
         });
         let (floor_change, iq_change) = floor::change_bytes(args.seed)?;
