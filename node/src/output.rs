@@ -109,7 +109,7 @@ pub fn print_status(s: &Status) {
     println!("writes:    {}", s.own_doc);
     if s.role == Role::Quarter {
         println!(
-            "replicates: {}",
+            "replicas:  {}",
             match s.replicate {
                 Replicate::All => "every quarter on the roster, and the city",
                 Replicate::Own => "its own quarter and the city only",
