@@ -904,9 +904,9 @@ pub struct Actor {
     role: Role,
     peer_id: PeerId,
     own_doc: DocId,
-    /// Whether the roster's other quarters are replicated (the centre, and
-    /// quarter nodes set to `replicate = "all"`).
-    replicate_others: bool,
+    /// Which quarter documents this node replicates (`All` at the centre,
+    /// whatever its config says).
+    replicate: Replicate,
     listen: Multiaddr,
     advertise: Option<Multiaddr>,
     center: Option<(PeerId, Multiaddr)>,
@@ -1011,12 +1011,15 @@ impl Actor {
         );
         let loading = Instant::now();
         let mut chunks = HashMap::new();
-        let replicate_others = config.role == Role::Center || config.replicate.is_all();
+        let replicate = match config.role {
+            Role::Center => Replicate::All,
+            Role::Quarter => config.replicate,
+        };
         let (mut first, mut rest): (Vec<_>, Vec<_>) = (Vec::new(), Vec::new());
         for stored in config.store.load_docs()? {
             if stored.id == config.own_doc || stored.id == DocId::City {
                 first.push(stored);
-            } else if replicate_others {
+            } else if replicate.is_all() {
                 rest.push(stored);
             } else {
                 // Stored before the node was set to replicate its own
@@ -1103,7 +1106,7 @@ impl Actor {
             role: config.role,
             peer_id: config.identity.peer_id(),
             own_doc: config.own_doc,
-            replicate_others,
+            replicate,
             listen: config.listen,
             advertise: config.advertise,
             center: config.center,
@@ -1254,11 +1257,7 @@ impl Actor {
             role: self.role,
             peer_id: self.peer_id,
             own_doc: &self.own_doc,
-            replicate: if self.replicate_others {
-                Replicate::All
-            } else {
-                Replicate::Own
-            },
+            replicate: self.replicate,
             connected: &self.connected,
             refusals: Refusals {
                 connections: self.refused_connections,
@@ -1635,7 +1634,7 @@ impl Actor {
             return Ok(());
         }
         let roster = self.roster().to_vec();
-        let mut quarters: BTreeSet<QuarterSlug> = if self.replicate_others {
+        let mut quarters: BTreeSet<QuarterSlug> = if self.replicate.is_all() {
             roster.iter().map(|(s, _)| s.clone()).collect()
         } else {
             BTreeSet::new()
