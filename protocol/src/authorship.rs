@@ -13,7 +13,7 @@
 //! ancestors (see `engine`), which makes catching up on a thousand changes
 //! cost one signature check instead of a thousand.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use automerge::{ActorId, Change, ChangeHash};
 use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
@@ -69,6 +69,74 @@ pub fn verify(actor: &ActorId, hash: &ChangeHash, sig: &[u8]) -> bool {
     };
     key.verify_strict(hash.as_ref(), &Signature::from_bytes(&sig))
         .is_ok()
+}
+
+/// The signatures a node holds, by the hash of the change each signs.
+///
+/// The centre holds one for every change of the city (640,000 at 64
+/// quarters of 10,000 concerns), so this is kept compact: the signatures
+/// sit side by side in one vector, and the map holds an index into it. A
+/// map to a byte vector per signature took about 240 bytes a signature at
+/// start-up, this about 100 (`docs/benchmarks.md`, "Where the centre's
+/// memory goes"). Signatures are only ever added.
+#[derive(Debug, Default)]
+pub struct SignatureTable {
+    index: HashMap<ChangeHash, usize>,
+    sigs: Vec<[u8; SIGNATURE_LEN]>,
+}
+
+impl SignatureTable {
+    /// Keeps `sig` for `hash`, in place of one held for it before. A
+    /// signature that is not [`SIGNATURE_LEN`] bytes cannot be an ed25519
+    /// signature and is not kept: `false` says so.
+    pub fn insert(&mut self, hash: ChangeHash, sig: &[u8]) -> bool {
+        let Ok(sig) = <[u8; SIGNATURE_LEN]>::try_from(sig) else {
+            return false;
+        };
+        match self.index.get(&hash) {
+            Some(&i) => {
+                if let Some(held) = self.sigs.get_mut(i) {
+                    *held = sig;
+                }
+            }
+            None => {
+                self.index.insert(hash, self.sigs.len());
+                self.sigs.push(sig);
+            }
+        }
+        true
+    }
+
+    pub fn get(&self, hash: &ChangeHash) -> Option<&[u8; SIGNATURE_LEN]> {
+        self.index.get(hash).and_then(|&i| self.sigs.get(i))
+    }
+
+    pub fn contains(&self, hash: &ChangeHash) -> bool {
+        self.index.contains_key(hash)
+    }
+
+    pub fn len(&self) -> usize {
+        self.sigs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sigs.is_empty()
+    }
+
+    /// Every signature held, with its hash, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (ChangeHash, &[u8; SIGNATURE_LEN])> {
+        self.index
+            .iter()
+            .filter_map(|(hash, &i)| self.sigs.get(i).map(|sig| (*hash, sig)))
+    }
+
+    /// Takes in every signature of `other`; where both hold one for a
+    /// hash, `other`'s is kept.
+    pub fn absorb(&mut self, other: &SignatureTable) {
+        for (hash, sig) in other.iter() {
+            self.insert(hash, sig);
+        }
+    }
 }
 
 /// Why a change was not accepted.
@@ -253,5 +321,35 @@ mod tests {
         assert!(!verify(&a.actor(), &ChangeHash([8; 32]), &sig));
         assert!(!verify(&a.actor(), &hash, &sig[..63]));
         assert!(!verify(&ActorId::from(&[1u8, 2, 3][..]), &hash, &sig));
+    }
+
+    #[test]
+    fn the_signature_table_keeps_whole_signatures_by_hash() {
+        let signer = Signer::from_secret([1; 32]);
+        let (h1, h2) = (ChangeHash([1; 32]), ChangeHash([2; 32]));
+        let mut table = SignatureTable::default();
+        assert!(table.is_empty());
+        assert!(table.insert(h1, &signer.sign(&h1)));
+        assert!(!table.insert(h2, &[0; 63]), "63 bytes are not a signature");
+        assert!(!table.contains(&h2));
+        assert_eq!(table.len(), 1);
+        assert!(verify(&signer.actor(), &h1, table.get(&h1).expect("held")));
+
+        // A second signature for the same hash replaces the first.
+        assert!(table.insert(h1, &[9; SIGNATURE_LEN]));
+        assert_eq!(table.len(), 1);
+        assert_eq!(table.get(&h1), Some(&[9; SIGNATURE_LEN]));
+
+        let mut other = SignatureTable::default();
+        assert!(other.insert(h2, &signer.sign(&h2)));
+        assert!(other.insert(h1, &signer.sign(&h1)));
+        table.absorb(&other);
+        assert_eq!(table.len(), 2);
+        for hash in [h1, h2] {
+            assert!(verify(&signer.actor(), &hash, table.get(&hash).expect("held")));
+        }
+        let mut listed: Vec<ChangeHash> = table.iter().map(|(h, _)| h).collect();
+        listed.sort();
+        assert_eq!(listed, vec![h1, h2]);
     }
 }

@@ -34,7 +34,7 @@ use automerge::{
     ActorId, Automerge, ChangeHash, LoadOptions, OnPartialLoad, ReadDoc, VerificationMode,
 };
 
-use crate::authorship::{AuthorError, SIGNATURE_LEN, Signer, Writers};
+use crate::authorship::{AuthorError, SIGNATURE_LEN, SignatureTable, Signer, Writers};
 use crate::change_cache::{self, ChangeCache};
 use crate::chunks::{self, ChunkError};
 use crate::ids::{DocId, QuarterSlug};
@@ -325,7 +325,7 @@ pub struct Engine<P: Ord + Clone> {
     signer: Signer,
     writers: Writers,
     /// Signatures of every non-genesis change held, by change hash.
-    sigs: HashMap<ChangeHash, Vec<u8>>,
+    sigs: SignatureTable,
     docs: BTreeMap<DocId, Automerge>,
     /// Bytes of changes received or written lately, sent on as they are.
     cache: ChangeCache,
@@ -378,7 +378,7 @@ impl<P: Ord + Clone> Engine<P> {
             actor: signer.actor(),
             signer,
             writers,
-            sigs: HashMap::new(),
+            sigs: SignatureTable::default(),
             docs: BTreeMap::new(),
             cache: ChangeCache::default(),
             quarters: BTreeSet::new(),
@@ -456,12 +456,18 @@ impl<P: Ord + Clone> Engine<P> {
     /// Whether this node holds a signature for `hash`.
     #[cfg(test)]
     pub(crate) fn holds_signature(&self, hash: &ChangeHash) -> bool {
-        self.sigs.contains_key(hash)
+        self.sigs.contains(hash)
     }
 
-    /// Loads persisted signatures.
-    pub fn load_signatures(&mut self, sigs: impl IntoIterator<Item = (ChangeHash, Vec<u8>)>) {
-        self.sigs.extend(sigs);
+    /// Takes in the persisted signatures. Those this node made or took in
+    /// since it started (while they loaded) stay as well; the smaller
+    /// table goes into the larger. Where both hold one for a change, either
+    /// may stay: each was checked, or made here, before it was kept.
+    pub fn load_signatures(&mut self, mut stored: SignatureTable) {
+        if stored.len() > self.sigs.len() {
+            std::mem::swap(&mut self.sigs, &mut stored);
+        }
+        self.sigs.absorb(&stored);
     }
 
     /// Replaces the quarters' writer sets (from the roster). When they
@@ -891,7 +897,7 @@ impl<P: Ord + Clone> Engine<P> {
         let takes_compressed = self.peers.get(peer).is_some_and(|p| p.takes_compressed);
         let signatures = &self.sigs;
         let mut vouching = change_cache::Vouching {
-            holds: &|h| signatures.contains_key(h),
+            holds: &|h| signatures.contains(h),
             least: self.peers.get(peer).is_some_and(|p| p.takes_vouched),
             may_fall_silent: true,
         };
@@ -947,7 +953,7 @@ impl<P: Ord + Clone> Engine<P> {
             let sigs: Vec<(ChangeHash, Vec<u8>)> = carried
                 .signed
                 .into_iter()
-                .filter_map(|h| self.sigs.get(&h).map(|s| (h, s.clone())))
+                .filter_map(|h| self.sigs.get(&h).map(|s| (h, s.to_vec())))
                 .collect();
             session.carries_changes = !msg.changes.is_empty();
             let carries_changes = session.carries_changes;
@@ -1108,7 +1114,7 @@ impl<P: Ord + Clone> Engine<P> {
             }
         }
         for (hash, sig) in new_sigs {
-            self.sigs.insert(hash, sig.clone());
+            self.sigs.insert(hash, &sig);
             fx.signatures.push((hash, sig));
         }
         session.last_activity_ms = now;
@@ -1499,7 +1505,7 @@ impl<P: Ord + Clone> Engine<P> {
         let new = am.get_changes(&before);
         for change in &new {
             let sig = self.signer.sign(&change.hash());
-            self.sigs.insert(change.hash(), sig.clone());
+            self.sigs.insert(change.hash(), &sig);
             self.cache.insert(change.hash(), change.raw_bytes());
             fx.signatures.push((change.hash(), sig));
         }
@@ -3521,7 +3527,7 @@ mod tests {
         receive(&mut e, &real).expect("signed in the short form");
         assert_eq!(schema::concern_count(e.doc(&doc).expect("doc")), 3);
         for (h, s) in &real {
-            assert_eq!(e.sigs.get(h), Some(s), "kept under the whole hash");
+            assert_eq!(e.sigs.get(h).map(|s| s.as_slice()), Some(s.as_slice()), "kept under the whole hash");
         }
 
         let mut forged = real.clone();
@@ -3540,7 +3546,7 @@ mod tests {
             let got = receive(&mut e, &sigs);
             if decoys < MAX_CANDIDATES {
                 got.expect("the right signature is among the candidates");
-                assert_eq!(e.sigs.get(&latest), Some(&real[2].1));
+                assert_eq!(e.sigs.get(&latest).map(|s| s.as_slice()), Some(real[2].1.as_slice()));
             } else {
                 assert_bad_signature(&got.expect_err("the right one is past the candidates"));
                 assert_eq!(schema::concern_count(e.doc(&doc).expect("doc")), 0);
@@ -3556,7 +3562,7 @@ mod tests {
         receive(&mut e, &sigs).expect("vouched for");
         assert_eq!(schema::concern_count(e.doc(&doc).expect("doc")), 3);
         assert_eq!(e.sigs.get(&first), None);
-        assert_eq!(e.sigs.get(&latest), Some(&real[2].1));
+        assert_eq!(e.sigs.get(&latest).map(|s| s.as_slice()), Some(real[2].1.as_slice()));
     }
 
     /// A change a message repeats is checked, applied and stored once.
@@ -4141,7 +4147,7 @@ mod tests {
         assert_eq!(whole_to_centre(&mut quarter, &mut centre), vec![true]);
         // With a change by someone else in it, the document goes as changes.
         let (other, sig) = forge(&doc, signer(4).actor(), &signer(4), "other");
-        quarter.sigs.insert(other.hash(), sig);
+        quarter.sigs.insert(other.hash(), &sig);
         quarter
             .docs
             .get_mut(&doc)

@@ -281,7 +281,7 @@ type Job = Box<dyn FnOnce(&mut Actor) + Send>;
 /// so only once the node joins the network).
 struct Loaded {
     docs: Vec<(DocId, Result<automerge::Automerge, String>)>,
-    signatures: Result<Vec<crate::store::StoredSignature>, StoreError>,
+    signatures: Result<crate::authorship::SignatureTable, StoreError>,
 }
 
 enum Command {
@@ -295,12 +295,14 @@ enum Command {
 
 /// Builds the stored documents on as many threads as there are cores
 /// (automerge loads one document on one core), in the order given; a
-/// document that fails to load says why.
+/// document that fails to load says why. Each document's stored bytes are
+/// dropped as soon as it is built, so the bytes of every document and the
+/// documents built from them are not all held at once.
 fn load_in_parallel(
-    stored: &[crate::store::StoredDoc],
+    stored: Vec<crate::store::StoredDoc>,
     actor: &automerge::ActorId,
 ) -> Vec<(DocId, Result<automerge::Automerge, String>)> {
-    let load = |doc: &crate::store::StoredDoc| {
+    let load = |doc: crate::store::StoredDoc| {
         let chunks = doc.chunks.iter().map(Vec::as_slice);
         match std::panic::catch_unwind(|| crate::engine::load_chunks(&doc.id, actor, chunks)) {
             Ok(Ok(am)) => Ok(am),
@@ -308,23 +310,26 @@ fn load_in_parallel(
             Err(_) => Err("automerge panicked loading it".to_string()),
         }
     };
+    let ids: Vec<DocId> = stored.iter().map(|doc| doc.id.clone()).collect();
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
-        .clamp(1, stored.len().max(1));
+        .clamp(1, ids.len().max(1));
     // Each thread takes the next document not yet taken, so a thread that
     // was slowed (by a big document, or by the node's other threads on the
     // same cores) takes fewer; each comes back to its place in the input.
-    let next = std::sync::atomic::AtomicUsize::new(0);
+    let queue = std::sync::Mutex::new(stored.into_iter().enumerate());
     let mut loaded: Vec<Option<Result<automerge::Automerge, String>>> =
-        stored.iter().map(|_| None).collect();
+        ids.iter().map(|_| None).collect();
     std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 scope.spawn(|| {
                     let mut done = Vec::new();
                     loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(doc) = stored.get(i) else {
+                        // A poisoned queue ends this thread; what it did not
+                        // build is reported below.
+                        let next = queue.lock().ok().and_then(|mut q| q.next());
+                        let Some((i, doc)) = next else {
                             return done;
                         };
                         done.push((i, load(doc)));
@@ -336,15 +341,16 @@ fn load_in_parallel(
             .into_iter()
             .flat_map(|w| w.join().unwrap_or_default())
         {
-            loaded[i] = Some(am);
+            if let Some(slot) = loaded.get_mut(i) {
+                *slot = Some(am);
+            }
         }
     });
-    stored
-        .iter()
+    ids.into_iter()
         .zip(loaded)
-        .map(|(doc, am)| {
+        .map(|(id, am)| {
             let am = am.unwrap_or_else(|| Err("its loading thread stopped".to_string()));
-            (doc.id.clone(), am)
+            (id, am)
         })
         .collect()
 }
@@ -817,7 +823,7 @@ impl Replicator {
         if actor.pending_load.is_none() {
             actor.loaded(Loaded {
                 docs: Vec::new(),
-                signatures: Ok(Vec::new()),
+                signatures: Ok(Default::default()),
             });
             if let Some(e) = actor.fatal.take() {
                 return Err(e);
@@ -1038,7 +1044,7 @@ impl Actor {
                 .sum::<usize>();
             chunks.insert(stored.id.clone(), loose);
         }
-        for (id, loaded) in load_in_parallel(&first, engine.actor()) {
+        for (id, loaded) in load_in_parallel(first, engine.actor()) {
             loaded
                 .and_then(|am| engine.insert_loaded(&id, am).map_err(|e| e.to_string()))
                 .map_err(|reason| ReplicatorError::Load {
@@ -1046,17 +1052,11 @@ impl Actor {
                     reason,
                 })?;
         }
-        drop(first);
         tracing::debug!(elapsed = ?loading.elapsed(), "own and city documents loaded");
         let store = Arc::new(config.store);
         let pending = rest.len();
         let pending_load = if rest.is_empty() {
-            engine.load_signatures(
-                store
-                    .signatures()?
-                    .into_iter()
-                    .map(|(h, s)| (ChangeHash(h), s)),
-            );
+            engine.load_signatures(store.signatures()?);
             None
         } else {
             // The signatures load beside the documents: the API does not
@@ -1071,7 +1071,7 @@ impl Actor {
                 .spawn(move || {
                     let loaded = std::thread::scope(|scope| {
                         let signatures = scope.spawn(|| store.signatures());
-                        let docs = load_in_parallel(&rest, &actor);
+                        let docs = load_in_parallel(rest, &actor);
                         // If reading them panicked, the sender is dropped.
                         let signatures = signatures.join().ok()?;
                         Some(Loaded { docs, signatures })
@@ -1151,9 +1151,7 @@ impl Actor {
     /// answered ahead of the load.
     fn loaded(&mut self, loaded: Loaded) {
         match loaded.signatures {
-            Ok(sigs) => self
-                .engine
-                .load_signatures(sigs.into_iter().map(|(h, s)| (ChangeHash(h), s))),
+            Ok(sigs) => self.engine.load_signatures(sigs),
             Err(e) => {
                 self.fatal = Some(e.into());
                 return;
@@ -3401,11 +3399,12 @@ mod tests {
                 }
             }))
             .collect();
-        let loaded = load_in_parallel(&stored, &actor);
-        assert_eq!(loaded.len(), stored.len());
-        for (i, ((id, am), want)) in loaded.iter().zip(&stored).enumerate() {
-            assert_eq!(id, &want.id);
-            if want.id == DocId::City {
+        let want: Vec<DocId> = stored.iter().map(|doc| doc.id.clone()).collect();
+        let loaded = load_in_parallel(stored, &actor);
+        assert_eq!(loaded.len(), want.len());
+        for (i, ((id, am), want)) in loaded.iter().zip(&want).enumerate() {
+            assert_eq!(id, want);
+            if want == &DocId::City {
                 assert!(am.is_err(), "a damaged snapshot loaded");
                 continue;
             }

@@ -23,9 +23,11 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use automerge::ChangeHash;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
+use crate::authorship::SignatureTable;
 use crate::ids::DocId;
 
 /// Why a store operation failed.
@@ -115,16 +117,17 @@ fn encode_signatures(sigs: &[StoredSignature]) -> Result<Vec<u8>, StoreError> {
     Ok(out)
 }
 
-fn decode_signatures(mut v: &[u8], out: &mut Vec<StoredSignature>) -> Result<(), StoreError> {
+fn decode_signatures(
+    mut v: &[u8],
+    mut each: impl FnMut([u8; 32], &[u8]),
+) -> Result<(), StoreError> {
     while !v.is_empty() {
         let (hash, rest) = v.split_first_chunk::<32>().ok_or_else(bad_value)?;
         let (len, rest) = rest.split_first_chunk::<2>().ok_or_else(bad_value)?;
         let len = usize::from(u16::from_be_bytes(*len));
-        if rest.len() < len {
-            return Err(bad_value());
-        }
-        out.push((*hash, rest[..len].to_vec()));
-        v = &rest[len..];
+        let (sig, rest) = rest.split_at_checked(len).ok_or_else(bad_value)?;
+        each(*hash, sig);
+        v = rest;
     }
     Ok(())
 }
@@ -331,21 +334,36 @@ impl Store {
         self.durable()
     }
 
-    /// Every stored signature, by change hash.
-    pub fn signatures(&self) -> Result<Vec<StoredSignature>, StoreError> {
-        let mut out = Vec::new();
+    /// Every stored signature, by change hash, read straight into the
+    /// table the engine keeps them in. A stored value of another length
+    /// than an ed25519 signature's cannot vouch for anything: it is left
+    /// out, and counted in a warning.
+    pub fn signatures(&self) -> Result<SignatureTable, StoreError> {
+        let mut table = SignatureTable::default();
+        let mut unusable = 0usize;
+        let mut keep = |hash: [u8; 32], sig: &[u8]| {
+            if !table.insert(ChangeHash(hash), sig) {
+                unusable += 1;
+            }
+        };
         for item in self.sigs.iter() {
             let (k, v) = item?;
             if k.len() == 9 && k[0] == SIGNATURE_BATCH {
-                decode_signatures(&v, &mut out)?;
+                decode_signatures(&v, &mut keep)?;
             } else {
                 // One signature per entry, as stores before batches held them.
                 let hash = <[u8; 32]>::try_from(&k[..])
                     .map_err(|_| StoreError::BadKey { tree: "sigs" })?;
-                out.push((hash, v.to_vec()));
+                keep(hash, &v);
             }
         }
-        Ok(out)
+        if unusable > 0 {
+            tracing::warn!(
+                unusable,
+                "stored signatures of the wrong length left out (a damaged store): the changes they signed go to peers without them, and peers refuse those"
+            );
+        }
+        Ok(table)
     }
 
     /// Persisted sync states for `peer`.
@@ -501,10 +519,9 @@ mod tests {
             vec![(doc(), b"state".to_vec())]
         );
         assert!(store.sync_states("other").expect("states").is_empty());
-        assert_eq!(
-            store.signatures().expect("sigs"),
-            vec![([7; 32], vec![9; 64])]
-        );
+        let sigs = store.signatures().expect("sigs");
+        assert_eq!(sigs.len(), 1);
+        assert_eq!(sigs.get(&ChangeHash([7; 32])), Some(&[9; 64]));
     }
 
     #[test]
@@ -520,16 +537,12 @@ mod tests {
         };
         store.commit(&batch).expect("commit");
         assert_eq!(store.sigs.len(), 2, "one entry per commit");
-        let mut sigs = store.signatures().expect("sigs");
-        sigs.sort();
-        assert_eq!(
-            sigs,
-            vec![
-                ([1; 32], vec![2; 64]),
-                ([3; 32], vec![4; 64]),
-                ([5; 32], vec![6; 7])
-            ]
-        );
+        let sigs = store.signatures().expect("sigs");
+        assert_eq!(sigs.get(&ChangeHash([1; 32])), Some(&[2; 64]));
+        assert_eq!(sigs.get(&ChangeHash([3; 32])), Some(&[4; 64]));
+        // Seven bytes are no signature: left out, the rest still loads.
+        assert!(!sigs.contains(&ChangeHash([5; 32])));
+        assert_eq!(sigs.len(), 2);
         // A truncated entry is an error, not a silently shorter list.
         let mut key = vec![SIGNATURE_BATCH];
         key.extend_from_slice(&9u64.to_be_bytes());
