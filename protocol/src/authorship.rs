@@ -346,7 +346,11 @@ mod tests {
         table.absorb(&other);
         assert_eq!(table.len(), 2);
         for hash in [h1, h2] {
-            assert!(verify(&signer.actor(), &hash, table.get(&hash).expect("held")));
+            assert!(verify(
+                &signer.actor(),
+                &hash,
+                table.get(&hash).expect("held")
+            ));
         }
         let mut listed: Vec<ChangeHash> = table.iter().map(|(h, _)| h).collect();
         listed.sort();

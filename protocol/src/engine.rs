@@ -3527,7 +3527,11 @@ mod tests {
         receive(&mut e, &real).expect("signed in the short form");
         assert_eq!(schema::concern_count(e.doc(&doc).expect("doc")), 3);
         for (h, s) in &real {
-            assert_eq!(e.sigs.get(h).map(|s| s.as_slice()), Some(s.as_slice()), "kept under the whole hash");
+            assert_eq!(
+                e.sigs.get(h).map(|s| s.as_slice()),
+                Some(s.as_slice()),
+                "kept under the whole hash"
+            );
         }
 
         let mut forged = real.clone();
@@ -3546,7 +3550,10 @@ mod tests {
             let got = receive(&mut e, &sigs);
             if decoys < MAX_CANDIDATES {
                 got.expect("the right signature is among the candidates");
-                assert_eq!(e.sigs.get(&latest).map(|s| s.as_slice()), Some(real[2].1.as_slice()));
+                assert_eq!(
+                    e.sigs.get(&latest).map(|s| s.as_slice()),
+                    Some(real[2].1.as_slice())
+                );
             } else {
                 assert_bad_signature(&got.expect_err("the right one is past the candidates"));
                 assert_eq!(schema::concern_count(e.doc(&doc).expect("doc")), 0);
@@ -3562,7 +3569,10 @@ mod tests {
         receive(&mut e, &sigs).expect("vouched for");
         assert_eq!(schema::concern_count(e.doc(&doc).expect("doc")), 3);
         assert_eq!(e.sigs.get(&first), None);
-        assert_eq!(e.sigs.get(&latest).map(|s| s.as_slice()), Some(real[2].1.as_slice()));
+        assert_eq!(
+            e.sigs.get(&latest).map(|s| s.as_slice()),
+            Some(real[2].1.as_slice())
+        );
     }
 
     /// A change a message repeats is checked, applied and stored once.
