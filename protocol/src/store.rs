@@ -27,7 +27,7 @@ use automerge::ChangeHash;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
-use crate::authorship::{SIGNATURE_LEN, SignatureTable};
+use crate::authorship::SignatureTable;
 use crate::ids::DocId;
 
 /// Why a store operation failed.
@@ -102,96 +102,9 @@ fn change_prefix(doc: &DocId) -> Vec<u8> {
     k
 }
 
-/// Most bytes of one stored value; a longer one is stored in parts.
-///
-/// sled's cache accounts a page by its size in sled's log, and a page
-/// holding more than about a quarter of a segment (128 KiB) goes to a blob
-/// file and is accounted as the few bytes that point to it, so it is never
-/// paged out. Every large document or batch a node wrote therefore stayed
-/// in memory, whatever the cache's capacity: at 64 quarters of 10,000
-/// concerns about 120 MiB of the centre's peak (`docs/benchmarks.md`,
-/// "Where the centre's memory goes"). Values of 4 KiB written one after
-/// another kept sled's memory at about 35 MiB for 240 MiB written.
-const PART_BYTES: usize = 4096;
-
-/// One entry to write: its key, and its part of a value.
-type Part<'a> = (Vec<u8>, &'a [u8]);
-
-/// The entries that store `value` under `key`: its first part under `key`
-/// itself, as a value that fits in one part always was, and each later
-/// part under `key`, then `separator`, then the part's number from 1 (four
-/// bytes, big-endian), so the parts follow their first in key order.
-fn parts<'a>(key: &[u8], separator: &[u8], value: &'a [u8]) -> Result<Vec<Part<'a>>, StoreError> {
-    let mut out = vec![(key.to_vec(), value.get(..PART_BYTES).unwrap_or(value))];
-    for (i, part) in value.chunks(PART_BYTES).enumerate().skip(1) {
-        let number = u32::try_from(i).map_err(|_| bad_value())?;
-        let mut k = [key, separator].concat();
-        k.extend_from_slice(&number.to_be_bytes());
-        out.push((k, part));
-    }
-    Ok(out)
-}
-
-/// Whole values from entries read in key order, joining the parts that
-/// [`parts`] wrote: `first_of` gives, for a later part's key, its first
-/// part's key and the part's number (`None` for a first part). A part
-/// whose first part or predecessor is missing is an error, not a shorter
-/// value.
-fn joined(
-    entries: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
-    tree: &'static str,
-    first_of: impl Fn(&[u8]) -> Option<(&[u8], u32)>,
-) -> Result<Vec<(sled::IVec, Vec<u8>)>, StoreError> {
-    let mut out: Vec<(sled::IVec, Vec<u8>, u32)> = Vec::new();
-    for entry in entries {
-        let (k, v) = entry?;
-        match first_of(&k) {
-            None => out.push((k, v.to_vec(), 0)),
-            Some((first, number)) => match out.last_mut() {
-                Some((key, value, last)) if **key == *first && number == *last + 1 => {
-                    value.extend_from_slice(&v);
-                    *last = number;
-                }
-                _ => return Err(StoreError::BadValue { tree }),
-            },
-        }
-    }
-    Ok(out.into_iter().map(|(k, v, _)| (k, v)).collect())
-}
-
-/// For a key of the `changes` tree (document, 0, an eight-byte id, and for
-/// a later part its number): the first part's key and the part's number.
-fn change_part(key: &[u8]) -> Option<(&[u8], u32)> {
-    let id_end = key.iter().position(|b| *b == 0)? + 1 + 8;
-    part_after(key, id_end, 0)
-}
-
-/// For a key of the `snapshots` tree (the document, and for a later part
-/// 0 and its number): the first part's key and the part's number.
-fn snapshot_part(key: &[u8]) -> Option<(&[u8], u32)> {
-    let id_end = key.iter().position(|b| *b == 0)?;
-    part_after(key, id_end, SNAPSHOT_PART.len())
-}
-
-/// Between a snapshot's key and a later part's number.
-const SNAPSHOT_PART: &[u8] = &[0];
-
-/// The key up to `first_end`, and the part number that follows it after a
-/// separator of `separator_len` bytes; `None` for any other key.
-fn part_after(key: &[u8], first_end: usize, separator_len: usize) -> Option<(&[u8], u32)> {
-    let (first, rest) = key.split_at_checked(first_end)?;
-    let number: [u8; 4] = rest.get(separator_len..)?.try_into().ok()?;
-    Some((first, u32::from_be_bytes(number)))
-}
-
 /// First key byte of an entry of the `sigs` tree that holds a commit's
 /// signatures (an older entry's key is a 32-byte change hash).
 const SIGNATURE_BATCH: u8 = 0xff;
-
-/// Signatures in one part of a commit's entry: a stored signature takes
-/// 98 bytes (hash, length, signature), so a part stays within
-/// [`PART_BYTES`].
-const SIGNATURES_PER_PART: usize = PART_BYTES / (32 + 2 + SIGNATURE_LEN);
 
 fn encode_signatures(sigs: &[StoredSignature]) -> Result<Vec<u8>, StoreError> {
     let mut out = Vec::with_capacity(sigs.len() * (32 + 2 + 64));
@@ -297,22 +210,24 @@ impl Store {
     pub fn load_docs(&self) -> Result<Vec<StoredDoc>, StoreError> {
         let mut docs: std::collections::BTreeMap<DocId, Vec<Vec<u8>>> = Default::default();
         let mut snapshots = std::collections::BTreeSet::new();
-        for (k, v) in joined(self.snapshots.iter(), "snapshots", snapshot_part)? {
+        for item in self.snapshots.iter() {
+            let (k, v) = item?;
             let id = std::str::from_utf8(&k)
                 .ok()
                 .and_then(|s| s.parse::<DocId>().ok())
                 .ok_or(StoreError::BadKey { tree: "snapshots" })?;
             snapshots.insert(id.clone());
-            docs.entry(id).or_default().push(v);
+            docs.entry(id).or_default().push(v.to_vec());
         }
-        for (k, v) in joined(self.changes.iter(), "changes", change_part)? {
+        for item in self.changes.iter() {
+            let (k, v) = item?;
             let doc = k
                 .iter()
                 .position(|b| *b == 0)
                 .and_then(|i| std::str::from_utf8(&k[..i]).ok())
                 .and_then(|s| s.parse::<DocId>().ok())
                 .ok_or(StoreError::BadKey { tree: "changes" })?;
-            docs.entry(doc).or_default().push(v);
+            docs.entry(doc).or_default().push(v.to_vec());
         }
         Ok(docs
             .into_iter()
@@ -326,29 +241,14 @@ impl Store {
 
     /// The stored chunks of one document, in the order to load them.
     pub fn load_doc(&self, doc: &DocId) -> Result<Vec<Vec<u8>>, StoreError> {
-        let id = doc.to_string();
-        let snapshot = self
-            .snapshots
-            .get(&id)?
-            .map(|first| Ok((sled::IVec::from(id.as_bytes()), first)));
-        let later = self
-            .snapshots
-            .scan_prefix([id.as_bytes(), SNAPSHOT_PART].concat());
-        let snapshot = joined(
-            snapshot.into_iter().chain(later),
-            "snapshots",
-            snapshot_part,
-        )?;
-        let changes = joined(
-            self.changes.scan_prefix(change_prefix(doc)),
-            "changes",
-            change_part,
-        )?;
-        Ok(snapshot
-            .into_iter()
-            .chain(changes)
-            .map(|(_, v)| v)
-            .collect())
+        let mut chunks = Vec::new();
+        if let Some(snapshot) = self.snapshots.get(doc.to_string())? {
+            chunks.push(snapshot.to_vec());
+        }
+        for item in self.changes.scan_prefix(change_prefix(doc)) {
+            chunks.push(item?.1.to_vec());
+        }
+        Ok(chunks)
     }
 
     /// Writes a batch atomically and returns once it is durable on disk
@@ -373,7 +273,6 @@ impl Store {
         // Ids are taken before the transaction, which may be retried. The
         // changes of one document go into one entry: a message of a
         // thousand changes is one insert, not a thousand.
-        // Longer values go in parts (see `PART_BYTES`).
         let mut keyed = Vec::new();
         for (doc, chunks) in &batch.changes {
             if chunks.is_empty() {
@@ -383,31 +282,20 @@ impl Store {
             key.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
             keyed.push((key, chunks.concat()));
         }
-        let mut entries = Vec::new();
-        for (key, value) in &keyed {
-            entries.extend(parts(key, &[], value)?);
-        }
-        // Likewise the signatures: one entry per commit, in parts of whole
-        // signatures, each of which reads on its own.
-        let mut signed = Vec::new();
-        if !batch.signatures.is_empty() {
+        // Likewise the signatures: one entry per commit.
+        let signatures = if batch.signatures.is_empty() {
+            None
+        } else {
             let mut key = vec![SIGNATURE_BATCH];
             key.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
-            for (i, sigs) in batch.signatures.chunks(SIGNATURES_PER_PART).enumerate() {
-                let mut k = key.clone();
-                if i > 0 {
-                    let number = u32::try_from(i).map_err(|_| bad_value())?;
-                    k.extend_from_slice(&number.to_be_bytes());
-                }
-                signed.push((k, encode_signatures(sigs)?));
-            }
-        }
+            Some((key, encode_signatures(&batch.signatures)?))
+        };
         (&self.changes, &self.sync, &self.sigs)
             .transaction(|(changes, sync, sigs)| {
-                for (key, part) in &entries {
-                    changes.insert(key.as_slice(), *part)?;
+                for (key, chunk) in &keyed {
+                    changes.insert(key.as_slice(), chunk.as_slice())?;
                 }
-                for (key, value) in &signed {
+                if let Some((key, value)) = &signatures {
                     sigs.insert(key.as_slice(), value.as_slice())?;
                 }
                 for (peer, doc, state) in &batch.sync_states {
@@ -422,11 +310,7 @@ impl Store {
     /// Number of change entries stored for `doc` since its last compaction
     /// (one per commit that added changes to it).
     pub fn chunk_count(&self, doc: &DocId) -> usize {
-        self.changes
-            .scan_prefix(change_prefix(doc))
-            .keys()
-            .filter(|k| k.as_ref().is_ok_and(|k| change_part(k).is_none()))
-            .count()
+        self.changes.scan_prefix(change_prefix(doc)).count()
     }
 
     /// Replaces the snapshot and all change chunks of `doc` by `snapshot`,
@@ -438,21 +322,9 @@ impl Store {
             .keys()
             .collect::<Result<_, _>>()?;
         let id = doc.to_string();
-        // The parts of the snapshot before, beyond its first (replaced).
-        let stale: Vec<sled::IVec> = self
-            .snapshots
-            .scan_prefix([id.as_bytes(), SNAPSHOT_PART].concat())
-            .keys()
-            .collect::<Result<_, _>>()?;
-        let entries = parts(id.as_bytes(), SNAPSHOT_PART, snapshot)?;
         (&self.snapshots, &self.changes)
             .transaction(|(snapshots, changes)| {
-                for k in &stale {
-                    snapshots.remove(k)?;
-                }
-                for (key, part) in &entries {
-                    snapshots.insert(key.as_slice(), *part)?;
-                }
+                snapshots.insert(id.as_bytes(), snapshot)?;
                 for k in &keys {
                     changes.remove(k)?;
                 }
@@ -476,8 +348,7 @@ impl Store {
         };
         for item in self.sigs.iter() {
             let (k, v) = item?;
-            // A commit's first part, or a later one (its number after).
-            if (k.len() == 9 || k.len() == 13) && k[0] == SIGNATURE_BATCH {
+            if k.len() == 9 && k[0] == SIGNATURE_BATCH {
                 decode_signatures(&v, &mut keep)?;
             } else {
                 // One signature per entry, as stores before batches held them.
@@ -724,92 +595,6 @@ mod tests {
         assert!(matches!(
             Store::import(&dir.path().join("c"), &unknown),
             Err(StoreError::UnknownTree(_))
-        ));
-    }
-
-    #[test]
-    fn long_values_are_stored_in_parts_and_read_back_whole() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let other = DocId::City;
-        // Bytes that differ along their length, so a part out of place or
-        // missing changes the value read.
-        let long = |n: usize, salt: u8| -> Vec<u8> {
-            (0..n).map(|i| (i % 251) as u8 ^ salt).collect::<Vec<u8>>()
-        };
-        let first = long(3 * PART_BYTES + 17, 1);
-        let sigs: Vec<StoredSignature> = (0..SIGNATURES_PER_PART * 2 + 3)
-            .map(|i| {
-                let hash = <[u8; 32]>::try_from(long(32, i as u8)).expect("32 bytes");
-                (hash, long(SIGNATURE_LEN, i as u8))
-            })
-            .collect();
-        {
-            let store = Store::open(dir.path()).expect("open");
-            let batch = Batch {
-                changes: vec![
-                    (doc(), vec![first[..10].to_vec(), first[10..].to_vec()]),
-                    (other.clone(), vec![b"short".to_vec()]),
-                ],
-                sync_states: vec![],
-                signatures: sigs.clone(),
-            };
-            store.commit(&batch).expect("commit");
-            assert_eq!(store.changes.len(), 4 + 1, "four parts and one entry");
-            assert_eq!(store.sigs.len(), 3, "three parts of whole signatures");
-            store.commit(&batch).expect("commit");
-            assert_eq!(store.chunk_count(&doc()), 2, "one per commit, not per part");
-        }
-        let store = Store::open(dir.path()).expect("reopen");
-        let docs = store.load_docs().expect("load");
-        let mine = docs.iter().find(|d| d.id == doc()).expect("stored");
-        assert_eq!(mine.chunks, vec![first.clone(), first.clone()]);
-        assert_eq!(store.load_doc(&doc()).expect("load one"), mine.chunks);
-        let table = store.signatures().expect("sigs");
-        assert_eq!(table.len(), sigs.len());
-        for (hash, sig) in &sigs {
-            assert_eq!(
-                table.get(&ChangeHash(*hash)).map(|s| s.as_slice()),
-                Some(sig.as_slice())
-            );
-        }
-
-        // A long snapshot in parts, then a shorter one: no part of the
-        // first is left to be read after the second.
-        let snapshot = long(2 * PART_BYTES + 1, 2);
-        store.compact(&doc(), &snapshot).expect("compact");
-        assert_eq!(store.snapshots.len(), 3);
-        assert_eq!(store.load_doc(&doc()).expect("load one"), vec![snapshot]);
-        let shorter = long(PART_BYTES + 5, 3);
-        store.compact(&doc(), &shorter).expect("compact");
-        assert_eq!(store.snapshots.len(), 2);
-        let docs = store.load_docs().expect("load");
-        let mine = docs.iter().find(|d| d.id == doc()).expect("stored");
-        assert!(mine.snapshot);
-        assert_eq!(mine.chunks, vec![shorter.clone()]);
-        assert_eq!(store.load_doc(&doc()).expect("load one"), vec![shorter]);
-        let city = docs.iter().find(|d| d.id == other).expect("stored");
-        assert_eq!(city.chunks, vec![b"short".to_vec(), b"short".to_vec()]);
-
-        // A part whose predecessor is gone is an error, never a shorter
-        // document.
-        let mut gone = doc().to_string().into_bytes();
-        gone.push(0);
-        gone.extend_from_slice(&1u32.to_be_bytes());
-        store.snapshots.remove(gone).expect("remove");
-        store
-            .snapshots
-            .insert(
-                [doc().to_string().as_bytes(), &[0], &2u32.to_be_bytes()].concat(),
-                b"orphan".as_slice(),
-            )
-            .expect("insert");
-        assert!(matches!(
-            store.load_docs(),
-            Err(StoreError::BadValue { tree: "snapshots" })
-        ));
-        assert!(matches!(
-            store.load_doc(&doc()),
-            Err(StoreError::BadValue { tree: "snapshots" })
         ));
     }
 
