@@ -75,10 +75,10 @@ pub fn verify(actor: &ActorId, hash: &ChangeHash, sig: &[u8]) -> bool {
 ///
 /// The centre holds one for every change of the city (640,000 at 64
 /// quarters of 10,000 concerns), so this is kept compact: the signatures
-/// sit side by side in one vector, and the map holds an index into it. A
-/// map to a byte vector per signature took about 240 bytes a signature at
-/// start-up, this about 100 (`docs/benchmarks.md`, "Where the centre's
-/// memory goes"). Signatures are only ever added.
+/// sit side by side in one vector, and the map holds an index into it,
+/// about 130 bytes a signature against about 170 for a map to a byte
+/// vector per signature (`docs/benchmarks.md`, "Where the centre's memory
+/// goes"). Signatures are only ever added.
 #[derive(Debug, Default)]
 pub struct SignatureTable {
     index: HashMap<ChangeHash, usize>,
